@@ -1,0 +1,281 @@
+"""Shared plumbing for the fused steering kernels: dispatch, lazy Triton builds, input checks.
+
+Dispatch (per call, decided from the first input tensor's device and the kernel mode):
+
+* mode ``"auto"`` (default): Triton on CUDA tensors when Triton is importable; on CPU tensors
+  Triton only when the Triton interpreter is on (``TRITON_INTERPRET=1``), else the torch
+  reference of the op.
+* mode ``"triton"``: always the Triton kernel; raises :class:`KernelUnavailableError` when it
+  cannot run (Triton missing, or CPU tensors without the interpreter). Tests use this to make
+  sure the kernel, not the fallback, is what they check.
+* mode ``"torch"``: always the torch reference.
+
+The initial mode comes from the environment variable ``FUSESTEER_KERNELS`` (auto|triton|torch).
+
+How ``TRITON_INTERPRET`` is read (triton 3.x): ``triton.knobs.runtime.interpret`` re-reads the
+environment variable on every access (``getenv_bool``) unless a program assigned the knob, in
+which case the assigned value wins. ``@triton.jit`` however decides *at decoration time*
+whether to build an ``InterpretedFunction`` or a compiled ``JITFunction``: a kernel module
+decorated at import under one setting keeps it. To honour the variable no matter when Triton or
+this package was first imported, the kernels here are plain functions wrapped with
+``triton.jit`` lazily, on first use, once per interpreter setting (:func:`build_kernel`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..errors import FuseSteerError
+
+try:  # Triton is optional (CPU-only installs, macOS).
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+    HAVE_TRITON = False
+
+
+class KernelInputError(FuseSteerError, ValueError):
+    """A fused-kernel op got inputs of the wrong shape, dtype or device, or a bad slot index."""
+
+
+class KernelUnavailableError(FuseSteerError, RuntimeError):
+    """The Triton path was forced but cannot run here (no Triton, or CPU without interpreter)."""
+
+
+MODES = ("auto", "triton", "torch")
+# Elementwise kernels tile the row in blocks of at most this many columns (2-D launch grid).
+MAX_ELEMENTWISE_BLOCK = 1024
+# Row-reduction kernels hold a whole row in one program.
+MAX_ROW_WIDTH = 65536
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SLOT_DTYPES = (torch.int32, torch.int64)
+
+
+def _initial_mode() -> str:
+    mode = os.environ.get("FUSESTEER_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise KernelInputError(f"FUSESTEER_KERNELS={mode!r}: expected one of {MODES}")
+    return mode
+
+
+_MODE = _initial_mode()
+
+
+def get_kernel_mode() -> str:
+    """The current kernel mode: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    return _MODE
+
+
+def set_kernel_mode(mode: str) -> str:
+    """Set the kernel mode (see module docstring); returns the previous mode."""
+    global _MODE
+    if mode not in MODES:
+        raise KernelInputError(f"kernel mode {mode!r}: expected one of {MODES}")
+    prev, _MODE = _MODE, mode
+    return prev
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Context manager: run the enclosed calls under ``mode`` (e.g. ``"triton"`` in tests)."""
+    prev = set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(prev)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton is importable and its interpreter is on (``TRITON_INTERPRET=1``)."""
+    if not HAVE_TRITON:
+        return False
+    return bool(triton.knobs.runtime.interpret)
+
+
+def triton_available(device: Optional[torch.device | str] = None) -> bool:
+    """Can the Triton kernels run on ``device`` (default: on any device of this machine)?
+
+    CUDA (incl. ROCm) devices need Triton and a visible GPU; CPU needs the Triton interpreter.
+    """
+    if not HAVE_TRITON:
+        return False
+    if interpreter_enabled():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def use_triton(device: torch.device) -> bool:
+    """Decide the path for one call on tensors living on ``device``."""
+    if _MODE == "torch":
+        return False
+    if _MODE == "auto":
+        if device.type == "cuda":
+            return HAVE_TRITON
+        return device.type == "cpu" and interpreter_enabled()
+    # forced triton
+    if not HAVE_TRITON:
+        raise KernelUnavailableError("kernel mode 'triton' but Triton is not installed")
+    if device.type == "cuda" or interpreter_enabled():
+        return True
+    raise KernelUnavailableError(
+        f"kernel mode 'triton' on {device.type} tensors needs the Triton interpreter: "
+        "set TRITON_INTERPRET=1 (or use mode 'auto' / 'torch')"
+    )
+
+
+_BUILT: dict[tuple[Callable, bool], object] = {}
+
+
+def build_kernel(fn: Callable):
+    """``triton.jit(fn)`` built under the current interpreter setting, cached per setting."""
+    key = (fn, interpreter_enabled())
+    k = _BUILT.get(key)
+    if k is None:
+        k = triton.jit(fn)
+        _BUILT[key] = k
+    return k
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def row_num_warps(block: int) -> int:
+    """Warps for one-row-per-program reductions (ignored by the interpreter)."""
+    if block <= 1024:
+        return 4
+    if block <= 4096:
+        return 8
+    if block <= 16384:
+        return 16
+    return 32
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (shared by the real and the fake/meta implementations: shapes and dtypes only)
+# --------------------------------------------------------------------------------------------
+def check_activation(op: str, name: str, x: torch.Tensor) -> int:
+    """``x`` must be a float tensor [..., W] with W >= 1; returns W."""
+    if not isinstance(x, torch.Tensor):
+        raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise KernelInputError(f"{op}: {name} must have shape [..., W], got a 0-d tensor")
+    if x.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(
+            f"{op}: {name} has dtype {x.dtype}; supported: float32, float16, bfloat16"
+        )
+    if x.shape[-1] < 1:
+        raise KernelInputError(f"{op}: {name} has an empty last dimension (W = 0)")
+    return x.shape[-1]
+
+
+def check_same(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != ref.shape:
+        raise KernelInputError(
+            f"{op}: {name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}"
+        )
+    if t.dtype != ref.dtype:
+        raise KernelInputError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.device != ref.device:
+        raise KernelInputError(
+            f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}"
+        )
+
+
+def check_vector(op: str, name: str, w: torch.Tensor, width: int, device: torch.device) -> None:
+    """A per-channel weight: shape [W], float dtype, same device."""
+    if not isinstance(w, torch.Tensor):
+        raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 1 or w.shape[0] != width:
+        raise KernelInputError(f"{op}: {name} must have shape [{width}], got {tuple(w.shape)}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(f"{op}: {name} has dtype {w.dtype}; expected a float dtype")
+    if w.device != device:
+        raise KernelInputError(f"{op}: {name} is on {w.device} but the activations on {device}")
+
+
+def check_map(
+    op: str,
+    a_tab: Optional[torch.Tensor],
+    b_tab: Optional[torch.Tensor],
+    slot: Optional[torch.Tensor],
+    rows: int,
+    width: int,
+    device: torch.device,
+    optional: bool,
+) -> bool:
+    """Check a plan table pair + slot vector; returns True when a map is given."""
+    given = [t is not None for t in (a_tab, b_tab, slot)]
+    if not any(given):
+        if optional:
+            return False
+        raise KernelInputError(f"{op}: a_tab, b_tab and slot are required")
+    if not all(given):
+        raise KernelInputError(
+            f"{op}: a_tab, b_tab and slot must be given together (got a_tab="
+            f"{'set' if given[0] else 'None'}, b_tab={'set' if given[1] else 'None'}, "
+            f"slot={'set' if given[2] else 'None'})"
+        )
+    for name, t in (("a_tab", a_tab), ("b_tab", b_tab)):
+        if not isinstance(t, torch.Tensor):
+            raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[1] != width or t.shape[0] < 1:
+            raise KernelInputError(
+                f"{op}: {name} must have shape [S, {width}] with S >= 1, got {tuple(t.shape)}"
+            )
+        if t.dtype != torch.float32:
+            raise KernelInputError(f"{op}: {name} must be float32, got {t.dtype}")
+        if t.device != device:
+            raise KernelInputError(f"{op}: {name} is on {t.device} but the activations on {device}")
+    if a_tab.shape != b_tab.shape:
+        raise KernelInputError(
+            f"{op}: a_tab {tuple(a_tab.shape)} and b_tab {tuple(b_tab.shape)} differ in shape"
+        )
+    if not isinstance(slot, torch.Tensor):
+        raise KernelInputError(f"{op}: slot must be a torch.Tensor, got {type(slot).__name__}")
+    if slot.dtype not in SLOT_DTYPES:
+        raise KernelInputError(f"{op}: slot must be int32 or int64, got {slot.dtype}")
+    if slot.numel() != rows:
+        raise KernelInputError(
+            f"{op}: slot has {slot.numel()} entries but the input has {rows} rows "
+            "(one slot per row of the flattened [M, W] input)"
+        )
+    if slot.device != device:
+        raise KernelInputError(f"{op}: slot is on {slot.device} but the activations on {device}")
+    return True
+
+
+def check_slot_range(op: str, slot: torch.Tensor, num_slots: int) -> None:
+    """Slot values must lie in [0, S). Checked on CPU only (on GPU it would cost a device sync;
+    there the kernels write NaN for rows with an out-of-range slot instead of reading outside
+    the table)."""
+    if slot.device.type != "cpu" or slot.numel() == 0:
+        return
+    lo, hi = int(slot.min()), int(slot.max())
+    if lo < 0 or hi >= num_slots:
+        raise KernelInputError(
+            f"{op}: slot values must lie in [0, {num_slots}) for a table of {num_slots} rows, "
+            f"got min {lo}, max {hi}"
+        )
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def map_rows(a_tab: torch.Tensor, b_tab: torch.Tensor, slot: torch.Tensor):
+    """Per-row (a, b) for the torch references: [M, W] (or [1, W] broadcast when S == 1)."""
+    if a_tab.shape[0] == 1:
+        return a_tab, b_tab
+    idx = slot.reshape(-1).long()
+    return a_tab[idx], b_tab[idx]

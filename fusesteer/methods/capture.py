@@ -1,0 +1,115 @@
+"""Activation capture at a site for all layers (hooks on the HF modules; read-only).
+
+`capture_last_token` yields the activation of the last real token of every sequence, batch by batch,
+so callers can stream statistics over thousands of prompts without holding them all.
+`capture_mean_over_span` averages a site over a token span per sequence (Fusion Steering).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import FuseSteerError
+from ..runtime.families import model_parts
+from ..runtime.plan import SITES
+
+
+@contextmanager
+def site_recorder(model, site: str, layers: Sequence[int] | None = None):
+    """Context manager yielding a dict {layer: tensor} filled by each forward with the site's activation."""
+    if site not in SITES:
+        raise FuseSteerError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
+    parts = model_parts(model)
+    n = len(parts.layers)
+    layers = list(range(n)) if layers is None else list(layers)
+    for l in layers:
+        if not 0 <= l < n:
+            raise FuseSteerError(f"layer {l} is out of range; the model has {n} layers (0..{n - 1})")
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for l in layers:
+        layer = parts.layers[l]
+        if site == "layer.out":
+            def hook(mod, args, out, l=l):
+                store[l] = (out[0] if isinstance(out, tuple) else out).detach()
+            handles.append(layer.register_forward_hook(hook))
+        elif site == "mlp.out":
+            def hook(mod, args, out, l=l):
+                store[l] = out.detach()
+            handles.append(layer.mlp.register_forward_hook(hook))
+        else:
+            mod = layer.self_attn.o_proj if site == "attn.o_proj.in" else layer.mlp.down_proj
+
+            def pre(mod, args, kwargs, l=l):
+                x = args[0] if args else kwargs["input"]
+                store[l] = x.detach()
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batches(seq, size):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def _encode(tokenizer, texts, device):
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def capture_last_token(model, tokenizer, texts: Sequence[str], site: str, layers: Sequence[int] | None = None,
+                       batch_size: int = 8, progress: bool = False) -> Iterator[torch.Tensor]:
+    """Yield fp32 tensors [b, L, W]: the site's activation at the last token of each text (left padded)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    it = _batches(list(texts), batch_size)
+    if progress:
+        it = tqdm(it, total=(len(texts) + batch_size - 1) // batch_size, desc=f"capture {site}", leave=False)
+    with site_recorder(model, site, layers) as store, torch.inference_mode():
+        for chunk in it:
+            enc = _encode(tokenizer, chunk, device)
+            store.clear()
+            model(**enc, use_cache=False)
+            keys = sorted(store)
+            yield torch.stack([store[k][:, -1, :].float().cpu() for k in keys], dim=1)
+
+
+def capture_ids_last_token(model, input_ids: torch.Tensor, site: str, attention_mask=None,
+                           layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Same as capture_last_token for pre-tokenised, left-padded ids: returns [B, L, W] fp32."""
+    with site_recorder(model, site, layers) as store, torch.inference_mode():
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return torch.stack([store[k][:, -1, :].float().cpu() for k in sorted(store)], dim=1)
+
+
+def capture_span_mean(model, input_ids: torch.Tensor, spans: Sequence[tuple[int, int]], site: str = "layer.out",
+                      attention_mask=None, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Mean of the site's activation over token span [start, end) of each row: returns [B, L, W] fp32."""
+    with site_recorder(model, site, layers) as store, torch.inference_mode():
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = []
+        for k in sorted(store):
+            x = store[k].float()
+            rows = []
+            for r, (s, e) in enumerate(spans):
+                if not 0 <= s < e <= x.shape[1]:
+                    raise FuseSteerError(f"row {r}: span [{s}, {e}) is empty or outside the sequence of "
+                                         f"length {x.shape[1]}")
+                rows.append(x[r, s:e].mean(0))
+            out.append(torch.stack(rows))
+        return torch.stack(out, dim=1).cpu()

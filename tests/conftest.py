@@ -1,0 +1,47 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Cache of tiny random models per (family, dtype)."""
+    from fusesteer.models import tiny
+
+    cache = {}
+
+    def get(family, dtype=torch.float32):
+        key = (family, dtype)
+        if key not in cache:
+            cache[key] = tiny(family, seed=0, dtype=dtype)
+        return cache[key]
+
+    return get
+
+
+def random_plan(model, sites, sparse=False, seed=0, gating="all", scale=0.5):
+    """A plan touching every layer at the given sites with random (a, b)."""
+    import fusesteer as fs
+
+    g = torch.Generator().manual_seed(seed)
+    plan = fs.SteeringPlan.for_model(model)
+    spec = plan.spec
+    for layer in range(spec.num_layers):
+        for site in sites:
+            w = spec.site_width(site)
+            if sparse:
+                dims = torch.randperm(w, generator=g)[: max(1, w // 8)]
+                n = dims.numel()
+            else:
+                dims, n = None, w
+            a = 1 + scale * (torch.rand(n, generator=g) - 0.5)
+            b = scale * torch.randn(n, generator=g)
+            plan.add(layer=layer, site=site, a=a, b=b, dims=dims, gating=gating)
+    return plan

@@ -1,0 +1,222 @@
+"""Core runtime: `torch` backend vs the `reference` hooks on tiny models of every family."""
+
+import pytest
+import torch
+
+import fusesteer as fs
+from conftest import FAMILIES, random_plan
+
+SITES = fs.SITES
+
+
+def greedy_with_logits(model, ids, steps, attention_mask=None):
+    """Prefill + `steps` cached greedy decode steps; returns (tokens [B, steps], logits list)."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                             min_new_tokens=steps)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+def ids_for(model, batch=2, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, model.config.vocab_size, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_torch_matches_reference_fp32(tiny_models, family, site, sparse):
+    model = tiny_models(family)
+    plan = random_plan(model, [site], sparse=sparse, seed=hash((family, site, sparse)) % 1000)
+    ids = ids_for(model)
+    res = {}
+    for backend in ("reference", "torch"):
+        with fs.attach(model, plan, backend=backend):
+            with torch.no_grad():
+                prefill = model(ids).logits
+            toks, logits = greedy_with_logits(model, ids, 16)
+        res[backend] = (prefill, toks, logits)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    assert (res["reference"][0] - vanilla).abs().max() > 1e-3, "plan had no effect: test would be vacuous"
+    assert (res["torch"][0] - res["reference"][0]).abs().max() <= 1e-5
+    assert torch.equal(res["torch"][1], res["reference"][1])
+    assert (res["torch"][2] - res["reference"][2]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_matches_reference_bf16(tiny_models, family):
+    model = tiny_models(family, torch.bfloat16)
+    plan = random_plan(model, SITES, seed=3, scale=0.3)
+    ids = ids_for(model)
+    out = {}
+    for backend in ("reference", "torch"):
+        with fs.attach(model, plan, backend=backend), torch.no_grad():
+            out[backend] = model(ids).logits.float()
+    ref = out["reference"]
+    # bf16 has 8 mantissa bits; the two backends round at the same points, the residual differences
+    # come from addcmul (fused) vs separate multiply/add in fp32 before the bf16 cast.
+    tol = 0.02 * ref.abs().max().item() + 1e-2
+    assert (out["torch"] - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_identity_and_empty_plans_are_bit_exact(tiny_models, family, backend):
+    model = tiny_models(family)
+    ids = ids_for(model)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    empty = fs.SteeringPlan.for_model(model)
+    ident = fs.SteeringPlan.for_model(model)
+    for layer in range(ident.spec.num_layers):
+        for site in SITES:
+            w = ident.spec.site_width(site)
+            ident.add(layer=layer, site=site, a=torch.ones(w), b=torch.zeros(w))
+    for plan in (empty, ident):
+        with fs.attach(model, plan, backend=backend), torch.no_grad():
+            assert torch.equal(model(ids).logits, vanilla)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, vanilla)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detach_restores_forwards_exactly(tiny_models, family):
+    model = tiny_models(family)
+    plan = random_plan(model, SITES, seed=1)
+    before = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = ids_for(model)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    for backend in ("torch", "reference"):
+        h = fs.attach(model, plan, backend=backend)
+        h.detach()
+        h.detach()  # idempotent
+    for n, m in model.named_modules():
+        assert "forward" not in m.__dict__, n
+        assert set(m.__dict__) == set(before[n]), n
+        assert not m._forward_hooks and not m._forward_pre_hooks, n
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, vanilla)
+
+
+def _row_alone(model, ids_row, plan, backend, steps, gating_plan=True):
+    with fs.attach(model, plan, backend=backend) as h:
+        toks, logits = greedy_with_logits(model, ids_row[None], steps)
+    return toks[0], logits[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_per_row_plans_and_gating_match_rows_alone(tiny_models, family, backend):
+    model = tiny_models(family)
+    calm = random_plan(model, ["layer.out", "mlp.down_proj.in"], seed=11, gating="prompt")
+    bold = random_plan(model, ["attn.o_proj.in", "mlp.out"], sparse=True, seed=12, gating="generated")
+    bold.extend(random_plan(model, ["layer.out"], seed=13, gating="all", scale=0.3))
+    g = torch.Generator().manual_seed(5)
+    lengths = [5, 8, 3]
+    rows = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    steps = 8
+    with fs.attach(model, {"calm": calm, "bold": bold}, backend=backend) as h:
+        h.route(["calm", None, "bold"])
+        toks, logits = greedy_with_logits(model, ids, steps, attention_mask=mask)
+    expect = [calm, None, bold]
+    for i, plan in enumerate(expect):
+        if plan is None:
+            t1, l1 = greedy_with_logits(model, rows[i][None], steps)
+            t1, l1 = t1[0], l1[0]
+        else:
+            t1, l1 = _row_alone(model, rows[i], plan, backend, steps)
+        assert torch.equal(toks[i], t1), f"row {i}"
+        assert (logits[i] - l1).abs().max() <= 1e-5, f"row {i}"
+
+
+def test_gating_prompt_vs_generated_differ(tiny_models):
+    model = tiny_models("llama")
+    ids = ids_for(model, batch=1)
+    outs = {}
+    for gating in ("all", "prompt", "generated"):
+        plan = random_plan(model, ["layer.out"], seed=2, gating=gating, scale=2.0)
+        with fs.attach(model, plan, backend="torch"):
+            with torch.no_grad():
+                outs[gating + "_prefill"] = model(ids).logits
+            outs[gating] = greedy_with_logits(model, ids, 6)[1]
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    # prefill tokens are prompt tokens: "generated" gating leaves them alone, "prompt" steers them
+    assert torch.equal(outs["generated_prefill"], vanilla)
+    assert torch.allclose(outs["prompt_prefill"], outs["all_prefill"])
+    # after prefill, "prompt" and "all" diverge (decode tokens are generated)
+    assert (outs["prompt"][:, 1:] - outs["all"][:, 1:]).abs().max() > 1e-4
+
+
+def test_identity_row_bit_identical_in_mixed_batch(tiny_models):
+    model = tiny_models("qwen3")
+    plan = random_plan(model, SITES, seed=4)
+    ids = ids_for(model, batch=3)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    with fs.attach(model, {"p": plan}, backend="torch") as h:
+        h.route([None, "p", None])
+        with torch.no_grad():
+            out = model(ids).logits
+    assert torch.equal(out[0], vanilla[0]) and torch.equal(out[2], vanilla[2])
+    assert not torch.allclose(out[1], vanilla[1])
+
+
+def test_update_values_in_place(tiny_models):
+    model = tiny_models("llama")
+    p1 = random_plan(model, ["layer.out"], seed=1)
+    p2 = random_plan(model, ["layer.out"], seed=2)
+    ids = ids_for(model)
+    with fs.attach(model, p2, backend="torch"), torch.no_grad():
+        want = model(ids).logits
+    with fs.attach(model, p1, backend="torch") as h, torch.no_grad():
+        h.update(p2)
+        got = model(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_nesting_raises_clear_error(tiny_models):
+    model = tiny_models("llama")
+    p = random_plan(model, ["layer.out"], seed=1)
+    with fs.attach(model, p, backend="torch"):
+        with pytest.raises(fs.AttachError, match="already has a fusesteer plan attached"):
+            fs.attach(model, p, backend="reference")
+
+
+def test_routing_errors(tiny_models):
+    model = tiny_models("llama")
+    p = random_plan(model, ["layer.out"], seed=1)
+    ids = ids_for(model, batch=2)
+    with fs.attach(model, {"a": p, "b": p}, backend="torch") as h:
+        with pytest.raises(fs.AttachError, match="call handle.route"):
+            model(ids)
+        with pytest.raises(fs.AttachError, match="unknown plan 'c'"):
+            h.route(["a", "c"])
+        h.route(["a", "b", None])
+        with pytest.raises(fs.AttachError, match="routing has 3 rows but the batch has 2"):
+            model(ids)
+
+
+def test_non_finite_guard(tiny_models):
+    model = tiny_models("llama")
+    plan = fs.SteeringPlan.for_model(model)
+    plan.add(layer=0, site="layer.out", a=3.4e38, b=torch.full((plan.spec.hidden_size,), 3.4e38))
+    ids = ids_for(model)
+    for backend in ("torch", "reference"):
+        with fs.attach(model, plan, backend=backend):
+            with pytest.raises(fs.NonFiniteActivationError, match="layer 0, site 'layer.out'"):
+                model(ids)
+        with fs.attach(model, plan, backend=backend, check_finite=False), torch.no_grad():
+            model(ids)
