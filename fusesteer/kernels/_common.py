@@ -279,3 +279,15 @@ def map_rows(a_tab: torch.Tensor, b_tab: torch.Tensor, slot: torch.Tensor):
         return a_tab, b_tab
     idx = slot.reshape(-1).long()
     return a_tab[idx], b_tab[idx]
+
+
+def store_arg(out: torch.Tensor) -> torch.Tensor:
+    """The pointer argument for an output tensor.
+
+    bfloat16 outputs are written as int16 bit patterns that the kernels round from float32 to
+    nearest-even themselves (``OUT_BF16``): the Triton interpreter's own fp32 -> bf16 cast
+    truncates, which would make interpreter results differ from both torch and the GPU (where
+    the hand-rolled rounding is bit-identical to ``cvt.rn.bf16.f32``). The extra integer ops cost
+    nothing measurable in these memory-bound kernels.
+    """
+    return out.view(torch.int16) if out.dtype == torch.bfloat16 else out

@@ -40,6 +40,7 @@ if C.HAVE_TRITON:
         HAS_NORM: tl.constexpr,
         HAS_DNORM: tl.constexpr,
         GEMMA: tl.constexpr,
+        OUT_BF16: tl.constexpr,
     ):
         # grid = (M,): one program holds one whole row (needed for the row reductions).
         row = tl.program_id(0).to(tl.int64)
@@ -62,7 +63,14 @@ if C.HAVE_TRITON:
             b = tl.load(b_ptr + sl * W + cols, mask=cmask, other=0.0)
             s = a * s + b
             s = tl.where(ok, s, float("nan"))
-        tl.store(s_ptr + row * W + cols, s.to(s_ptr.dtype.element_ty), mask=cmask)
+        if OUT_BF16:
+            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            sb = s.to(tl.uint32, bitcast=True)
+            sb = sb + 0x7FFF + ((sb >> 16) & 1)
+            so = tl.where(s != s, 0x7FC0, sb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        else:
+            so = s.to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * W + cols, so, mask=cmask)
         if HAS_NORM:
             # masked lanes of s are exactly 0 (r = d = 0, a = 1, b = 0) and do not bias the mean
             w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -70,7 +78,14 @@ if C.HAVE_TRITON:
                 w = w + 1.0
             rstd = tl.rsqrt(tl.sum(s * s, axis=0) / W + eps)
             n = s * rstd * w
-            tl.store(n_ptr + row * W + cols, n.to(n_ptr.dtype.element_ty), mask=cmask)
+            if OUT_BF16:
+                # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+                nb = n.to(tl.uint32, bitcast=True)
+                nb = nb + 0x7FFF + ((nb >> 16) & 1)
+                no = tl.where(n != n, 0x7FC0, nb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+            else:
+                no = n.to(n_ptr.dtype.element_ty)
+            tl.store(n_ptr + row * W + cols, no, mask=cmask)
 
 
 OP = "add_map_rmsnorm"
@@ -105,10 +120,7 @@ def add_map_rmsnorm_reference(
     normed = None
     if norm_w is not None:
         normed = _rmsnorm_f32(s, norm_w, eps, gemma).to(residual.dtype).reshape(residual.shape)
-    s_out = s.to(residual.dtype).reshape(residual.shape)
-    if s_out.data_ptr() == residual.data_ptr():  # fp32, no map, no post-norm: never alias inputs
-        s_out = s_out.clone()
-    return s_out, normed
+    return s.to(residual.dtype).reshape(residual.shape), normed
 
 
 def _add_rmsnorm_triton(r2, d2, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w):
@@ -130,8 +142,8 @@ def _add_rmsnorm_triton(r2, d2, norm_w, eps, a_tab, b_tab, slot, gemma, delta_no
     else:  # unused pointers (dead code under the constexpr flags)
         a, b, sl, S = r2, r2, r2, 1
     kernel[(M,)](
-        r2, d2, s,
-        n if has_norm else s,
+        r2, d2, C.store_arg(s),
+        C.store_arg(n if has_norm else s),
         norm_w.contiguous() if has_norm else r2,
         delta_norm_w.contiguous() if delta_norm_w is not None else r2,
         a, b, sl,
@@ -141,6 +153,7 @@ def _add_rmsnorm_triton(r2, d2, norm_w, eps, a_tab, b_tab, slot, gemma, delta_no
         HAS_NORM=has_norm,
         HAS_DNORM=delta_norm_w is not None,
         GEMMA=bool(gemma),
+        OUT_BF16=s.dtype == torch.bfloat16,
         num_warps=C.row_num_warps(block),
     )
     return s, n

@@ -24,6 +24,7 @@ if C.HAVE_TRITON:
         x_ptr, y_ptr, a_ptr, b_ptr, slot_ptr,
         W, S,
         BLOCK_W: tl.constexpr,
+        OUT_BF16: tl.constexpr,
     ):
         # grid = (M, cdiv(W, BLOCK_W)): one program per (row, column block).
         row = tl.program_id(0).to(tl.int64)
@@ -40,7 +41,14 @@ if C.HAVE_TRITON:
         b = tl.load(b_ptr + sl * W + cols, mask=cmask, other=0.0)
         y = a * x + b
         y = tl.where(ok, y, float("nan"))
-        tl.store(y_ptr + row * W + cols, y.to(y_ptr.dtype.element_ty), mask=cmask)
+        if OUT_BF16:
+            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            yb = y.to(tl.uint32, bitcast=True)
+            yb = yb + 0x7FFF + ((yb >> 16) & 1)
+            yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        else:
+            yo = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * W + cols, yo, mask=cmask)
 
 
 OP = "affine_map"
@@ -67,9 +75,9 @@ def _affine_triton(x2: torch.Tensor, a_tab, b_tab, slot) -> torch.Tensor:
     kernel = C.build_kernel(_affine_kernel)
     grid = (M, triton.cdiv(W, block))
     kernel[grid](
-        x2, y, a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(),
+        x2, C.store_arg(y), a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(),
         W, a_tab.shape[0],
-        BLOCK_W=block, num_warps=4,
+        BLOCK_W=block, OUT_BF16=y.dtype == torch.bfloat16, num_warps=4,
     )
     return y
 

@@ -31,6 +31,7 @@ if C.HAVE_TRITON:
         BLOCK_W: tl.constexpr,
         ACT: tl.constexpr,       # 0 = silu, 1 = gelu_tanh
         HAS_MAP: tl.constexpr,
+        OUT_BF16: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -51,7 +52,14 @@ if C.HAVE_TRITON:
             b = tl.load(b_ptr + sl * W + cols, mask=cmask, other=0.0)
             y = a * y + b
             y = tl.where(ok, y, float("nan"))
-        tl.store(y_ptr + row * W + cols, y.to(y_ptr.dtype.element_ty), mask=cmask)
+        if OUT_BF16:
+            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            yb = y.to(tl.uint32, bitcast=True)
+            yb = yb + 0x7FFF + ((yb >> 16) & 1)
+            yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        else:
+            yo = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * W + cols, yo, mask=cmask)
 
 
 OP = "glu_map"
@@ -97,9 +105,10 @@ def _glu_triton(g2, u2, a_tab, b_tab, slot, act: str) -> torch.Tensor:
     else:  # unused pointers (dead code under HAS_MAP=False)
         a, b, s, S = g2, g2, g2, 1
     kernel[(M, triton.cdiv(W, block))](
-        g2, u2, y, a, b, s,
+        g2, u2, C.store_arg(y), a, b, s,
         W, S,
-        BLOCK_W=block, ACT=ACTS.index(act), HAS_MAP=has_map, num_warps=4,
+        BLOCK_W=block, ACT=ACTS.index(act), HAS_MAP=has_map,
+        OUT_BF16=y.dtype == torch.bfloat16, num_warps=4,
     )
     return y
 

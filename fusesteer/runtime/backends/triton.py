@@ -1,0 +1,190 @@
+"""The `triton` backend: patched decoder-layer forwards calling the fused kernels of fusesteer.kernels.
+
+Every layer is patched (not only the steered ones) so the residual stream is carried as
+``(residual, normed)`` between layers, vLLM/Liger style:
+
+* the block's final residual add, the ``layer.out`` map and the *next* layer's input RMSNorm run as one
+  kernel (``add_map_rmsnorm``); the last layer fuses into the model's final norm;
+* the mid-block add (after attention) fuses with the pre-FFN norm (Gemma: post-attention norm -> add ->
+  pre-feedforward norm, all in one pass);
+* the GLU activation fuses with the ``mlp.down_proj.in`` map (``glu_map``);
+* ``attn.o_proj.in`` and ``mlp.out`` maps use the elementwise ``affine_map`` kernel.
+
+A layer returns the real residual tensor ``s`` (so output_hidden_states and foreign readers see the right
+values) and stashes ``rmsnorm(s)`` for the next consumer, which uses it only if it receives that very tensor
+unmodified (identity and version counter checked); otherwise it recomputes the norm with the HF module.
+Maps are read from the persistent plan tables by per-token slot index, so changing values never recompiles.
+On CPU without ``TRITON_INTERPRET=1`` the ops fall back to their torch references (same math).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...kernels import add_map_rmsnorm, affine_map, glu_map
+from ..tables import SiteTable
+from .fused import _positional_names
+
+
+def _norm_eps(norm) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise AttributeError(f"cannot find eps on {type(norm).__name__}")
+
+
+class _Stash:
+    __slots__ = ("s", "version", "normed")
+
+    def __init__(self):
+        self.s = None
+        self.version = -1
+        self.normed = None
+
+    def put(self, s, normed):
+        self.s, self.version, self.normed = s, s._version, normed
+
+    def take(self, x):
+        if self.s is not None and x is self.s and x._version == self.version:
+            n = self.normed
+            self.s = self.normed = None
+            return n
+        return None
+
+    def clear(self):
+        self.s = self.normed = None
+
+
+class _SlotCache:
+    """Per-forward (a_tab, b_tab, slot) arguments for a table, or None when the op is the identity."""
+
+    def __init__(self, router):
+        self.router = router
+        self._zeros: dict = {}
+
+    def args(self, table: SiteTable | None, rows: int, device):
+        if table is None:
+            return None, None, None
+        s = self.router.uniform_slot
+        if s is not None:
+            if table.identity_rows[s]:
+                return None, None, None
+            key = (rows, device)
+            z = self._zeros.get(key)
+            if z is None:
+                if len(self._zeros) > 32:
+                    self._zeros.clear()
+                z = self._zeros[key] = torch.zeros(rows, dtype=torch.int32, device=device)
+            return table.A[s:s + 1], table.B[s:s + 1], z
+        return table.A, table.B, self.router.slots
+
+
+class TritonBackend:
+    name = "triton"
+
+    def install(self, handle) -> None:
+        parts, patcher = handle.parts, handle.patcher
+        fam = parts.family
+        gemma = fam.rms == "gemma"
+        router = handle.router
+        stash = _Stash()
+        slots = _SlotCache(router)
+        handle._triton_stash = stash
+        by_layer: dict[int, dict] = {}
+        for (layer_idx, site), table in handle.tables.items():
+            by_layer.setdefault(layer_idx, {})[site] = table
+        layers = parts.layers
+        act = fam.act
+
+        for li, layer in enumerate(layers):
+            maps = by_layer.get(li, {})
+            t_attn = maps.get("attn.o_proj.in")
+            if t_attn is not None:
+                o_proj = layer.self_attn.o_proj
+                orig = patcher.original_forward(o_proj)
+                check = handle.checker(li, "attn.o_proj.in")
+
+                def o_forward(x, *a, _orig=orig, _t=t_attn, _c=check, **k):
+                    A, B, sl = slots.args(_t, x.numel() // x.shape[-1], x.device)
+                    if A is not None:
+                        x = _c(affine_map(x, A, B, sl))
+                    return _orig(x, *a, **k)
+                patcher.set_forward(o_proj, o_forward)
+            next_norm = layers[li + 1].input_layernorm if li + 1 < len(layers) else parts.final_norm
+            patcher.set_forward(layer, self._layer_forward(handle, li, layer, maps, next_norm, stash, slots,
+                                                           gemma, act))
+
+        final = parts.final_norm
+        orig_final = patcher.original_forward(final)
+
+        def final_forward(x, *a, **k):
+            n = stash.take(x)
+            return n if n is not None else orig_final(x, *a, **k)
+        patcher.set_forward(final, final_forward)
+
+        base = parts.base
+        orig_base = patcher.original_forward(base)
+
+        def stack_forward(*args, **kwargs):
+            handle._begin_forward(args, kwargs)
+            stash.clear()
+            try:
+                return orig_base(*args, **kwargs)
+            finally:
+                stash.clear()
+                handle._end_forward()
+        patcher.set_forward(base, stack_forward)
+
+    def _layer_forward(self, handle, li, layer, maps, next_norm, stash, slots, gemma, act):
+        fam = handle.parts.family
+        attn, mlp = layer.self_attn, layer.mlp
+        in_norm = getattr(layer, fam.pre_attn_norm)
+        ffn_norm = getattr(layer, fam.pre_ffn_norm)
+        post_attn = getattr(layer, fam.post_attn_norm) if fam.post_attn_norm else None
+        post_ffn = getattr(layer, fam.post_ffn_norm) if fam.post_ffn_norm else None
+        eps = _norm_eps(ffn_norm)
+        for n in (in_norm, next_norm, post_attn, post_ffn):
+            if n is not None and abs(_norm_eps(n) - eps) > 0:
+                raise ValueError(f"layer {li}: RMSNorm eps differ between norms; the fused kernel uses one eps")
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        t_down = maps.get("mlp.down_proj.in")
+        t_mout = maps.get("mlp.out")
+        t_out = maps.get("layer.out")
+        names = _positional_names(type(layer).forward)
+        c_down = handle.checker(li, "mlp.down_proj.in")
+        c_mout = handle.checker(li, "mlp.out")
+        c_out = handle.checker(li, "layer.out")
+        w_ffn = ffn_norm.weight
+        w_next = next_norm.weight
+        w_post_attn = post_attn.weight if post_attn is not None else None
+        w_post_ffn = post_ffn.weight if post_ffn is not None else None
+
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                kwargs.update(zip(names, args))
+            x = hidden_states
+            normed = stash.take(x)
+            if normed is None:
+                normed = in_norm(x)
+            h, _ = attn(hidden_states=normed, **kwargs)
+            rows = x.numel() // x.shape[-1]
+            # mid-block: (post-attn norm) + add + pre-FFN norm, one pass
+            s_mid, n2 = add_map_rmsnorm(x, h, w_ffn, eps, gemma=gemma, delta_norm_w=w_post_attn)
+            g, u = gate(n2), up(n2)
+            A, B, sl = slots.args(t_down, rows, x.device)
+            m = glu_map(g, u, A, B, sl, act)
+            if A is not None:
+                m = c_down(m)
+            d = down(m)
+            A, B, sl = slots.args(t_mout, rows, x.device)
+            if A is not None:
+                d = c_mout(affine_map(d, A, B, sl))
+            # end of block: (post-FFN norm) + add + layer.out map + next norm, one pass
+            A, B, sl = slots.args(t_out, rows, x.device)
+            s, n_next = add_map_rmsnorm(s_mid, d, w_next, eps, A, B, sl, gemma=gemma, delta_norm_w=w_post_ffn)
+            if A is not None:
+                s = c_out(s)
+            stash.put(s, n_next)
+            return s
+
+        return forward

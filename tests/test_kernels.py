@@ -1,0 +1,524 @@
+"""Tests of the fused steering kernels (fusesteer/kernels/*) against their torch references.
+
+How the Triton kernels run here: there is no GPU, so every Triton kernel in this file runs under
+the Triton *interpreter* (``TRITON_INTERPRET=1``, set below before anything imports Triton).
+Triton 3.x reads the variable through ``triton.knobs.runtime.interpret``, which re-reads the
+environment on every access unless a program assigned the knob; but ``@triton.jit`` picks
+interpreter vs. compiler when it decorates. fusesteer therefore wraps its kernels with
+``triton.jit`` lazily, on first launch, once per interpreter setting
+(``fusesteer.kernels._common.build_kernel``), so the variable is honoured even if Triton or
+fusesteer was imported earlier by another test module (``test_interpreter_is_honoured`` checks it,
+``test_build_is_lazy_per_interpreter_setting`` shows the switch).
+
+Verified only through the interpreter (what could differ on a GPU):
+* Arithmetic: the interpreter runs numpy fp32 ops: correctly rounded ``exp``/``rsqrt``, no FMA
+  contraction, numpy's summation order. On a GPU ``tl.exp`` / ``tl.rsqrt`` are approximate
+  (a few ulp), ``a*x + b`` may be contracted to an FMA, and the row reduction uses a different
+  tree, so fp32 results can differ from the torch reference by a few ulp (inside this file's fp32
+  tolerance) and fp16/bf16 outputs by 1 ulp where a value sits next to a rounding boundary.
+  Identity rows stay bit-exact on a GPU too: ``1*x + 0`` is exact with or without FMA, and the
+  identity row of the fused add+norm goes through the same instructions as the no-map path.
+* bf16 stores: the interpreter's own fp32->bf16 cast truncates; the kernels round to nearest even
+  on the bits themselves, which is bit-identical to torch and to the GPU's ``cvt.rn.bf16.f32``.
+* Not exercised: ``num_warps`` / layouts, real parallel execution and coalescing, compile-time
+  specialisation of ``W``, rows longer than 2**31 elements (offsets are int64), the CUDA-only
+  out-of-range-slot behaviour in a real launch (tested here through the same kernel code).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first Triton launch (see docstring)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fusesteer.kernels as K  # noqa: E402
+from fusesteer.kernels import _common as C  # noqa: E402
+from fusesteer.kernels.add_rmsnorm import _add_rmsnorm_triton  # noqa: E402
+from fusesteer.kernels.affine import _affine_triton  # noqa: E402
+from fusesteer.kernels.glu import _glu_triton  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not C.HAVE_TRITON, reason="triton is not installed")
+
+WIDTHS = (64, 576, 640, 1536, 2304)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROWS = (1, 5)
+EPS = 1e-6
+SLOTS = {1: [2], 5: [0, 1, 2, 1, 0]}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def acts(m: int, w: int, dtype, seed: int, scale: float = 2.0) -> torch.Tensor:
+    return (scale * torch.randn(m, w, generator=gen(seed))).to(dtype)
+
+
+def tables(w: int, seed: int, s: int = 3):
+    """float32 [S, W] tables; row 0 identity, other rows mixed gains (incl. 0 and negative)."""
+    g = gen(seed)
+    a = 1.0 + (torch.rand(s, w, generator=g) - 0.5)
+    b = 0.5 * torch.randn(s, w, generator=g)
+    a[0], b[0] = 1.0, 0.0
+    if s > 2:
+        a[2, ::7] = 0.0
+        a[2, 3::11] = -1.5
+    return a, b
+
+
+def slots(m: int) -> torch.Tensor:
+    return torch.tensor(SLOTS[m], dtype=torch.int32)
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """Map float bits to integers ordered like the floats (+0 and -0 both to 0)."""
+    ity = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    bits = t.contiguous().view(ity[t.dtype]).to(torch.int64)
+    top = 1 << (8 * t.element_size() - 1)
+    return torch.where(bits < 0, -(bits + top), bits)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: rtol 1e-6, atol 1e-6. fp16/bf16: at most 1 ulp of the storage type apart (or
+    |diff| <= 1e-6 near zero), i.e. the two fp32 results rounded to neighbouring values."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert not out.isnan().any() and not ref.isnan().any()
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        return
+    ulps = (_ordered(out) - _ordered(ref)).abs()
+    near = (out.float() - ref.float()).abs() <= 1e-6
+    bad = (ulps > 1) & ~near
+    assert not bad.any(), (
+        f"{int(bad.sum())} elements differ by > 1 ulp; max {int(ulps.max())} ulp, "
+        f"max |diff| {float((out.float() - ref.float()).abs().max()):.3g}"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# the interpreter setting
+# ------------------------------------------------------------------------------------------
+@needs_triton
+def test_interpreter_is_honoured():
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert triton.knobs.runtime.interpret, (
+        "TRITON_INTERPRET=1 is set but triton.knobs.runtime.interpret is False: some code "
+        "assigned the knob programmatically, which overrides the environment variable"
+    )
+    assert K.interpreter_enabled() and K.triton_available("cpu") and K.triton_available()
+    from fusesteer.kernels.affine import _affine_kernel
+
+    assert isinstance(C.build_kernel(_affine_kernel), InterpretedFunction)
+
+
+@needs_triton
+def test_build_is_lazy_per_interpreter_setting(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from fusesteer.kernels.glu import _glu_kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not K.interpreter_enabled()
+    compiled = C.build_kernel(_glu_kernel)
+    assert isinstance(compiled, JITFunction) and not isinstance(compiled, InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(C.build_kernel(_glu_kernel), InterpretedFunction)
+
+
+# ------------------------------------------------------------------------------------------
+# kernels vs references
+# ------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("w", WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_affine_matches_reference(dtype, w, m):
+    x = acts(m, w, dtype, seed=w + m)
+    a, b = tables(w, seed=w)
+    s = slots(m)
+    with K.kernel_mode("triton"):
+        y = K.affine_map(x, a, b, s)
+    assert_close(y, K.affine_map_reference(x, a, b, s))
+    # the reference itself is the formula
+    expect = (a[s.long()] * x.float() + b[s.long()]).to(dtype)
+    assert torch.equal(K.affine_map_reference(x, a, b, s), expect)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("w", WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", K.ACTS)
+def test_glu_matches_reference(act, dtype, w, m):
+    g, u = acts(m, w, dtype, seed=1 + w + m), acts(m, w, dtype, seed=2 + w + m)
+    a, b = tables(w, seed=w + 7)
+    s = slots(m)
+    with K.kernel_mode("triton"):
+        y = K.glu_map(g, u, a, b, s, act=act)
+        y0 = K.glu_map(g, u, act=act)
+    assert_close(y, K.glu_map_reference(g, u, a, b, s, act=act))
+    assert_close(y0, K.glu_map_reference(g, u, act=act))
+    # the reference is what HF computes (in fp32): act(gate) * up
+    f = torch.nn.functional
+    hf = (f.silu(g.float()) if act == "silu" else f.gelu(g.float(), approximate="tanh")) * u.float()
+    assert torch.equal(K.glu_map_reference(g, u, act=act), hf.to(dtype))
+
+
+# (gemma, post-norm of delta, map, final norm)
+NORM_VARIANTS = {
+    "llama": (False, False, True, True),
+    "llama_nomap": (False, False, False, True),
+    "llama_nonorm": (False, False, True, False),
+    "gemma_post": (True, True, True, True),
+    "gemma_post_nomap": (True, True, False, True),
+    "gemma_post_nonorm": (True, True, True, False),
+    "gemma_nopost": (True, False, True, True),
+}
+
+
+def _norm_inputs(dtype, w, m, seed):
+    r = acts(m, w, dtype, seed=seed)
+    d = acts(m, w, dtype, seed=seed + 1, scale=3.0)
+    nw = (1.0 + 0.3 * torch.randn(w, generator=gen(seed + 2))).to(dtype)
+    dnw = (0.2 * torch.randn(w, generator=gen(seed + 3))).to(dtype)
+    return r, d, nw, dnw
+
+
+@needs_triton
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("w", WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(NORM_VARIANTS))
+def test_add_rmsnorm_matches_reference(variant, dtype, w, m):
+    gemma, post, has_map, has_norm = NORM_VARIANTS[variant]
+    r, d, nw, dnw = _norm_inputs(dtype, w, m, seed=w + m)
+    a, b = tables(w, seed=w + 11)
+    kw = dict(gemma=gemma, delta_norm_w=dnw if post else None)
+    if has_map:
+        kw.update(a_tab=a, b_tab=b, slot=slots(m))
+    norm_w = nw if has_norm else None
+    with K.kernel_mode("triton"):
+        s, n = K.add_map_rmsnorm(r, d, norm_w, EPS, **kw)
+    s_ref, n_ref = K.add_map_rmsnorm_reference(r, d, norm_w, EPS, **kw)
+    assert_close(s, s_ref)
+    if has_norm:
+        assert_close(n, n_ref)
+    else:
+        assert n is None and n_ref is None
+
+
+def _hf_rmsnorm(x, w, eps, gemma):
+    """Independent fp32 RMSNorm in HF's formulation (Gemma: (1 + w))."""
+    x = x.float()
+    var = x.pow(2).mean(-1, keepdim=True)
+    y = x * torch.rsqrt(var + eps)
+    return y * (1.0 + w.float()) if gemma else y * w.float()
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_add_rmsnorm_reference_is_the_formula(gemma):
+    r, d, nw, dnw = _norm_inputs(torch.float32, 64, 5, seed=3)
+    a, b = tables(64, seed=4)
+    s_idx = slots(5).long()
+    dd = _hf_rmsnorm(d, dnw, EPS, gemma) if gemma else d
+    s = a[s_idx] * (r + dd) + b[s_idx]
+    n = _hf_rmsnorm(s, nw, EPS, gemma)
+    got = K.add_map_rmsnorm_reference(
+        r, d, nw, EPS, a, b, slots(5), gemma=gemma, delta_norm_w=dnw if gemma else None
+    )
+    torch.testing.assert_close(got[0], s, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], n, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# identity rows are bit-identical to no steering
+# ------------------------------------------------------------------------------------------
+ID_SLOTS = torch.tensor([0, 1, 0, 2, 0], dtype=torch.int32)
+ID_ROWS = ID_SLOTS == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w", (576, 2304))
+def test_affine_identity_rows_exact(dtype, w):
+    x = acts(5, w, dtype, seed=5)
+    a, b = tables(w, seed=6)
+    with K.kernel_mode("triton"):
+        y = K.affine_map(x, a, b, ID_SLOTS)
+    assert torch.equal(y[ID_ROWS], x[ID_ROWS])
+    assert not torch.equal(y[~ID_ROWS], x[~ID_ROWS])
+
+
+@needs_triton
+@pytest.mark.parametrize("act", K.ACTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_glu_identity_rows_exact(act, dtype):
+    w = 1536
+    g, u = acts(5, w, dtype, seed=8), acts(5, w, dtype, seed=9)
+    a, b = tables(w, seed=10)
+    with K.kernel_mode("triton"):
+        y = K.glu_map(g, u, a, b, ID_SLOTS, act=act)
+        y0 = K.glu_map(g, u, act=act)
+    assert torch.equal(y[ID_ROWS], y0[ID_ROWS])
+    assert not torch.equal(y[~ID_ROWS], y0[~ID_ROWS])
+
+
+@needs_triton
+@pytest.mark.parametrize("gemma_post", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rmsnorm_identity_rows_exact(dtype, gemma_post):
+    w = 640
+    r, d, nw, dnw = _norm_inputs(dtype, w, 5, seed=12)
+    a, b = tables(w, seed=13)
+    kw = dict(gemma=gemma_post, delta_norm_w=dnw if gemma_post else None)
+    with K.kernel_mode("triton"):
+        s, n = K.add_map_rmsnorm(r, d, nw, EPS, a, b, ID_SLOTS, **kw)
+        s0, n0 = K.add_map_rmsnorm(r, d, nw, EPS, **kw)
+    assert torch.equal(s[ID_ROWS], s0[ID_ROWS]) and torch.equal(n[ID_ROWS], n0[ID_ROWS])
+    assert not torch.equal(s[~ID_ROWS], s0[~ID_ROWS])
+    if not gemma_post:  # the plain residual add, as torch computes it in the storage dtype
+        assert torch.equal(s[ID_ROWS], (r + d)[ID_ROWS])
+        assert torch.equal(s0, r + d)
+
+
+# ------------------------------------------------------------------------------------------
+# shapes and tables
+# ------------------------------------------------------------------------------------------
+@needs_triton
+def test_uniform_table_and_nd_input_and_int64_slot():
+    w = 576
+    x = acts(6, w, torch.bfloat16, seed=20).reshape(2, 3, w)
+    a, b = tables(w, seed=21, s=2)
+    a1, b1 = a[1:], b[1:]  # one-row table, all slots 0
+    zero = torch.zeros(6, dtype=torch.int32)
+    with K.kernel_mode("triton"):
+        y = K.affine_map(x, a1, b1, zero)
+        y64 = K.affine_map(x, a, b, torch.ones(2, 3, dtype=torch.int64))
+        g = K.glu_map(x, x, a1, b1, zero, act="gelu_tanh")
+        s, n = K.add_map_rmsnorm(x, x, torch.ones(w), EPS, a1, b1, zero)
+    assert y.shape == x.shape and g.shape == x.shape and s.shape == x.shape == n.shape
+    assert torch.equal(y, y64)
+    assert_close(y, (a1[0] * x.float() + b1[0]).to(x.dtype))
+    assert_close(g, K.glu_map_reference(x, x, a1, b1, zero, act="gelu_tanh"))
+    assert_close(n, K.add_map_rmsnorm_reference(x, x, torch.ones(w), EPS, a1, b1, zero)[1])
+
+
+@needs_triton
+def test_out_of_range_slot():
+    w = 64
+    x = acts(3, w, torch.float32, seed=30)
+    a, b = tables(w, seed=31)
+    bad = torch.tensor([0, 3, -1], dtype=torch.int32)
+    # CPU: a clear error before any kernel runs, on every path
+    for mode in ("triton", "torch"):
+        with K.kernel_mode(mode):
+            with pytest.raises(K.KernelInputError, match=r"slot values must lie in \[0, 3\)"):
+                K.affine_map(x, a, b, bad)
+            with pytest.raises(K.KernelInputError, match="slot values"):
+                K.glu_map(x, x, a, b, bad)
+            with pytest.raises(K.KernelInputError, match="slot values"):
+                K.add_map_rmsnorm(x, x, torch.ones(w), EPS, a, b, bad)
+    # the kernels themselves (what runs on a GPU, where the check would cost a sync):
+    # never read outside the table, and turn exactly the bad rows into NaN
+    with K.kernel_mode("triton"):
+        y = _affine_triton(x, a, b, bad)
+        g = _glu_triton(x, x, a, b, bad, "silu")
+        s, n = _add_rmsnorm_triton(x, x, torch.ones(w), EPS, a, b, bad, False, None)
+    for out in (y, g, s, n):
+        assert not out[0].isnan().any() and out[1:].isnan().all()
+    assert torch.equal(y[0], x[0])
+
+
+def test_m_zero_rows():
+    x = torch.empty(0, 64)
+    a, b = tables(64, seed=1)
+    empty_slot = torch.empty(0, dtype=torch.int32)
+    for mode in ("torch",) + (("triton",) if C.HAVE_TRITON else ()):
+        with K.kernel_mode(mode):
+            assert K.affine_map(x, a, b, empty_slot).shape == (0, 64)
+            assert K.glu_map(x, x, a, b, empty_slot).shape == (0, 64)
+            s, n = K.add_map_rmsnorm(x, x, torch.ones(64), EPS, a, b, empty_slot)
+            assert s.shape == n.shape == (0, 64)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input -> KernelInputError with a specific message
+# ------------------------------------------------------------------------------------------
+def _bad_calls():
+    w = 64
+    x = torch.randn(3, w)
+    a, b = tables(w, seed=0)
+    s = torch.zeros(3, dtype=torch.int32)
+    one = torch.ones(w)
+    return [
+        ("width", lambda: K.affine_map(x, a[:, :32], b[:, :32], s), r"a_tab must have shape \[S, 64\]"),
+        ("table dtype", lambda: K.affine_map(x, a.double(), b.double(), s), "a_tab must be float32"),
+        ("table pair", lambda: K.affine_map(x, a, b[:2], s), "differ in shape"),
+        ("slot count", lambda: K.affine_map(x, a, b, s[:2]), "slot has 2 entries but the input has 3 rows"),
+        ("slot dtype", lambda: K.affine_map(x, a, b, s.float()), "slot must be int32 or int64"),
+        ("x dtype", lambda: K.affine_map(x.long(), a, b, s), "x has dtype torch.int64"),
+        ("x 0-d", lambda: K.affine_map(torch.tensor(1.0), a, b, s), "0-d"),
+        ("x type", lambda: K.affine_map([1.0], a, b, s), "x must be a torch.Tensor"),
+        ("partial map", lambda: K.glu_map(x, x, a, b, None), "must be given together"),
+        ("act", lambda: K.glu_map(x, x, act="relu"), "act 'relu'"),
+        ("gate/up", lambda: K.glu_map(x, x[:, :32]), "up has shape"),
+        ("gate/up dtype", lambda: K.glu_map(x, x.half()), "up has dtype"),
+        ("residual/delta", lambda: K.add_map_rmsnorm(x, x[:2], one, EPS), "delta has shape"),
+        ("norm_w", lambda: K.add_map_rmsnorm(x, x, one[:10], EPS), r"norm_w must have shape \[64\]"),
+        ("delta_norm_w", lambda: K.add_map_rmsnorm(x, x, one, EPS, delta_norm_w=one[None]), "delta_norm_w must"),
+        ("eps", lambda: K.add_map_rmsnorm(x, x, one, -1.0), "eps must be a finite float"),
+        ("eps none-norm", lambda: K.add_map_rmsnorm(x, x, None, float("nan")), "eps must be"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_bad_inputs_raise_kernel_input_error(mode):
+    if mode == "triton" and not C.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    with K.kernel_mode(mode):
+        for name, call, msg in _bad_calls():
+            with pytest.raises(K.KernelInputError, match=msg):
+                call()
+    assert issubclass(K.KernelInputError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------
+def test_dispatch_modes(monkeypatch):
+    x = acts(5, 64, torch.bfloat16, seed=40)
+    a, b = tables(64, seed=41)
+    s = slots(5)
+    ref = K.affine_map_reference(x, a, b, s)
+    with K.kernel_mode("torch"):
+        assert K.get_kernel_mode() == "torch"
+        assert not C.use_triton(torch.device("cpu"))
+        assert torch.equal(K.affine_map(x, a, b, s), ref)
+    assert K.get_kernel_mode() == "auto"
+    with pytest.raises(K.KernelInputError, match="kernel mode 'fast'"):
+        K.set_kernel_mode("fast")
+
+    # interpreter off: auto falls back to the reference on CPU, forcing triton is a clear error
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not K.triton_available("cpu")
+    assert not C.use_triton(torch.device("cpu"))
+    assert torch.equal(K.affine_map(x, a, b, s), ref)
+    with K.kernel_mode("triton"):
+        with pytest.raises(K.KernelUnavailableError, match="TRITON_INTERPRET=1"):
+            K.affine_map(x, a, b, s)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert C.use_triton(torch.device("cpu")) == C.HAVE_TRITON
+
+
+# ------------------------------------------------------------------------------------------
+# custom ops: torch.ops.fusesteer.*, opcheck, torch.compile
+# ------------------------------------------------------------------------------------------
+def _op_samples():
+    w = 64
+    x = acts(3, w, torch.float32, seed=50)
+    xb = acts(3, w, torch.bfloat16, seed=51)
+    a, b = tables(w, seed=52)
+    s = torch.tensor([0, 2, 1], dtype=torch.int32)
+    nw = torch.randn(w, generator=gen(53))
+    return [
+        (torch.ops.fusesteer.affine_map.default, (x, a, b, s)),
+        (torch.ops.fusesteer.affine_map.default, (xb, a, b, s)),
+        (torch.ops.fusesteer.glu_map.default, (x, x, a, b, s, "silu")),
+        (torch.ops.fusesteer.glu_map.default, (xb, xb, None, None, None, "gelu_tanh")),
+        (torch.ops.fusesteer.add_map_rmsnorm.default, (x, x, nw, EPS, a, b, s, False, None)),
+        (torch.ops.fusesteer.add_map_rmsnorm.default, (xb, xb, nw, EPS, None, None, None, True, nw)),
+        (torch.ops.fusesteer.add_map.default, (x, x, EPS, a, b, s, True, nw)),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_opcheck(mode):
+    if mode == "triton" and not C.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    with K.kernel_mode(mode):
+        for op, args in _op_samples():
+            torch.library.opcheck(op, args)
+
+
+def _steered_block(x, r, nw, a, b, slot, ga, gb, gslot):
+    h = K.affine_map(x, a, b, slot)
+    g = K.glu_map(h, x, ga, gb, gslot, act="gelu_tanh")
+    s, n = K.add_map_rmsnorm(r, g, nw, EPS, a, b, slot, gemma=True, delta_norm_w=nw)
+    s_last, none = K.add_map_rmsnorm(s, n, None, EPS, a, b, slot)
+    assert none is None
+    return s_last * 2, n
+
+
+def test_torch_compile_fullgraph():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    w = 64
+    x, r = acts(3, w, torch.float32, seed=60), acts(3, w, torch.float32, seed=61)
+    nw = 0.1 * torch.randn(w, generator=gen(62))
+    a, b = tables(w, seed=63)
+    slot = torch.tensor([0, 2, 1], dtype=torch.int32)
+    ga, gb = tables(w, seed=64, s=1)
+    gslot = torch.zeros(3, dtype=torch.int32)
+    args = (x, r, nw, a, b, slot, ga, gb, gslot)
+    compiled = torch.compile(_steered_block, fullgraph=True)
+    with K.kernel_mode("torch"):
+        eager = _steered_block(*args)
+        out = compiled(*args)
+    for o, e in zip(out, eager):
+        torch.testing.assert_close(o, e, rtol=1e-6, atol=1e-6)
+
+    # new table values and slots are plain tensor inputs: no recompilation; the op stays opaque,
+    # so the same compiled graph can run the Triton kernels (interpreter) too
+    a2, b2 = tables(w, seed=65)
+    slot2 = torch.tensor([1, 1, 0], dtype=torch.int32)
+    args2 = (x, r, nw, a2, b2, slot2, ga, gb, gslot)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with K.kernel_mode("torch"):
+            out2 = compiled(*args2)
+            eager2 = _steered_block(*args2)
+        if C.HAVE_TRITON:
+            with K.kernel_mode("triton"):
+                out3 = compiled(*args2)
+            for o, e in zip(out3, eager2):
+                torch.testing.assert_close(o, e, rtol=1e-6, atol=1e-6)
+    for o, e in zip(out2, eager2):
+        torch.testing.assert_close(o, e, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(out2[0], out[0])
+
+
+def test_torch_compile_dynamic_rows():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    w = 64
+    a, b = tables(w, seed=70)
+
+    def f(x, slot):
+        return K.affine_map(x, a, b, slot) + 1
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    with K.kernel_mode("torch"):
+        for m in (3, 5, 7):
+            x = acts(m, w, torch.float32, seed=m)
+            slot = torch.arange(m, dtype=torch.int32) % 3
+            torch.testing.assert_close(compiled(x, slot), f(x, slot), rtol=0, atol=0)
+        with pytest.raises(Exception, match="slot has 4 entries but the input has 5 rows"):
+            compiled(acts(5, w, torch.float32, seed=1), torch.zeros(4, dtype=torch.int32))
