@@ -291,3 +291,12 @@ def store_arg(out: torch.Tensor) -> torch.Tensor:
     nothing measurable in these memory-bound kernels.
     """
     return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+
+def require_tensors(op: str, **named) -> None:
+    """Cheap pre-dispatch check in the public wrappers (the dispatcher's own type error for a
+    non-tensor argument would be a bare RuntimeError); ``None`` is allowed where the schema has
+    an optional tensor and is caught by the full checks otherwise."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise KernelInputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -246,6 +246,13 @@ def add_map_rmsnorm(
     map. Returns ``(s, normed)`` in residual's dtype, ``normed`` None when ``norm_w`` is None.
     Inference only (no backward).
     """
+    C.require_tensors(
+        OP, residual=residual, delta=delta, norm_w=norm_w, a_tab=a_tab, b_tab=b_tab, slot=slot,
+        delta_norm_w=delta_norm_w,
+    )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise C.KernelInputError(f"{OP}: eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
     if norm_w is None:
         s = torch.ops.fusesteer.add_map(residual, delta, eps, a_tab, b_tab, slot, gemma, delta_norm_w)
         return s, None

@@ -114,4 +114,7 @@ def affine_map(
     x: [..., W] float32/float16/bfloat16; a_tab, b_tab: float32 [S, W]; slot: int [M] with
     M = x.numel() // W. Returns a new tensor of x's shape. Inference only (no backward).
     """
+    C.require_tensors(OP, x=x, a_tab=a_tab, b_tab=b_tab, slot=slot)
+    if a_tab is None or b_tab is None or slot is None:
+        raise C.KernelInputError(f"{OP}: a_tab, b_tab and slot are required")
     return torch.ops.fusesteer.affine_map(x, a_tab, b_tab, slot)

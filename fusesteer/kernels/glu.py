@@ -162,4 +162,7 @@ def glu_map(
     None for a plain fused GLU. act: "silu" (Llama/Qwen) or "gelu_tanh" (Gemma).
     Inference only (no backward).
     """
+    C.require_tensors(OP, gate=gate, up=up, a_tab=a_tab, b_tab=b_tab, slot=slot)
+    if not isinstance(act, str):
+        raise C.KernelInputError(f"{OP}: act must be a string, one of {ACTS}")
     return torch.ops.fusesteer.glu_map(gate, up, a_tab, b_tab, slot, act)

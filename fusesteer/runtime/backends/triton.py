@@ -84,6 +84,8 @@ class TritonBackend:
 
     def install(self, handle) -> None:
         parts, patcher = handle.parts, handle.patcher
+        if not handle.tables:  # nothing to steer: leave the model untouched (bit-exact)
+            return
         fam = parts.family
         gemma = fam.rms == "gemma"
         router = handle.router
