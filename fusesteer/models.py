@@ -326,6 +326,7 @@ def _convert(name: str, info: dict, target: Path, progress: bool) -> dict:
             "conversion_seconds": round(time.perf_counter() - t0, 2),
         }
         (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _normalise_permissions(out)
         _install(out, target, name)
         bar.update(1)
         bar.set_postfix_str("done")
@@ -335,6 +336,16 @@ def _convert(name: str, info: dict, target: Path, progress: bool) -> dict:
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _normalise_permissions(folder: Path) -> None:
+    """mkdtemp/safetensors create owner-only files; give the cache the usual umask-based modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
 
 
 def _install(out: Path, target: Path, name: str) -> None:
