@@ -186,7 +186,7 @@ def main() -> None:
     print(f"{'  weight columns':<34}{rep['restore_slice_bytes'] / 1024:>12.1f} KiB  (expected k*out*4 = "
           f"{expect / 1024:.1f} KiB)")
     print(f"{'  indices':<34}{rep['restore_index_bytes'] / 1024:>12.1f} KiB")
-    print(f"{'RSS delta at attach':<34}{(rss1 - rss0) / 1024:>12.1f} KiB")
+    print(f"{'RSS delta at attach':<34}{(rss1 - rss0) / 1024:>12.1f} KiB  (allocator noise at this scale)")
     print(f"{'attach / detach':<34}{attach_ms:>9.1f} ms / {detach_ms:.1f} ms")
     print(f"{'64 greedy tokens fold == reference':<34}{str(same_tokens):>12}  "
           f"({differs_from_vanilla} of {args.new_tokens} differ from vanilla)")

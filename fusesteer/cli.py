@@ -13,7 +13,7 @@ import sys
 from .errors import FuseSteerError
 
 # verb modules, in help order
-COMMAND_MODULES = ["demo", "plan", "generate"]
+COMMAND_MODULES = ["demo", "plan", "generate", "fusion", "austeer", "eval"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

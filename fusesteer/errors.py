@@ -19,3 +19,11 @@ class ModelLoadError(FuseSteerError, RuntimeError):
 
 class NonFiniteActivationError(FuseSteerError, FloatingPointError):
     """A steering map produced NaN/Inf activations (see attach(..., check_finite=...))."""
+
+
+class KernelInputError(FuseSteerError, ValueError):
+    """A fused-kernel op got inputs of the wrong shape, dtype or device, or a bad slot index."""
+
+
+class KernelUnavailableError(FuseSteerError, RuntimeError):
+    """The Triton path was forced but cannot run here (no Triton, or CPU without interpreter)."""

@@ -223,9 +223,9 @@ def test_generate_streams_steered_tokens(capsys, tmp_path, spec, tiny_dir):
     assert "2 entries on layers 1..2" in err
 
     # two vectors sum; --layer-range is inclusive
-    rc, out, _ = run(capsys, "generate", "--model", tiny_dir, "--control-vector", f"{gg}:0.25",
-                     "--control-vector", f"{gg}:0.25", "--layer-range", "1", "1", "--prompt", prompt,
-                     "--max-new-tokens", n)
+    rc, out, _ = run(capsys, "generate", "--model", tiny_dir, "--control-vector", f"{gg}:0.5",
+                     "--control-vector", f"{gg}:0.5", "--scale", "0.5", "--layer-range", "1", "1",
+                     "--prompt", prompt, "--max-new-tokens", n)
     only1 = fs.SteeringPlan(spec).add(layer=1, site="layer.out", b=plan.entries[0].b * 0.5)
     assert rc == 0 and out.split() == _expected(tiny_dir, prompt, only1, n)
 

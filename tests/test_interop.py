@@ -2,6 +2,7 @@
 
 import math
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -10,8 +11,6 @@ import fusesteer as fs
 from fusesteer.interop.gguf_cv import (ControlVectorError, control_vector_directions, inspect_control_vector,
                                        read_control_vector, read_control_vectors, write_control_vector)
 from fusesteer.interop.peers import from_repeng, from_steering_vector, import_repeng
-
-gguf = pytest.importorskip("gguf")  # a hard dependency of fusesteer; here only to name it
 
 try:
     import steering_vectors
@@ -35,7 +34,7 @@ needs_repeng = pytest.mark.skipif(REPENG_IMPORT_ERROR is not None,
 
 
 def write_raw(path, directions, arch="controlvector", hint="llama", count=None, dtype=np.float32,
-              drop=(), extra=None):
+              drop=(), extra=None, count_int32=False):
     """An independent writer: the gguf package's GGUFWriter, with knobs to produce bad files."""
     w = gguf.GGUFWriter(str(path), arch)
     if "model_hint" not in drop:
@@ -44,7 +43,8 @@ def write_raw(path, directions, arch="controlvector", hint="llama", count=None, 
         else:
             w.add_uint32("controlvector.model_hint", hint)
     if "layer_count" not in drop:
-        w.add_uint32("controlvector.layer_count", len(directions) if count is None else count)
+        n = len(directions) if count is None else count
+        w.add_int32("controlvector.layer_count", n) if count_int32 else w.add_uint32("controlvector.layer_count", n)
     if "general.architecture" in drop:
         w.kv_data[0].pop("general.architecture")
     for k, v in (extra or {}).items():
@@ -171,6 +171,16 @@ def test_scale_and_inclusive_layer_range(llama, tmp_path):
         read_control_vector(path, llama, layer_range=(2, 1))
     with pytest.raises(ControlVectorError, match=r"scale must be finite"):
         read_control_vector(path, llama, scale=math.nan)
+
+
+def test_metadata_written_by_llama_cpp_cvector_generator_is_accepted(tmp_path):
+    """llama.cpp's cvector-generator writes layer_count as int32 (= number of directions, n_layer - 1)."""
+    path = write_raw(tmp_path / "cv.gguf", {1: rand_vec(64, 1), 2: rand_vec(64, 2)}, count=2, count_int32=True)
+    info, dirs = inspect_control_vector(path)
+    assert info["layer_count"] == 2 and sorted(dirs) == [1, 2] and info["hidden_size"] == 64
+    bad = write_raw(tmp_path / "neg.gguf", {1: rand_vec(64, 1)}, count=-1, count_int32=True)
+    with pytest.raises(ControlVectorError, match=r"layer_count must be a non-negative integer"):
+        inspect_control_vector(bad)
 
 
 def test_several_files_sum(llama, tmp_path):

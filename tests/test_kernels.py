@@ -416,6 +416,10 @@ def _bad_calls():
         ("delta_norm_w", lambda: K.add_map_rmsnorm(x, x, one, EPS, delta_norm_w=one[None]), "delta_norm_w must"),
         ("eps", lambda: K.add_map_rmsnorm(x, x, one, -1.0), "eps must be a finite float"),
         ("eps none-norm", lambda: K.add_map_rmsnorm(x, x, None, float("nan")), "eps must be"),
+        ("eps type", lambda: K.add_map_rmsnorm(x, x, one, "1e-6"), "eps must be a float"),
+        ("gemma type", lambda: K.add_map_rmsnorm(x, x, one, EPS, gemma=1), "gemma must be a bool"),
+        ("norm_w type", lambda: K.add_map_rmsnorm(x, x, [1.0], EPS), "norm_w must be a torch.Tensor"),
+        ("missing table", lambda: K.affine_map(x, None, b, s), "are required"),
     ]
 
 
@@ -494,7 +498,7 @@ def _steered_block(x, r, nw, a, b, slot, ga, gb, gslot):
     s, n = K.add_map_rmsnorm(r, g, nw, EPS, a, b, slot, gemma=True, delta_norm_w=nw)
     s_last, none = K.add_map_rmsnorm(s, n, None, EPS, a, b, slot)
     assert none is None
-    return s_last * 2, n
+    return s_last, n
 
 
 def test_torch_compile_fullgraph():
@@ -543,7 +547,7 @@ def test_torch_compile_dynamic_rows():
     a, b = tables(w, seed=70)
 
     def f(x, slot):
-        return K.affine_map(x, a, b, slot) + 1
+        return K.affine_map(x, a, b, slot)
 
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     with K.kernel_mode("torch"):

@@ -104,12 +104,25 @@ def test_save_load_roundtrip(tmp_path):
     assert meta["fingerprint"] == SPEC.fingerprint()
 
 
-def _rewrite_header(path, fn):
+def _rewrite_header(path, fn, reseal=True):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     st = json.loads(raw[8:8 + n])
     meta = json.loads(st["__metadata__"]["fusesteer"])
     fn(st, meta)
+    if reseal:  # recompute the checksum so the semantic validation is what has to catch the change
+        from fusesteer.runtime.plan import plan_checksum
+
+        tensors = {}
+        for name, d in st.items():
+            if name != "__metadata__" and d.get("dtype") in ("F32", "I64"):
+                s, e = d["data_offsets"]
+                if 0 <= s <= e <= len(raw) - 8 - n:
+                    body = raw[8 + n + s:8 + n + e]
+                    dt = torch.float32 if d["dtype"] == "F32" else torch.int64
+                    if len(body) % dt.itemsize == 0:
+                        tensors[name] = torch.frombuffer(bytearray(body), dtype=dt).clone()
+        meta["checksum"] = plan_checksum(meta, tensors)
     st["__metadata__"]["fusesteer"] = json.dumps(meta)
     h = json.dumps(st).encode()
     h += b" " * (-len(h) % 8)
@@ -135,6 +148,16 @@ def test_corrupted_files_raise_plan_error(tmp_path, mutate, match):
     p.save(path)
     _rewrite_header(path, mutate)
     with pytest.raises(fs.PlanError, match=match):
+        fs.SteeringPlan.load(path)
+
+
+def test_checksum_catches_edits(tmp_path):
+    p = plan()
+    p.add(layer=0, site="layer.out", b=torch.randn(8))
+    path = tmp_path / "p.safetensors"
+    p.save(path)
+    _rewrite_header(path, lambda st, m: m.update(name="renamed"), reseal=False)
+    with pytest.raises(fs.PlanError, match="does not match header.checksum"):
         fs.SteeringPlan.load(path)
 
 

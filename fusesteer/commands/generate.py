@@ -51,7 +51,8 @@ def register(sub, fmt):
                      help="GGUF control vector with an optional scale (default 1); repeatable, vectors are summed")
     p.add_argument("--layer-range", type=int, nargs=2, metavar=("START", "END"), default=None,
                    help="steer only layers START..END, both inclusive (llama.cpp --control-vector-layer-range)")
-    p.add_argument("--scale", type=float, default=1.0, help="extra multiplier for --plan")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="extra multiplier for --plan, or for every --control-vector (on top of its own scale)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
@@ -85,6 +86,8 @@ def run(args) -> int:
     from ..runtime.plan import ModelSpec
     from .plan import load_plan_file
 
+    if not math.isfinite(args.scale):
+        raise FuseSteerError(f"--scale must be finite, got {args.scale}")
     if args.max_new_tokens < 1:
         raise FuseSteerError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not math.isfinite(args.temperature):
@@ -97,7 +100,8 @@ def run(args) -> int:
     rng = tuple(args.layer_range) if args.layer_range else None
     plan = None
     if args.control_vectors:
-        plan = read_control_vectors(args.control_vectors, spec, layer_range=rng)
+        files = [(path, scale * args.scale) for path, scale in args.control_vectors]
+        plan = read_control_vectors(files, spec, layer_range=rng)
     elif args.plan:
         plan = load_plan_file(args.plan, spec, scale=args.scale, layer_range=rng)
 

@@ -266,7 +266,8 @@ def register(sub, fmt):
     c.add_argument("input", metavar="IN", help="input file (.safetensors or .gguf)")
     c.add_argument("output", metavar="OUT", help="output file (.safetensors or .gguf)")
     c.add_argument("--scale", type=float, default=1.0,
-                   help="multiply the input's vectors (GGUF: llama.cpp --control-vector-scaled strength)")
+                   help="multiply the input (GGUF: llama.cpp --control-vector-scaled strength; fusesteer plan: "
+                        "b -> s*b, a -> 1 + s*(a - 1))")
     c.add_argument("--layer-range", type=int, nargs=2, metavar=("START", "END"), default=None,
                    help="keep only layers START..END, both inclusive (llama.cpp --control-vector-layer-range)")
     c.add_argument("--model-hint", default=None, help="GGUF output: controlvector.model_hint (default: the "

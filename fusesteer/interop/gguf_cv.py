@@ -32,7 +32,9 @@ reading the sources (no measurement needed, the code paths are short):
   ``export_gguf`` writes ``direction.{i}`` verbatim with ``layer_count = len(directions)``.
   So repeng's ``direction.N`` is also "added to layer N's output": the three agree, and it is the mapping
   implemented here. (DESIGN §5's "fit on hidden_states[N+1], added to layer N's output" is the same
-  statement: ``hidden_states[N+1]`` *is* layer N's output.)
+  statement: ``hidden_states[N+1]`` *is* layer N's output. One wrinkle that affects only how repeng *fits*
+  the last layer, not how anything applies it: in transformers 5.x ``hidden_states[L]`` is taken after the
+  final norm, so repeng's ``direction.{L-1}`` is fit post-norm yet added pre-norm, like everywhere else.)
 
 Consequences: llama.cpp can never steer layer 0. We read ``direction.0`` (repeng can write it when asked
 for layer 0, and it has a well-defined meaning), but :func:`write_control_vector` refuses a plan that

@@ -40,12 +40,7 @@ except Exception:  # pragma: no cover - depends on the environment
     HAVE_TRITON = False
 
 
-class KernelInputError(FuseSteerError, ValueError):
-    """A fused-kernel op got inputs of the wrong shape, dtype or device, or a bad slot index."""
-
-
-class KernelUnavailableError(FuseSteerError, RuntimeError):
-    """The Triton path was forced but cannot run here (no Triton, or CPU without interpreter)."""
+from ..errors import KernelInputError, KernelUnavailableError  # noqa: E402,F401 - re-exported
 
 
 MODES = ("auto", "triton", "torch")

@@ -138,7 +138,8 @@ def _add_rmsnorm_triton(r2, d2, norm_w, eps, a_tab, b_tab, slot, gemma, delta_no
     kernel = C.build_kernel(_add_rmsnorm_kernel)
     has_map = a_tab is not None
     if has_map:
-        a, b, sl, S = a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(), a_tab.shape[0]
+        a, b, S = a_tab.contiguous(), b_tab.contiguous(), a_tab.shape[0]
+        sl = slot.reshape(-1).contiguous()
     else:  # unused pointers (dead code under the constexpr flags)
         a, b, sl, S = r2, r2, r2, 1
     kernel[(M,)](
@@ -168,7 +169,9 @@ def _check(op, residual, delta, norm_w, eps, a_tab, b_tab, slot, delta_norm_w) -
         C.check_vector(op, "delta_norm_w", delta_norm_w, W, residual.device)
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise C.KernelInputError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
-    return C.check_map(op, a_tab, b_tab, slot, C.rows_of(residual), W, residual.device, optional=True)
+    return C.check_map(
+        op, a_tab, b_tab, slot, C.rows_of(residual), W, residual.device, optional=True
+    )
 
 
 def _run(op, residual, delta, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w):
@@ -253,8 +256,12 @@ def add_map_rmsnorm(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise C.KernelInputError(f"{OP}: eps must be a float, got {type(eps).__name__}")
     eps = float(eps)
+    if not isinstance(gemma, bool):
+        raise C.KernelInputError(f"{OP}: gemma must be a bool, got {type(gemma).__name__}")
     if norm_w is None:
-        s = torch.ops.fusesteer.add_map(residual, delta, eps, a_tab, b_tab, slot, gemma, delta_norm_w)
+        s = torch.ops.fusesteer.add_map(
+            residual, delta, eps, a_tab, b_tab, slot, gemma, delta_norm_w
+        )
         return s, None
     return torch.ops.fusesteer.add_map_rmsnorm(
         residual, delta, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w

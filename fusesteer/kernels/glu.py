@@ -101,7 +101,8 @@ def _glu_triton(g2, u2, a_tab, b_tab, slot, act: str) -> torch.Tensor:
     kernel = C.build_kernel(_glu_kernel)
     has_map = a_tab is not None
     if has_map:
-        a, b, s, S = a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(), a_tab.shape[0]
+        a, b, S = a_tab.contiguous(), b_tab.contiguous(), a_tab.shape[0]
+        s = slot.reshape(-1).contiguous()
     else:  # unused pointers (dead code under HAS_MAP=False)
         a, b, s, S = g2, g2, g2, 1
     kernel[(M, triton.cdiv(W, block))](

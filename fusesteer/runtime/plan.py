@@ -59,6 +59,9 @@ class ModelSpec:
     def from_dict(cls, d: Any, where: str = "model") -> "ModelSpec":
         if not isinstance(d, Mapping):
             raise PlanError(f"{where}: expected an object with the model shape, got {type(d).__name__}")
+        unknown = set(d) - {"model_type", "num_layers", "hidden_size", "intermediate_size", "attn_width"}
+        if unknown:
+            raise PlanError(f"{where}: unknown fields {sorted(map(str, unknown))}")
         kw = {}
         for name, typ in (("model_type", str), ("num_layers", int), ("hidden_size", int),
                           ("intermediate_size", int), ("attn_width", int)):
@@ -374,6 +377,7 @@ class SteeringPlan:
                     tensors[key] = t.contiguous()
                     rec[what] = {"tensor": key}
             header["entries"].append(rec)
+        header["checksum"] = plan_checksum(header, tensors)
         try:
             meta_json = json.dumps(header, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -405,6 +409,28 @@ class SteeringPlan:
 # --------------------------------------------------------------------------------------------
 # Safe reading
 # --------------------------------------------------------------------------------------------
+def plan_checksum(header: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the canonical JSON header (without its checksum) and every tensor (name, dtype, shape,
+    bytes) in name order: any corruption of a plan file, in the header or the data, is detected on load."""
+    h = hashlib.sha256()
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    h.update(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _no_duplicate_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
 _DTYPES = {"F32": (torch.float32, 4), "I64": (torch.int64, 8)}
 
 
@@ -418,19 +444,21 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
     if 8 + hlen > len(data):
         raise PlanError(f"{source}: truncated file (header says {hlen} bytes, file has {len(data) - 8})")
     try:
-        st_header = json.loads(data[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        st_header = json.loads(data[8:8 + hlen].decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
         raise PlanError(f"{source}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(st_header, dict):
         raise PlanError(f"{source}: safetensors header must be a JSON object")
     meta = st_header.pop("__metadata__", None)
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise PlanError(f"{source}: safetensors __metadata__ must map strings to strings")
     if not isinstance(meta, dict) or "fusesteer" not in meta:
         raise PlanError(f"{source}: not a fusesteer plan (no 'fusesteer' entry in the safetensors metadata)")
     if not isinstance(meta["fusesteer"], str):
         raise PlanError(f"{source}: metadata 'fusesteer' must be a JSON string")
     try:
-        header = json.loads(meta["fusesteer"], parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as e:
+        header = json.loads(meta["fusesteer"], parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
         raise PlanError(f"{source}: plan header is not valid JSON ({e})") from None
     if len(st_header) > 3 * MAX_ENTRIES:
         raise PlanError(f"{source}: too many tensors ({len(st_header)})")
@@ -441,7 +469,7 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
         if not isinstance(info, dict):
             raise PlanError(f"{source}: tensor {name!r}: descriptor must be an object")
         dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _DTYPES:
             raise PlanError(f"{source}: tensor {name!r} has dtype {dt!r}; plan tensors must be F32 (a, b) or I64 (dims)")
         if (not isinstance(shape, list) or len(shape) > 1
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 100_000_000 for s in shape)):
@@ -473,12 +501,26 @@ def _reject_constant(name):
 def _plan_from_header(header: Any, tensors: dict[str, torch.Tensor], source: str) -> SteeringPlan:
     if not isinstance(header, dict):
         raise PlanError(f"{source}: plan header must be a JSON object")
-    if header.get("format") != FORMAT_NAME:
+    unknown = set(header) - {"format", "version", "model", "fingerprint", "name", "notes", "metadata", "entries",
+                             "checksum"}
+    if unknown:
+        raise PlanError(f"{source}: unknown header fields {sorted(unknown)}")
+    if not isinstance(header.get("format"), str) or header.get("format") != FORMAT_NAME:
         raise PlanError(f"{source}: header.format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
     ver = header.get("version")
-    if ver != FORMAT_VERSION:
+    if isinstance(ver, bool) or not isinstance(ver, int) or ver != FORMAT_VERSION:
         raise PlanError(f"{source}: header.version is {ver!r}; this fusesteer reads version {FORMAT_VERSION}")
+    for key in ("model", "fingerprint", "entries", "checksum"):
+        if key not in header:
+            raise PlanError(f"{source}: header is missing the field {key!r}")
+    checksum = header["checksum"]
+    if not isinstance(checksum, str):
+        raise PlanError(f"{source}: header.checksum must be the sha256 hex string of the plan")
+    if checksum != plan_checksum(header, tensors):
+        raise PlanError(f"{source}: the plan does not match header.checksum; the file is corrupted or was edited")
     spec = None
+    if header["model"] is None and header["fingerprint"] is not None:
+        raise PlanError(f"{source}: header.fingerprint is set but header.model is null; the file was edited")
     if header.get("model") is not None:
         spec = ModelSpec.from_dict(header["model"], where=f"{source}: header.model")
         fp = header.get("fingerprint")

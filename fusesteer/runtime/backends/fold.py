@@ -219,7 +219,6 @@ class FoldResult:
     restore_slice_bytes: int = 0  # weight slices kept
     restore_bias_bytes: int = 0  # original biases kept
     restore_index_bytes: int = 0  # column/row indices kept
-    saved: list = field(default_factory=list)  # the tensors kept (for accounting/tests)
 
     @property
     def restore_bytes(self) -> int:
@@ -286,35 +285,37 @@ def apply_folds(handle, keys, check_finite: bool | None = None) -> FoldResult:
 def _prepare(f: _LinearFold, check_finite: bool) -> dict:
     """Compute the new weight slices and bias (fp32 math, one rounding) without touching the module."""
     mod = f.module
-    W = mod.weight
+    W = mod.weight.detach()
     dt = W.dtype
+    ct = torch.float64 if dt == torch.float64 else torch.float32  # compute dtype: fp32 (fp64 stays fp64)
+    a_in, b_in, a_out, b_out = (None if t is None else t.to(ct) for t in (f.a_in, f.b_in, f.a_out, f.b_out))
     out_f, in_f = W.shape
-    cols = torch.nonzero(f.a_in != 1).flatten() if f.a_in is not None else None
-    rows = torch.nonzero(f.a_out != 1).flatten() if f.a_out is not None else None
+    cols = torch.nonzero(a_in != 1).flatten() if a_in is not None else None
+    rows = torch.nonzero(a_out != 1).flatten() if a_out is not None else None
     cols = cols if cols is not None and cols.numel() else None
     rows = rows if rows is not None and rows.numel() else None
     new_cols = new_rows = None
     if cols is not None:
-        x = W.detach().index_select(1, cols).float() * f.a_in.index_select(0, cols)
-        if f.a_out is not None:
-            x = x * f.a_out[:, None]
+        x = W.index_select(1, cols).to(ct) * a_in.index_select(0, cols)
+        if a_out is not None:
+            x = x * a_out[:, None]
         new_cols = x.to(dt)
     if rows is not None:
-        x = W.detach().index_select(0, rows).float()
-        if f.a_in is not None:
-            x = x * f.a_in
-        new_rows = (x * f.a_out.index_select(0, rows)[:, None]).to(dt)
+        x = W.index_select(0, rows).to(ct)
+        if a_in is not None:
+            x = x * a_in
+        new_rows = (x * a_out.index_select(0, rows)[:, None]).to(dt)
     old_bias = mod.bias
-    need_bias = f.b_in is not None or f.b_out is not None or (old_bias is not None and rows is not None)
+    need_bias = b_in is not None or b_out is not None or (old_bias is not None and rows is not None)
     new_bias = None
     if need_bias:
-        c = old_bias.detach().float() if old_bias is not None else torch.zeros(out_f, device=W.device)
-        if f.b_in is not None:
-            c = c + W.detach().float() @ f.b_in  # W b with the ORIGINAL weight, in fp32
-        if f.a_out is not None:
-            c = f.a_out * c
-        if f.b_out is not None:
-            c = c + f.b_out
+        c = old_bias.detach().to(ct) if old_bias is not None else torch.zeros(out_f, dtype=ct, device=W.device)
+        if b_in is not None:
+            c = c + W.to(ct) @ b_in  # W b with the ORIGINAL weight, in fp32
+        if a_out is not None:
+            c = a_out * c
+        if b_out is not None:
+            c = c + b_out
         new_bias = c.to(dt)
     if check_finite:
         for what, t in (("weights", new_cols), ("weights", new_rows), ("bias", new_bias)):
@@ -395,7 +396,6 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
     res.restore_slice_bytes += slice_b
     res.restore_bias_bytes += bias_b
     res.restore_index_bytes += idx_b
-    res.saved.extend(kept_w + ([saved_bias] if saved_bias is not None else []) + kept_idx)
     info["bytes"] = slice_b + bias_b + idx_b
     res.modules.append(info)
 

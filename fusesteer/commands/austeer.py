@@ -1,0 +1,196 @@
+"""`fusesteer austeer build|sweep`: AUSteer plans from contrastive pairs, and (k, α) sweeps on validation data.
+
+Records are used in file order (the bundled dev files are already shuffled), so the three verbs line up:
+
+    fusesteer austeer sweep --dataset strategyqa --val 60 --pairs 300 ...   # val = records 0..59,
+                                                                           # pairs from records 60..359
+    fusesteer austeer build --dataset strategyqa --offset 60 --pairs 300 --k K --alpha A -o plan.safetensors
+    fusesteer eval --dataset strategyqa --plan plan.safetensors --offset 360 --limit 200   # held-out test
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _common(p, pairs_default: int):
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF model folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default=None,
+                     help="bundled dataset (strategyqa, truthfulqa_mc, cause_effect) or a JSONL path")
+    src.add_argument("--pairs-file", default=None,
+                     help="JSONL of {prompt, positive, negative} pairs instead of --dataset")
+    p.add_argument("--site", default="head", choices=["head", "ffn", "down"],
+                   help="head = attn.o_proj.in (AUSteer-Head), ffn = mlp.out (AUSteer-FFN), "
+                        "down = mlp.down_proj.in")
+    p.add_argument("--pairs", type=int, default=pairs_default, help="number of contrastive pairs")
+    p.add_argument("--negatives", default="random", choices=["random", "all"],
+                   help="multiple choice: one random wrong choice per record, or one pair per wrong choice")
+    p.add_argument("--seed", type=int, default=0, help="seed of the wrong-choice draw")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x rows)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub, fmt):
+    p = sub.add_parser("austeer", formatter_class=fmt, help="AUSteer: build plans and sweep (k, alpha)",
+                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+                       epilog="examples:\n"
+                              "  fusesteer austeer build --model smollm2-135m --dataset strategyqa --site ffn "
+                              "--k 20 --alpha 10 --pairs 1000 -o plan.safetensors\n"
+                              "  fusesteer austeer sweep --model smollm2-135m --dataset strategyqa --val 60 "
+                              "--k 5 10 20 50 100 --alpha 1 5 10 20 50 100 --out sweep/")
+    s = p.add_subparsers(dest="austeer_cmd", metavar="ACTION")
+    s.required = True
+
+    b = s.add_parser("build", formatter_class=fmt, help="localize AUs and write a plan file",
+                     description="Stream contrastive pairs through the model, rank every AU of the site over all "
+                                 "layers by its momentum score max(r_pos, r_neg), keep the global top-k and write "
+                                 "a plan with gains a = 1 + gamma (gamma = +alpha*r_pos or -alpha*r_neg).",
+                     epilog="examples:\n"
+                            "  fusesteer austeer build --dataset strategyqa --site head --k 20 --alpha 10 "
+                            "--pairs 1000 -o head.safetensors\n"
+                            "  fusesteer austeer build --pairs-file pairs.jsonl --site ffn --k 50 --alpha 5 "
+                            "-o ffn.safetensors\n"
+                            "  fusesteer austeer build --dataset truthfulqa_mc --negatives all --offset 30 "
+                            "--pairs 200 -o tqa.safetensors")
+    _common(b, 1000)
+    b.add_argument("--offset", type=int, default=0, help="first record used for pairs (file order)")
+    b.add_argument("--k", type=int, default=20, help="number of AUs to steer (global over layers)")
+    b.add_argument("--alpha", type=float, default=10.0, help="global steering strength")
+    b.add_argument("-o", "--output", required=True, help="plan file to write (.safetensors)")
+    b.add_argument("--show", type=int, default=10, help="print the top N chosen units")
+    b.set_defaults(func=run_build)
+
+    w = s.add_parser("sweep", formatter_class=fmt, help="validation sweep of (k, alpha): table + heatmap",
+                     description="Localize once on the pairs, then evaluate every (k, alpha) on the first --val "
+                                 "records (one attach per k, in-place value updates per alpha). Pairs come "
+                                 "from the records after the validation slice (or --pairs-file). Writes "
+                                 "results.json, results.md and heatmap.png to --out.",
+                     epilog="example:\n"
+                            "  fusesteer austeer sweep --model smollm2-135m --dataset strategyqa --val 60 "
+                            "--pairs 300 --k 5 10 20 50 100 --alpha 1 5 10 20 50 100 --out sweep/")
+    _common(w, 300)
+    w.add_argument("--val", type=int, default=60, help="validation records (the first N of the file)")
+    w.add_argument("--eval-dataset", default=None,
+                   help="validation dataset when pairs come from --pairs-file (default: --dataset)")
+    w.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50, 100])
+    w.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 10, 20, 50, 100])
+    w.add_argument("--backend", default="torch", choices=["torch", "triton", "reference"],
+                   help="runtime backend (must support in-place updates)")
+    w.add_argument("--method", default="logprob", choices=["logprob", "logits"], help="scoring of choices")
+    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--save-best", action="store_true", help="also write the best plan to OUT/best_plan.safetensors")
+    w.set_defaults(func=run_sweep)
+
+
+def _check_positive(name, v):
+    from ..errors import FuseSteerError
+
+    if v is not None and v < 1:
+        raise FuseSteerError(f"--{name} must be a positive integer, got {v}")
+
+
+def _load_model(args):
+    import torch
+
+    from .. import models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return models.load(args.model, progress=not args.quiet)
+
+
+def _pairs_from(args, start: int):
+    from ..errors import FuseSteerError
+    from ..evaluate import tasks
+    from ..methods import austeer, pairs as P
+
+    _check_positive("pairs", args.pairs)
+    if args.pairs_file:
+        prs = P.load_pairs(args.pairs_file, limit=args.pairs)
+        prov = austeer.provenance(args.pairs_file, prs, None, source="pairs-file")
+        return prs, prov
+    if not args.dataset:
+        raise FuseSteerError("give --dataset NAME|PATH or --pairs-file PATH")
+    records = tasks.load_dataset(args.dataset)
+    if start >= len(records):
+        raise FuseSteerError(f"{args.dataset} has {len(records)} records; none left for pairs after record {start}")
+    prs = P.make_pairs(records[start:], negatives=args.negatives, seed=args.seed, limit=args.pairs)
+    prov = austeer.provenance(args.dataset, prs, args.seed, first_record=start, negatives=args.negatives)
+    return prs, prov
+
+
+def run_build(args):
+    from ..errors import FuseSteerError
+    from ..methods import austeer
+
+    if args.offset < 0:
+        raise FuseSteerError(f"--offset must be >= 0, got {args.offset}")
+    _check_positive("k", args.k)
+    prs, prov = _pairs_from(args, args.offset)
+    model, tok = _load_model(args)
+    loc = austeer.localize(model, tok, prs, args.site, batch_size=args.batch_size, provenance=prov,
+                           progress=not args.quiet)
+    total = loc.stats.shape[0] * loc.stats.shape[1]
+    if args.k > total:
+        raise FuseSteerError(f"--k {args.k} exceeds the {total} AUs of site {loc.site}")
+    plan = austeer.austeer_plan(loc, args.k, args.alpha)
+    plan.metadata["localization_seconds"] = round(loc.seconds, 3)
+    plan.metadata["model"] = str(args.model)
+    plan.save(args.output)
+    print(f"AUSteer-{args.site} plan: site {loc.site}, k={args.k}, alpha={args.alpha}, {loc.n_pairs} pairs "
+          f"localized in {loc.seconds:.1f}s; {len(plan.entries)} layer entries -> {args.output}")
+    units = plan.metadata["units"]
+    n = min(args.show, len(units))
+    if n:
+        print(f"\ntop {n} of {len(units)} units:")
+        print("| rank | layer | dim | score | r_pos | r_neg | gamma |\n|---:|---:|---:|---:|---:|---:|---:|")
+        for i, u in enumerate(units[:n]):
+            print(f"| {i + 1} | {u['layer']} | {u['dim']} | {u['score']:.3f} | {u['r_pos']:.3f} | "
+                  f"{u['r_neg']:.3f} | {u['gamma']:+.3f} |")
+    return 0
+
+
+def run_sweep(args):
+    from pathlib import Path
+
+    from ..errors import FuseSteerError
+    from ..evaluate import tasks
+    from ..methods import austeer
+
+    _check_positive("val", args.val)
+    for k in args.k:
+        _check_positive("k", k)
+    for a in args.alpha:
+        if a < 0:
+            raise FuseSteerError(f"--alpha values must be >= 0, got {a}")
+    eval_ds = args.eval_dataset or args.dataset
+    if not eval_ds:
+        raise FuseSteerError("with --pairs-file, give the validation data with --eval-dataset NAME|PATH")
+    records = tasks.load_dataset(eval_ds)
+    if args.val >= len(records) and not args.pairs_file:
+        raise FuseSteerError(f"--val {args.val} leaves no records of {eval_ds} ({len(records)}) for pairs")
+    val = records[:args.val]
+    prs, prov = _pairs_from(args, args.val)
+    model, tok = _load_model(args)
+    loc = austeer.localize(model, tok, prs, args.site, batch_size=args.batch_size, provenance=prov,
+                           progress=not args.quiet)
+    total = loc.stats.shape[0] * loc.stats.shape[1]
+    bad = [k for k in args.k if k > total]
+    if bad:
+        raise FuseSteerError(f"--k {bad} exceed the {total} AUs of site {loc.site}")
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    res = austeer.sweep(model, tok, val, args.k, args.alpha, lambda k, a: austeer.austeer_plan(loc, k, a),
+                        method=f"AUSteer-{args.site}", backend=args.backend, batch_size=args.batch_size,
+                        eval_method=args.method, log=log)
+    res.info = {"model": str(args.model), "site": loc.site, "validation": {"dataset": str(eval_ds), "records": "0.."
+                + str(args.val - 1), "n": len(val)}, "pairs": prov, "localization_seconds": round(loc.seconds, 3)}
+    paths = res.write(args.out, title=f"AUSteer-{args.site} on {eval_ds}")
+    best = res.best
+    if args.save_best:
+        austeer.austeer_plan(loc, best["k"], best["alpha"]).save(Path(args.out) / "best_plan.safetensors")
+    print(res.markdown())
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0

@@ -1,0 +1,562 @@
+"""AUSteer ("Fine-Grained Activation Steering: Steering Less, Achieving More", arXiv 2602.04428, §4).
+
+An *atomic unit* (AU) is one dimension ``i`` of one site in one layer ``l``. From N contrastive pairs
+(question + right answer vs question + wrong answer, :mod:`fusesteer.methods.pairs`):
+
+1. **momentum** of AU (l, i) on pair j: ``m = x_pos - x_neg`` at the last token of each sequence;
+2. ``r_pos = #(m > 0) / N``, ``r_neg = #(m < 0) / N``, score ``s = max(r_pos, r_neg)``;
+3. rank all AUs of the site over **all layers at once** (global top-k; ties: stable, by (layer, dim));
+4. ``γ = +α·r_pos`` if ``r_pos > r_neg`` else ``-α·r_neg`` (the paper's "otherwise" branch also takes ties);
+5. the plan scales those dims: ``x̂ = x + γ·x``, i.e. a diagonal gain ``a = 1 + γ`` (sparse entries per layer).
+
+Localization is streaming: :class:`MomentumStats` keeps per-AU running counts of ``m > 0`` and ``m < 0``
+and the running sum of ``m`` (for the activation-difference and fixed-vector ablations), fed by an iterator
+of ``(pos, neg)`` activation batches ``[b, L, W]`` (:func:`pair_activations`); no activation is kept once
+its batch has been counted. Extra accumulators (e.g. ITI's per-head statistics) can ride on the same
+forward passes.
+
+Sites: ``head`` = ``attn.o_proj.in`` (the paper's AUSteer-Head), ``ffn`` = ``mlp.out`` (AUSteer-FFN; the
+paper's FFN dims are block-output dims) and ``down`` = ``mlp.down_proj.in`` (an extra variant).
+
+:func:`sweep` evaluates a grid of (structure, strength) settings on validation records with one attach
+per structure value and ``handle.update()`` for each strength (values change in place), and
+:class:`SweepResult` writes the JSON / markdown table / heatmap PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from ..errors import FuseSteerError
+from ..runtime.plan import SITES, ModelSpec, SteeringPlan
+from .capture import site_recorder
+from .pairs import ContrastivePair, pair_token_ids
+
+__all__ = [
+    "AUSteerError", "AU_SITES", "LOCALIZATIONS", "STEERINGS", "resolve_site", "MomentumStats",
+    "accumulate", "pair_activations", "Localization", "localize", "rank_units", "select_units",
+    "austeer_gammas", "units_plan", "build_plan", "austeer_plan", "SweepResult", "sweep", "provenance",
+]
+
+AU_SITES = {"head": "attn.o_proj.in", "ffn": "mlp.out", "down": "mlp.down_proj.in"}
+LOCALIZATIONS = ("momentum", "random", "actdiff")
+STEERINGS = ("adaptive", "fixed_strength", "fixed_vector")
+
+
+class AUSteerError(FuseSteerError, ValueError):
+    """Bad input to the AUSteer builder (shapes, k, alpha, sites...)."""
+
+
+def resolve_site(site: str) -> str:
+    """``head``/``ffn``/``down`` or a full site name -> the site name."""
+    if site in AU_SITES:
+        return AU_SITES[site]
+    if site in SITES:
+        return site
+    raise AUSteerError(f"unknown site {site!r}; expected one of {', '.join(AU_SITES)} "
+                       f"(= {', '.join(AU_SITES.values())}) or {', '.join(s for s in SITES if s not in AU_SITES.values())}")
+
+
+def _variant(site: str) -> str:
+    for k, v in AU_SITES.items():
+        if v == site:
+            return k
+    return site
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming statistics
+# --------------------------------------------------------------------------------------------
+class MomentumStats:
+    """Running per-AU statistics of the momentum ``m = x_pos - x_neg`` over pairs.
+
+    ``pos_count[l, i]`` / ``neg_count[l, i]``: number of pairs with m > 0 / m < 0 (int64);
+    ``sum_m[l, i]``: running sum of m (float64). Axis 0 indexes ``layers`` (model layer numbers).
+    """
+
+    def __init__(self, layers: Sequence[int] | None = None, width: int | None = None):
+        self.layers = None if layers is None else [int(l) for l in layers]
+        self.width = width
+        self.n = 0
+        self.pos_count: torch.Tensor | None = None
+        self.neg_count: torch.Tensor | None = None
+        self.sum_m: torch.Tensor | None = None
+
+    def _init(self, L: int, W: int) -> None:
+        if self.layers is None:
+            self.layers = list(range(L))
+        if len(self.layers) != L:
+            raise AUSteerError(f"activation batches have {L} layers but the statistics were set up for "
+                               f"{len(self.layers)} layers {self.layers}")
+        if self.width is not None and self.width != W:
+            raise AUSteerError(f"activation batches have width {W}, expected {self.width}")
+        self.width = W
+        self.pos_count = torch.zeros(L, W, dtype=torch.int64)
+        self.neg_count = torch.zeros(L, W, dtype=torch.int64)
+        self.sum_m = torch.zeros(L, W, dtype=torch.float64)
+
+    def update(self, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        """Add a batch: ``pos``, ``neg`` are [b, L, W] activations of the positive / negative samples."""
+        if not isinstance(pos, torch.Tensor) or not isinstance(neg, torch.Tensor):
+            raise AUSteerError("update() expects two tensors (pos, neg) of shape [b, L, W]")
+        if pos.dim() != 3 or pos.shape != neg.shape:
+            raise AUSteerError(f"pos and neg must both have shape [b, L, W]; got {tuple(pos.shape)} and "
+                               f"{tuple(neg.shape)}")
+        if pos.shape[0] == 0:
+            return
+        if self.pos_count is None:
+            self._init(pos.shape[1], pos.shape[2])
+        elif tuple(pos.shape[1:]) != tuple(self.pos_count.shape):
+            raise AUSteerError(f"batch has [L, W] = {list(pos.shape[1:])}, earlier batches had "
+                               f"{list(self.pos_count.shape)}")
+        m = pos.float() - neg.float()
+        if not bool(torch.isfinite(m).all()):
+            raise AUSteerError("activations contain NaN or Inf; cannot compute the momentum")
+        self.pos_count += (m > 0).sum(0)
+        self.neg_count += (m < 0).sum(0)
+        self.sum_m += m.sum(0, dtype=torch.float64)
+        self.n += pos.shape[0]
+
+    def _check(self) -> None:
+        if self.n == 0 or self.pos_count is None:
+            raise AUSteerError("no pairs have been accumulated yet")
+
+    @property
+    def r_pos(self) -> torch.Tensor:
+        self._check()
+        return self.pos_count.double() / self.n
+
+    @property
+    def r_neg(self) -> torch.Tensor:
+        self._check()
+        return self.neg_count.double() / self.n
+
+    @property
+    def score_counts(self) -> torch.Tensor:
+        """``max(#(m>0), #(m<0))`` as integers: the score times N, exact for ranking."""
+        self._check()
+        return torch.maximum(self.pos_count, self.neg_count)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.score_counts.double() / self.n
+
+    @property
+    def mean_m(self) -> torch.Tensor:
+        self._check()
+        return self.sum_m / self.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        self._check()
+        return tuple(self.pos_count.shape)
+
+
+def accumulate(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: MomentumStats | None = None,
+               extra: Sequence = ()) -> MomentumStats:
+    """Feed ``(pos, neg)`` batches [b, L, W] into ``stats`` (a new :class:`MomentumStats` if None) and into
+    every accumulator of ``extra`` (objects with ``update(pos, neg)``). Returns the stats."""
+    stats = stats if stats is not None else MomentumStats()
+    for item in batches:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise AUSteerError("each batch must be a (pos, neg) pair of [b, L, W] tensors")
+        pos, neg = item
+        stats.update(pos, neg)
+        for acc in extra:
+            acc.update(pos, neg)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Capture
+# --------------------------------------------------------------------------------------------
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site: str, *, batch_size: int = 8,
+                     layers: Sequence[int] | None = None, add_special_tokens: bool = True,
+                     progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(pos, neg)`` fp32 CPU tensors [b, L, W]: the site's activation at the last token of each
+    positive / negative sequence, for ``batch_size`` pairs per forward (both members in one batch of 2b
+    rows, right-padded with an attention mask; tokenized as the evaluation harness does)."""
+    site = resolve_site(site)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AUSteerError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not pairs:
+        raise AUSteerError("no contrastive pairs")
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc=f"localize {site}", unit="pair", leave=False)
+    try:
+        with site_recorder(model, site, layers) as store, torch.inference_mode():
+            for s in range(0, len(pairs), batch_size):
+                chunk = pairs[s:s + batch_size]
+                seqs_pos, seqs_neg = [], []
+                for p in chunk:
+                    a, b = pair_token_ids(tokenizer, p, add_special_tokens)
+                    seqs_pos.append(a)
+                    seqs_neg.append(b)
+                seqs = seqs_pos + seqs_neg
+                width = max(len(q) for q in seqs)
+                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for r, q in enumerate(seqs):
+                    ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+                    mask[r, :len(q)] = 1
+                last = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
+                store.clear()
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                      logits_to_keep=1)
+                rows = torch.arange(len(seqs))
+                acts = torch.stack([store[k][rows.to(store[k].device), last.to(store[k].device)].float().cpu()
+                                    for k in sorted(store)], dim=1)  # [2b, L, W]
+                store.clear()
+                n = len(chunk)
+                if bar is not None:
+                    bar.update(n)
+                yield acts[:n], acts[n:]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Localization
+# --------------------------------------------------------------------------------------------
+def provenance(dataset: str, pairs: Sequence[ContrastivePair], seed: int | None = None, **extra) -> dict:
+    """Data provenance for plan metadata: dataset, number of pairs / distinct records, seed, ids digest."""
+    ids = [p.id for p in pairs]
+    records = {i.split("#", 1)[0] for i in ids}
+    d = {"dataset": str(dataset), "n_pairs": len(ids), "n_records": len(records), "seed": seed,
+         "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+    d.update(extra)
+    return d
+
+
+@dataclass
+class Localization:
+    """Momentum statistics of one site over all (selected) layers, plus where they came from."""
+
+    stats: MomentumStats
+    site: str
+    spec: ModelSpec
+    provenance: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.stats.n
+
+
+def localize(model, tokenizer, pairs: Sequence[ContrastivePair], site: str = "head", *, batch_size: int = 8,
+             layers: Sequence[int] | None = None, provenance: dict | None = None, extra: Mapping | None = None,
+             progress: bool = False) -> Localization:
+    """Stream the pairs through the model once and accumulate the momentum statistics at ``site``.
+
+    ``extra``: {name: accumulator with update(pos, neg)} fed from the same forwards (kept in ``.extra``).
+    """
+    site = resolve_site(site)
+    spec = ModelSpec.from_model(model)
+    t0 = time.perf_counter()
+    extra = dict(extra or {})
+    stats = MomentumStats(layers)
+    accumulate(pair_activations(model, tokenizer, pairs, site, batch_size=batch_size, layers=layers,
+                                progress=progress), stats, list(extra.values()))
+    return Localization(stats, site, spec, dict(provenance or {}), time.perf_counter() - t0, extra)
+
+
+def rank_units(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k of a [L, W] key (larger first), ties broken by (layer index, dim) ascending.
+
+    Returns (layer index into axis 0, dim), both int64 [k], in rank order.
+    """
+    if key.dim() != 2:
+        raise AUSteerError(f"ranking key must be [L, W], got shape {tuple(key.shape)}")
+    L, W = key.shape
+    _check_k(k, L * W)
+    order = torch.sort(key.reshape(-1), descending=True, stable=True).indices[:k]
+    return order // W, order % W
+
+
+def _check_k(k, total: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
+        raise AUSteerError(f"k must be an integer in [1, {total}] (the number of AUs at this site over the "
+                           f"localized layers), got {k!r}")
+
+
+def select_units(loc: Localization, k: int, localization: str = "momentum", seed: int = 0):
+    """Indices (layer index, dim) of the k units chosen by ``localization``:
+
+    * ``momentum`` — top-k by the discriminative score max(r_pos, r_neg) (AUSteer);
+    * ``actdiff``  — top-k by |mean m| (activation-difference localization, as SADI);
+    * ``random``   — k units drawn uniformly without replacement (``torch.Generator`` seeded by ``seed``),
+      returned in (layer, dim) order.
+    """
+    st = loc.stats
+    L, W = st.shape
+    if localization == "momentum":
+        return rank_units(st.score_counts, k)
+    if localization == "actdiff":
+        return rank_units(st.mean_m.abs(), k)
+    if localization == "random":
+        _check_k(k, L * W)
+        g = torch.Generator().manual_seed(int(seed))
+        flat = torch.randperm(L * W, generator=g)[:k].sort().values
+        return flat // W, flat % W
+    raise AUSteerError(f"unknown localization {localization!r}; expected one of {', '.join(LOCALIZATIONS)}")
+
+
+def austeer_gammas(r_pos: torch.Tensor, r_neg: torch.Tensor, alpha: float, fixed: bool = False) -> torch.Tensor:
+    """γ = +α·r_pos where r_pos > r_neg, else -α·r_neg (``fixed``: +α / -α regardless of the ratios)."""
+    if fixed:
+        return torch.where(r_pos > r_neg, torch.full_like(r_pos, float(alpha)), torch.full_like(r_pos, -float(alpha)))
+    return torch.where(r_pos > r_neg, float(alpha) * r_pos, -float(alpha) * r_neg)
+
+
+def units_plan(spec: ModelSpec, site: str, layers: Sequence[int], dims: Sequence[int], a=None, b=None,
+               name: str | None = None, metadata: dict | None = None) -> SteeringPlan:
+    """A plan with one sparse entry per layer holding the given units' gains ``a`` and/or biases ``b``
+    (values given per unit, in the same order as ``layers``/``dims``; dims sorted within an entry)."""
+    layers = torch.as_tensor(layers, dtype=torch.int64).reshape(-1)
+    dims = torch.as_tensor(dims, dtype=torch.int64).reshape(-1)
+    if layers.numel() != dims.numel() or layers.numel() == 0:
+        raise AUSteerError("units_plan needs the same non-zero number of layers and dims")
+    vals = {}
+    for what, v in (("a", a), ("b", b)):
+        if v is not None:
+            v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+            if v.numel() != dims.numel():
+                raise AUSteerError(f"{what} has {v.numel()} values for {dims.numel()} units")
+            vals[what] = v
+    plan = SteeringPlan(spec, name=name, metadata=metadata)
+    for l in sorted(set(layers.tolist())):
+        sel = (layers == l).nonzero().reshape(-1)
+        order = sel[torch.argsort(dims[sel])]
+        plan.add(layer=int(l), site=site, dims=dims[order],
+                 a=vals["a"][order] if "a" in vals else None,
+                 b=vals["b"][order] if "b" in vals else None)
+    return plan
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise AUSteerError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "momentum",
+               steering: str = "adaptive", seed: int = 0, name: str | None = None) -> SteeringPlan:
+    """The plan for k units at ``loc.site`` with strength α.
+
+    ``localization``: ``momentum`` (AUSteer), ``actdiff`` or ``random`` (see :func:`select_units`).
+    ``steering``: ``adaptive`` (AUSteer: a = 1 + γ, γ = ±α·r), ``fixed_strength`` (a = 1 ± α) or
+    ``fixed_vector`` (a = 1, b = α·mean m on the same units: an additive, input-independent shift).
+    Metadata holds the method, site, k, α, the chosen units with their scores, and the data provenance.
+    """
+    alpha = _check_alpha(alpha)
+    if steering not in STEERINGS:
+        raise AUSteerError(f"unknown steering {steering!r}; expected one of {', '.join(STEERINGS)}")
+    st = loc.stats
+    li, d = select_units(loc, k, localization, seed)
+    r_pos, r_neg = st.r_pos[li, d], st.r_neg[li, d]
+    mean_m = st.mean_m[li, d]
+    layer_ids = torch.tensor([st.layers[i] for i in li.tolist()], dtype=torch.int64)
+    a = b = None
+    gam = None
+    if steering == "fixed_vector":
+        b = alpha * mean_m
+    else:
+        gam = austeer_gammas(r_pos, r_neg, alpha, fixed=steering == "fixed_strength")
+        a = 1.0 + gam
+    units = []
+    for j in range(len(d)):
+        u = {"layer": int(layer_ids[j]), "dim": int(d[j]), "score": float(max(r_pos[j], r_neg[j])),
+             "r_pos": float(r_pos[j]), "r_neg": float(r_neg[j]), "mean_m": float(mean_m[j])}
+        if gam is not None:
+            u["gamma"] = float(gam[j])
+        units.append(u)
+    method = "austeer" if (localization, steering) == ("momentum", "adaptive") else "austeer-ablation"
+    meta = {"method": method, "variant": _variant(loc.site), "site": loc.site, "k": int(k), "alpha": alpha,
+            "localization": localization, "steering": steering, "n_pairs": st.n,
+            "units": units, "data": dict(loc.provenance)}
+    if localization == "random":
+        meta["seed"] = int(seed)
+    default = f"austeer-{_variant(loc.site)}" if method == "austeer" else f"{localization}+{steering}-{_variant(loc.site)}"
+    return units_plan(loc.spec, loc.site, layer_ids, d, a=a, b=b, name=name or default, metadata=meta)
+
+
+def austeer_plan(loc: Localization, k: int, alpha: float, name: str | None = None) -> SteeringPlan:
+    """AUSteer: global top-k by momentum score, adaptive gains a = 1 + γ."""
+    return build_plan(loc, k, alpha, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """Validation accuracy over a grid: rows = structure values (k, layer, #heads), cols = strengths."""
+
+    method: str
+    row_name: str
+    col_name: str
+    rows: list
+    cols: list
+    accuracy: list  # [len(rows)][len(cols)]
+    correct: list
+    n: int
+    vanilla_accuracy: float | None = None
+    vanilla_correct: int | None = None
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> dict:
+        """Highest accuracy; ties go to the smaller row value (steer less), then the smaller strength."""
+        cands = []
+        for i, r in enumerate(self.rows):
+            for j, c in enumerate(self.cols):
+                acc = self.accuracy[i][j]
+                if acc is None or not math.isfinite(acc):
+                    continue
+                cands.append((-acc, i, j))
+        if not cands:
+            raise AUSteerError("sweep has no finite accuracy")
+        _, i, j = min(cands)
+        return {self.row_name: self.rows[i], self.col_name: self.cols[j], "accuracy": self.accuracy[i][j],
+                "correct": self.correct[i][j], "n": self.n}
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "row_name": self.row_name, "col_name": self.col_name,
+                "rows": self.rows, "cols": self.cols, "accuracy": self.accuracy, "correct": self.correct,
+                "n": self.n, "vanilla_accuracy": self.vanilla_accuracy, "vanilla_correct": self.vanilla_correct,
+                "best": self.best, "seconds": self.seconds, "info": self.info}
+
+    def markdown(self) -> str:
+        head = f"| {self.row_name} \\ {self.col_name} | " + " | ".join(str(c) for c in self.cols) + " |"
+        sep = "|---|" + "---:|" * len(self.cols)
+        best = self.best
+        lines = [f"**{self.method}** — validation accuracy (n = {self.n})"
+                 + (f"; vanilla {self.vanilla_accuracy:.3f}" if self.vanilla_accuracy is not None else "")
+                 + f"; best {self.row_name}={best[self.row_name]}, {self.col_name}={best[self.col_name]} "
+                   f"({best['accuracy']:.3f})", "", head, sep]
+        for i, r in enumerate(self.rows):
+            cells = []
+            for j, c in enumerate(self.cols):
+                acc = self.accuracy[i][j]
+                s = "nan" if acc is None or not math.isfinite(acc) else f"{acc:.3f}"
+                if r == best[self.row_name] and c == best[self.col_name]:
+                    s = f"**{s}**"
+                cells.append(s)
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def heatmap(self, path: str | Path, title: str | None = None) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        acc = np.array([[np.nan if a is None else a for a in row] for row in self.accuracy], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(self.cols), 1.2 + 0.55 * len(self.rows)))
+        im = ax.imshow(acc, cmap="viridis", aspect="auto", vmin=np.nanmin(acc) if np.isfinite(acc).any() else 0,
+                       vmax=np.nanmax(acc) if np.isfinite(acc).any() else 1)
+        ax.set_xticks(range(len(self.cols)), [str(c) for c in self.cols])
+        ax.set_yticks(range(len(self.rows)), [str(r) for r in self.rows])
+        ax.set_xlabel(self.col_name)
+        ax.set_ylabel(self.row_name)
+        best = self.best
+        for i in range(len(self.rows)):
+            for j in range(len(self.cols)):
+                if np.isfinite(acc[i, j]):
+                    is_best = self.rows[i] == best[self.row_name] and self.cols[j] == best[self.col_name]
+                    ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="red" if is_best else "white", fontweight="bold" if is_best else "normal")
+        t = title or self.method
+        if self.vanilla_accuracy is not None:
+            t += f" (vanilla {self.vanilla_accuracy:.3f}, n={self.n})"
+        ax.set_title(t, fontsize=9)
+        fig.colorbar(im, ax=ax, label="validation accuracy")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    def write(self, out_dir: str | Path, stem: str = "results", title: str | None = None) -> dict:
+        """Write ``{stem}.json``, ``{stem}.md`` and ``heatmap.png`` (``{stem}_heatmap.png`` if stem differs)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md",
+                 "png": out / ("heatmap.png" if stem == "results" else f"{stem}_heatmap.png")}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2))
+        paths["md"].write_text(self.markdown())
+        self.heatmap(paths["png"], title)
+        return {k: str(v) for k, v in paths.items()}
+
+
+def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Sequence,
+          plan_fn: Callable[[object, object], SteeringPlan], *, method: str = "austeer", row_name: str = "k",
+          col_name: str = "alpha", backend: str = "torch", batch_size: int = 8, eval_method: str = "logprob",
+          vanilla: bool = True, progress: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
+    """Validation accuracy of ``plan_fn(row, col)`` for every grid cell.
+
+    One attach per row value (the plan's sites depend on it) and ``handle.update()`` for each column value
+    (same sites, new values in place). ``backend`` must support update() (``torch``, ``triton``,
+    ``reference``; not ``fold``). Non-finite scores count as wrong in the harness, so a strength that
+    blows the model up shows as low accuracy rather than an error.
+    """
+    from ..evaluate.tasks import evaluate, task_kind
+    from ..runtime.attach import attach
+
+    if not rows or not cols:
+        raise AUSteerError("sweep needs at least one row value and one column value")
+    if backend == "fold":
+        raise AUSteerError("sweep needs a backend whose values can be updated in place (torch, triton, "
+                           "reference); 'fold' bakes them into the weights")
+    kind = task_kind(records)
+    t0 = time.perf_counter()
+    ev = lambda: evaluate(model, tokenizer, records, kind, batch_size=batch_size, method=eval_method,
+                          progress=False)
+    van = ev() if vanilla else None
+    if log and van is not None:
+        log(f"{method}: vanilla {van.accuracy:.3f}")
+    acc = [[None] * len(cols) for _ in rows]
+    cor = [[None] * len(cols) for _ in rows]
+    n = len(records)
+    for i, r in enumerate(rows):
+        handle = None
+        try:
+            for j, c in enumerate(cols):
+                plan = plan_fn(r, c)
+                if handle is None:
+                    handle = attach(model, plan, backend=backend, check_finite=False)
+                else:
+                    handle.update(plan)
+                res = ev()
+                acc[i][j], cor[i][j] = res.accuracy, res.correct
+                if log:
+                    log(f"{method}: {row_name}={r} {col_name}={c}: {res.accuracy:.3f}")
+        finally:
+            if handle is not None:
+                handle.detach()
+    return SweepResult(method, row_name, col_name, list(rows), list(cols), acc, cor, n,
+                       None if van is None else van.accuracy, None if van is None else van.correct,
+                       time.perf_counter() - t0)
