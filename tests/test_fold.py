@@ -22,10 +22,17 @@ def ids_for(model, batch=2, length=7, seed=0):
 
 
 def greedy(model, ids, steps=8):
+    """Prefill + `steps` greedy decode steps on the KV cache: (tokens [B, steps], logits [B, steps, V])."""
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+        out = model(ids, use_cache=True)
+        cache, last = out.past_key_values, out.logits[:, -1]
+        toks, logits = [], []
+        for _ in range(steps):
+            nxt = last.argmax(-1, keepdim=True)
+            toks.append(nxt)
+            logits.append(last)
+            last = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(toks, 1), torch.stack(logits, 1)
 
 
 def bits(t):

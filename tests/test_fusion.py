@@ -383,7 +383,7 @@ WORKER = textwrap.dedent("""
         time.sleep(0.15)
         return [(-(p["alpha"] - 0.3) ** 2, {"pid": os.getpid()}) for p in ps]
     run_study(ev, {"alpha": (0.0, 1.0), "gamma": (0.01, 1.0)}, study_name="shared", storage=url, n_trials=14,
-              worker=worker, progress=False, poll_interval=0.05)
+              worker=worker, batch_size=1 + 2 * worker, progress=False, poll_interval=0.05)
 """)
 
 

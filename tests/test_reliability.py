@@ -248,12 +248,6 @@ def test_fuzz_header_mutations(valid_bytes, data):
     assert not expect_error, f"mutation {kind} was silently accepted"
 
 
-def test_report_fuzz_counts(capsys):
-    with capsys.disabled():
-        print(f"\nfuzz cases: {COUNTS}")
-    assert COUNTS["bytes"] + COUNTS["header"] >= 1000 or COUNTS["bytes"] == 0  # all ran when the module ran whole
-
-
 # ------------------------------------------------------------------------------------------------
 # Exact restore
 # ------------------------------------------------------------------------------------------------
@@ -404,3 +398,61 @@ def test_two_models_in_two_threads_match_running_alone():
     assert not errors, errors
     for i in range(2):
         assert torch.equal(results[i], alone[i])
+
+
+# ------------------------------------------------------------------------------------------------
+# Fuzzing GGUF control vectors
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def valid_gguf(tmp_path_factory):
+    from fusesteer.interop import write_control_vector
+
+    p = fs.SteeringPlan.for_spec(SPEC)
+    g = torch.Generator().manual_seed(0)
+    for layer in (1, 2, 3):
+        p.add(layer=layer, site="layer.out", b=torch.randn(8, generator=g))
+    path = tmp_path_factory.mktemp("gguf") / "cv.gguf"
+    write_control_vector(p, path, model_hint="llama")
+    return path.read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_gguf_mutations(valid_gguf, data, tmp_path_factory):
+    """Every mutated GGUF either raises ControlVectorError or yields a well-formed plan (GGUF has no
+    checksum, so a flipped data byte is a different valid vector; structure and finiteness are checked)."""
+    from fusesteer.interop import ControlVectorError, read_control_vector
+
+    raw = bytearray(valid_gguf)
+    kind = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete"]))
+    if kind == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    elif kind == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] ^= data.draw(st.integers(1, 255))
+    elif kind == "insert":
+        i = data.draw(st.integers(0, len(raw)))
+        raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+    else:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        del raw[i:i + data.draw(st.integers(1, 16))]
+    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    path.write_bytes(bytes(raw))
+    COUNTS["gguf"] = COUNTS.get("gguf", 0) + 1
+    try:
+        plan = read_control_vector(path, SPEC)
+    except ControlVectorError as e:
+        assert str(e)
+        return
+    plan.validate()
+    for e in plan.entries:
+        assert e.site == "layer.out" and e.gating == "all" and 0 <= e.layer < SPEC.num_layers
+        assert e.b is not None and e.b.shape == (SPEC.hidden_size,) and bool(torch.isfinite(e.b).all())
+
+
+def test_report_fuzz_counts(capsys):
+    with capsys.disabled():
+        print(f"\nfuzz cases: {COUNTS}")
+    total = COUNTS["bytes"] + COUNTS["header"] + COUNTS.get("gguf", 0)
+    assert total >= 1000 or COUNTS["bytes"] == 0  # >= 1,000 generated cases when the module runs whole
