@@ -26,7 +26,7 @@ import torch
 import fusesteer as fs
 from fusesteer.errors import FuseSteerError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the source checkout holding bench/
 TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUR_BACKENDS = ("torch", "triton", "fold", "auto")
@@ -138,10 +138,10 @@ def tiny_int8(family: str) -> Loaded:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     except ImportError as e:
         raise BenchError(f"8-bit parity needs bitsandbytes ({e}); pip install bitsandbytes") from None
-    from fusesteer.models import _silence_bnb_cast_warning
+    from fusesteer.models import _quiet_transformers, _silence_bnb_cast_warning
 
     _silence_bnb_cast_warning()
-    with tempfile.TemporaryDirectory(prefix="fusesteer-bench-int8-") as d:
+    with tempfile.TemporaryDirectory(prefix="fusesteer-bench-int8-") as d, _quiet_transformers(False):
         tiny(family, seed=0).save_pretrained(d)
         m = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                                  dtype=torch.float32).eval()

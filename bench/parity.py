@@ -182,38 +182,47 @@ class ParityConfig:
     batch: int = 2
     length: int | None = None
     seed: int = 0
+    all_triton: bool = False
     log: object = print
 
 
+# quick mode (CI, tiny models): which (family, dtype) pairs and plans run, and which rows the Triton
+# interpreter (~1 s per tiny forward) covers. --all-triton lifts the Triton limit.
+QUICK_FAMILIES = {"fp32": C.TINY_FAMILIES, "bf16": C.TINY_FAMILIES, "fp16": ("llama", "gemma3"),
+                  "int8": ("llama", "gemma3")}
+QUICK_PLANS = {"fp32": PLAN_KINDS, "bf16": ("affine", "additive"), "fp16": ("affine", "additive"),
+               "int8": ("affine", "additive")}
+QUICK_TRITON = {("llama", "fp32", "affine"), ("gemma2", "fp32", "affine"), ("gemma3", "fp32", "affine"),
+                ("qwen3", "fp32", "affine"), ("llama", "fp32", "per-row"), ("gemma3", "bf16", "affine"),
+                ("llama", "fp16", "affine"), ("llama", "int8", "affine")}
+
+
 def _matrix(cfg: ParityConfig) -> list[tuple[str, str]]:
-    """(model label or family, dtype) pairs to run."""
+    """(model name or tiny family, dtype) pairs to run."""
     if cfg.quick:
-        out = []
-        for dt in cfg.dtypes:
-            fams = ("llama", "gemma3") if dt == "int8" else cfg.families
-            out += [(f, dt) for f in fams if f in cfg.families]
-        return out
+        return [(f, dt) for dt in cfg.dtypes for f in QUICK_FAMILIES.get(dt, ()) if f in cfg.families]
     return [(cfg.model, dt) for dt in cfg.dtypes]
 
 
 def _plans_for(cfg: ParityConfig, dtype: str) -> list[str]:
-    if cfg.quick and dtype in ("bf16", "fp16"):
-        want = ("affine", "additive")  # low-precision: the general plan + the peer plan
-    else:
-        want = PLAN_KINDS
+    want = QUICK_PLANS.get(dtype, PLAN_KINDS) if cfg.quick else PLAN_KINDS
     return [p for p in want if p in cfg.plans]
 
 
-def _triton_here(cfg: ParityConfig, loaded: C.Loaded, dtype: str, device) -> tuple[bool, str]:
+def _triton_here(cfg: ParityConfig, loaded: C.Loaded, dtype: str, plan: str, device) -> tuple[bool, str]:
     ok, why = C.triton_usable(device)
     if not ok:
         return False, why
     if device.type == "cpu" and not loaded.label.startswith("tiny-"):
         return False, ("Triton on CPU runs only through the interpreter (~1000x slower than compiled code): tiny "
                        "shapes only; run the bench on a CUDA machine for the real model")
-    if device.type == "cpu" and cfg.quick and dtype not in ("fp32",) and loaded.family not in ("llama", "gemma3"):
-        return False, "quick mode: low-precision Triton (interpreter) parity on llama and gemma3 only"
     return True, why
+
+
+def _quick_limited(cfg: ParityConfig, loaded: C.Loaded, dtype: str, plan: str, device) -> bool:
+    """Quick mode on CPU runs the Triton interpreter only on the QUICK_TRITON rows (no row for the others)."""
+    return (device.type == "cpu" and cfg.quick and not cfg.all_triton
+            and (loaded.family, dtype, plan) not in QUICK_TRITON)
 
 
 def _build_plan(kind: str, model, dtype: str, seed: int, batch: int):
@@ -244,7 +253,7 @@ def run_parity(cfg: ParityConfig) -> dict:
     """Run the parity matrix; returns {"rows": [...], "ok": bool, ...} (see module docstring)."""
     device = torch.device(cfg.device)
     steps = cfg.steps or (4 if cfg.quick else 16)
-    length = cfg.length or (8 if cfg.quick else 24)
+    length = cfg.length or (4 if cfg.quick else 24)
     rows: list[dict] = []
     log = cfg.log
     t_start = time.perf_counter()
@@ -276,8 +285,10 @@ def run_parity(cfg: ParityConfig) -> dict:
             if kind == "additive":
                 arms += [p for p in C.PEERS if p in cfg.arms]
             for arm in arms:
+                if arm == "triton" and _quick_limited(cfg, loaded, dtype, kind, device):
+                    continue
                 row = dict(base, arm=arm)
-                row.update(_one(cfg, loaded, arm, plan, route, ids, steps, ref, dtype, device, ref_absmax,
+                row.update(_one(cfg, loaded, arm, kind, plan, route, ids, steps, ref, dtype, device, ref_absmax,
                                 effect))
                 rows.append(row)
                 log(_fmt_row(row))
@@ -292,13 +303,15 @@ def run_parity(cfg: ParityConfig) -> dict:
         "peers": C.peer_versions(),
         "seconds": round(time.perf_counter() - t_start, 1),
         "config": {"steps": steps, "prompt_len": length, "batch": cfg.batch, "seed": cfg.seed,
+                   "triton_quick_rows": (sorted("/".join(k) for k in QUICK_TRITON)
+                                         if cfg.quick and not cfg.all_triton and device.type == "cpu" else "all"),
                    "dtypes": list(cfg.dtypes), "plans": list(cfg.plans), "arms": list(cfg.arms),
                    "models": sorted({r["model"] for r in rows})},
         "rows": rows,
     }
 
 
-def _one(cfg, loaded, arm, plan, route, ids, steps, ref, dtype, device, ref_absmax, effect) -> dict:
+def _one(cfg, loaded, arm, plan_kind, plan, route, ids, steps, ref, dtype, device, ref_absmax, effect) -> dict:
     model = loaded.model
     t0 = time.perf_counter()
     if arm in C.PEERS:
@@ -314,7 +327,7 @@ def _one(cfg, loaded, arm, plan, route, ids, steps, ref, dtype, device, ref_absm
         problem = None
     else:
         if arm == "triton":
-            ok, why = _triton_here(cfg, loaded, dtype, device)
+            ok, why = _triton_here(cfg, loaded, dtype, plan_kind, device)
             if not ok:
                 return dict(status="skipped", reason=why)
         factory = C.fusesteer_arm(model, plan, arm, route)

@@ -11,6 +11,10 @@ Where the numbers come from (tests/):
   test_fold); ``<= 0.03 * max|ref logit| + 2e-2`` for the Triton kernels, which round once per fused op
   where HF rounds after every step (test_triton_backend).
 * bitsandbytes 8-bit (fp32 activations): ``<= 1e-4`` absolute and identical greedy tokens (test_runtime).
+  The Triton kernels are not covered there: their fused fp32 norms differ from HF's by an ulp, and 8-bit
+  matmuls quantize their *inputs* per row, so an ulp can move a value across an int8 rounding step
+  (measured: 7.5e-3 on tiny Gemma-3). The bench applies the bf16 rule to Triton at 8-bit and still
+  requires identical greedy tokens.
 * fp16: not covered by the tests; the bench applies the bf16 rule (fp16 has 3 more mantissa bits, so this
   is loose rather than tight). KL and token agreement are reported for every dtype but only gate where
   stated above.
@@ -38,6 +42,8 @@ def logit_tolerance(dtype: str, backend: str, ref_absmax: float) -> float:
     if dtype == "fp32":
         return FP32_ABS
     if dtype == "int8":
+        if backend == "triton":
+            return HALF_REL * ref_absmax + HALF_ABS
         return INT8_ABS
     if dtype in ("bf16", "fp16"):
         if backend == "triton":
@@ -54,8 +60,8 @@ def describe() -> dict:
     """The thresholds as data (written into the bench JSON)."""
     return {
         "fp32": {"max_abs_logit": FP32_ABS, "greedy_tokens": "all equal"},
-        "int8": {"max_abs_logit": INT8_ABS, "greedy_tokens": "all equal",
-                 "note": "bitsandbytes 8-bit weights, fp32 activations"},
+        "int8": {"max_abs_logit": f"{INT8_ABS} (triton: {HALF_REL} * max|ref| + {HALF_ABS})",
+                 "greedy_tokens": "all equal", "note": "bitsandbytes 8-bit weights, fp32 activations"},
         "bf16": {"max_abs_logit": f"{HALF_REL} * max|ref| + {HALF_ABS} (triton: {HALF_REL_TRITON} * max|ref| + "
                                   f"{HALF_ABS_TRITON})", "greedy_tokens": "reported, not gated"},
         "fp16": {"max_abs_logit": "same rule as bf16 (not covered by the tests)",

@@ -13,7 +13,7 @@ import sys
 from .errors import FuseSteerError
 
 # verb modules, in help order
-COMMAND_MODULES = ["demo", "plan", "generate", "fusion", "austeer", "eval"]
+COMMAND_MODULES = ["demo", "plan", "generate", "fusion", "austeer", "eval", "bench"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

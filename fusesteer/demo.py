@@ -82,7 +82,7 @@ def run_demo(model_name: str = "smollm2-135m", n_pairs: int = 16, layers=None, s
 
     ids1 = enc["input_ids"][:1, -16:]
     res = paired_decode_steps(model, ids1, {"vanilla": None,
-                                            "steered": lambda: attach(model, plan, backend=backend)},
+                                            "steered": lambda: attach(model, plan, backend=backend, check_finite=False)},
                               cycles=cycles, warmup=5)
     summ = res["steered"].summary()
     print(f"decode step (batch 1): vanilla {statistics.median(res['vanilla'].times_ms):.1f} ms, steered "

@@ -350,6 +350,10 @@ def _normalise_permissions(folder: Path) -> None:
 
 def _install(out: Path, target: Path, name: str) -> None:
     """Rename the finished folder into place, replacing a stale/incomplete one."""
+    ours = json.loads((out / MARKER).read_text())
+    theirs = _read_marker(target, name)
+    if theirs is not None and theirs.get("source") == ours.get("source"):
+        return  # another process finished the same conversion meanwhile: keep its folder
     old = None
     if target.exists():
         old = target.with_name(f"{_partial_prefix(name)}{_host_tag()}-{os.getpid()}-old{time.time_ns()}")

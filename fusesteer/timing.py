@@ -91,7 +91,8 @@ def crop_cache(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def paired_steps(step: Callable[[], object], arms: dict[str, Callable[[], object] | None], cycles: int = 100,
+def paired_steps(step: Callable[[], object] | dict[str, Callable[[], object]],
+                 arms: dict[str, Callable[[], object] | None], cycles: int = 100,
                  warmup: int = 5, device=None, baseline: str = "vanilla", after_step: Callable[[], object] | None = None,
                  progress: bool = False, desc: str = "timing steps", gc_every: int = 25,
                  seed: int = 0) -> dict[str, ArmResult]:
@@ -99,10 +100,15 @@ def paired_steps(step: Callable[[], object], arms: dict[str, Callable[[], object
 
     ``arms``: name -> zero-arg callable returning a context manager that sets the arm up (or None for an
     unmodified model). Set-up, tear-down and ``after_step()`` (e.g. cropping a cache) are outside the timing.
+    ``step`` may also be a dict giving each arm its own step function (e.g. separately compiled models).
     """
     from tqdm.auto import tqdm
 
     names = list(arms)
+    steps = step if isinstance(step, dict) else {n: step for n in names}
+    missing = [n for n in names if n not in steps]
+    if missing:
+        raise ValueError(f"no step function for arms {missing}")
     if baseline not in names:
         raise ValueError(f"baseline arm {baseline!r} missing from arms {names}")
     if cycles < 1 or warmup < 0:
@@ -126,7 +132,7 @@ def paired_steps(step: Callable[[], object], arms: dict[str, Callable[[], object
                 ctx = factory() if factory is not None else None
                 with (ctx if ctx is not None else nullcontext()):
                     _sync(device)
-                    cyc[n] = _timed_ms(step, device)
+                    cyc[n] = _timed_ms(steps[n], device)
                 if after_step is not None:
                     after_step()
             if c >= warmup:

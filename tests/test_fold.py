@@ -441,3 +441,51 @@ def test_auto_per_row_plans_all_fused(tiny_models):
     b = foldable_plan(model, seed=9)
     report = _auto_vs_reference(model, {"a": a, "b": b}, rows=["a", None, "b"])
     assert report["folded"] == [] and report["fused_reasons"] == {"per-row plans": len(report["fused"])}
+
+
+def test_auto_update_refolds_values(tiny_models):
+    """update() under auto refolds: same result as attaching the new plan; the split may change."""
+    model = tiny_models("llama")
+    snap = snapshot(model)
+    p1 = foldable_plan(model, seed=21)
+    p2 = foldable_plan(model, seed=22)
+    p3 = p2.copy()  # same (layer, site) set, but layer.out 0 now scales: it moves to the fused path
+    for e in p3.entries:
+        if (e.layer, e.site) == (0, "layer.out"):
+            e.a = torch.tensor(1.3)
+    ids = ids_for(model)
+    want = {}
+    for name, p in (("p2", p2), ("p3", p3)):
+        with fs.attach(model, p, backend="reference"), torch.no_grad():
+            want[name] = model(ids).logits
+    with fs.attach(model, p1, backend="auto") as h, torch.no_grad():
+        assert h.report["fused"] == []
+        h.update(p2)
+        assert (model(ids).logits - want["p2"]).abs().max() <= 1e-5
+        assert h.report["fused"] == []
+        h.update(p3)
+        assert (model(ids).logits - want["p3"]).abs().max() <= 1e-5
+        assert [(d["layer"], d["site"]) for d in h.report["fused"]] == [(0, "layer.out")]
+    assert_bit_identical(model, snap)
+    no_patches(model)
+
+
+def test_auto_unsteered_rows_move_folds_to_fused_path(tiny_models):
+    model = tiny_models("gemma3")
+    plan = foldable_plan(model, seed=23, layer_out=False)
+    ids = ids_for(model, batch=2)
+    snap = snapshot(model)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    with fs.attach(model, plan, backend="reference"), torch.no_grad():
+        ref = model(ids).logits
+    with fs.attach(model, plan, backend="auto") as h, torch.no_grad():
+        assert h.report["fused"] == []
+        h.route([None, "plan"])
+        assert h.report["folded"] == [] and set(h.report["fused_reasons"]) == {"per-row routing"}
+        assert_bit_identical(model, snap)  # weights back to the originals while still attached
+        got = model(ids).logits
+    assert torch.equal(got[0], vanilla[0])  # the unsteered row is bit-identical to no steering
+    assert (got[1] - ref[1]).abs().max() <= 1e-5
+    assert_bit_identical(model, snap)
+    no_patches(model)

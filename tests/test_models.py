@@ -401,7 +401,7 @@ def test_smollm2_bitsandbytes_on_cpu(smollm2, quantization, layer):
     model, tok = models.load("smollm2-135m", quantization=quantization, progress=False)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == layer
     assert model.get_memory_footprint() < 0.6 * smollm2[0].get_memory_footprint()
-    assert "Paris" in _greedy(model, tok, n=4)
+    assert "Paris" in _greedy(model, tok, n=2)
 
 
 # ------------------------------------------------------------------------------------------------

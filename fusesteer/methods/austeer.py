@@ -220,7 +220,7 @@ def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site: s
                 for r, q in enumerate(seqs):
                     ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
                     mask[r, :len(q)] = 1
-                last = torch.tensor([width - 1 for q in seqs], dtype=torch.long)
+                last = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
                 store.clear()
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                       logits_to_keep=1)

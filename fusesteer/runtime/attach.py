@@ -122,19 +122,19 @@ class SteeringHandle:
             else:
                 raise AttachError(f"route row {i}: expected a plan name, None or an id in 0..{len(self.plan_names)},"
                                   f" got {r!r}")
-        self._check_static_route(ids)
+        self._before_route(ids)
         self.router.set_rows(ids)
         return self
 
-    def _check_static_route(self, ids) -> None:
-        if getattr(self.backend, "static", False) and any(i != 1 for i in ids):
-            raise AttachError(f"backend {self.backend_name!r} folded the plan into the weights, so it applies to "
-                              f"every row; unsteered rows need backend='torch' (or detach first)")
+    def _before_route(self, ids) -> None:
+        """Let the backend refuse (fold) or adapt to (auto) a routing before it takes effect."""
+        if hasattr(self.backend, "on_route"):
+            self.backend.on_route(self, ids)
 
     def route_all(self, name: str | None) -> "SteeringHandle":
         """Every row uses the same plan (or None) whatever the batch size."""
         if name is None:
-            self._check_static_route([0])
+            self._before_route([0])
             self.router.default_plan = 0
         elif name in self._ids:
             self.router.default_plan = self._ids[name]

@@ -1,13 +1,18 @@
 """The `auto` backend: fold what folds into the weights, run the rest on the fused path.
 
-Per (layer, site) of a single attached plan, :func:`fold_reasons` decides whether the map folds (see
+Per (layer, site) of a single attached plan, :func:`.fold.fold_reasons` decides whether the map folds (see
 :mod:`.fold`); those maps go into the weights, the others run through the fused backend (``triton`` when
-the model is on CUDA and the Triton backend imports, else ``torch``), which is installed over just the
-remaining tables. Several plans (per-row routing) always run fully fused. One info line on the
-``fusesteer`` logger says what went where; ``handle.report`` holds the split.
+the model is on CUDA and the Triton backend imports, else ``torch``), installed over just the remaining
+tables. Several plans (per-row routing) always run fully fused. One info line on the ``fusesteer`` logger
+says what went where; ``handle.report`` holds the split.
 
-When anything was folded the attachment is *static*: ``handle.update()`` refuses (values live in the
-weights; detach and attach again) and so does routing rows to no plan.
+Everything auto changes goes through its own :class:`~..patching.Patcher`, restored by one undo on the
+handle's patcher, so it can re-plan while attached:
+
+* ``handle.update(plan)``: new values are refolded (folded weights restored bit-exactly, then folded again
+  from the updated tables) and the fused part re-installed; costs milliseconds, no recompiles.
+* ``handle.route([...])`` with unsteered rows (or ``route_all(None)``): folded weights would steer every
+  row, so the folded maps move to the fused path for the rest of the attachment (logged).
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ import logging
 
 import torch
 
-from .fold import apply_folds, entry_count, fold_reasons, model_bytes
+from ..patching import Patcher
+from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 
 log = logging.getLogger("fusesteer")
 
 
 class _SubsetHandle:
-    """The handle as seen by the fused backend: everything forwarded, but only the tables it runs."""
+    """The handle as seen by the fused backend: everything forwarded, except the tables it runs and the
+    patcher its changes go to."""
 
-    def __init__(self, handle, tables: dict):
+    def __init__(self, handle, tables: dict, patcher: Patcher):
         object.__setattr__(self, "_handle", handle)
         object.__setattr__(self, "tables", tables)
+        object.__setattr__(self, "patcher", patcher)
 
     def __getattr__(self, name):
         return getattr(object.__getattribute__(self, "_handle"), name)
@@ -50,29 +58,49 @@ def _sites(keys) -> str:
     return ", ".join(s for s in order if s in used)
 
 
+_ROUTED = Refusal("per-row routing", "handle.route() asked for unsteered rows, and folded weights steer every "
+                                     "row", "")
+
+
 class AutoBackend:
     name = "auto"
+    static = False  # update() works: values are refolded
 
     def __init__(self):
-        self.static = False  # becomes True once something is folded (update() then refuses)
+        self.fold_allowed = True  # False once routing asked for unsteered rows
         self.fused = None
         self.fused_name = None
+        self.result = None
         self._sub = None
+        self._patcher = Patcher()
 
+    # ---- lifecycle ---------------------------------------------------------------------------------
     def install(self, handle) -> None:
+        handle.patcher.add_undo(self._restore)  # first: a failure below, or detach, restores all of it
+        self._install(handle, logging.INFO)
+
+    def _restore(self) -> None:
+        p, self._patcher = self._patcher, Patcher()
+        self.fused = self._sub = self.result = None
+        p.restore()
+
+    def _install(self, handle, level: int) -> None:
         reasons = fold_reasons(handle)
+        if not self.fold_allowed:
+            reasons = {k: (r if r is not None else _ROUTED) for k, r in reasons.items()}
         fold_keys = [k for k, r in reasons.items() if r is None]
         fused_keys = [k for k, r in reasons.items() if r is not None]
-        res = apply_folds(handle, fold_keys) if fold_keys else None
-        self.static = bool(fold_keys)
+        self.result = apply_folds(handle, fold_keys, patcher=self._patcher) if fold_keys else None
         if fused_keys:
             self.fused_name, self.fused = _fused_backend(handle)
-            self._sub = _SubsetHandle(handle, {k: handle.tables[k] for k in fused_keys})
+            self._sub = _SubsetHandle(handle, {k: handle.tables[k] for k in fused_keys}, self._patcher)
             self.fused.install(self._sub)
+        else:
+            self.fused_name = None
         why: dict[str, int] = {}
         for k in fused_keys:
             why[reasons[k].tag] = why.get(reasons[k].tag, 0) + 1
-        handle.report = {
+        report = {
             "backend": "auto",
             "folded": [list(k) for k in sorted(fold_keys)],
             "fused": [{"layer": k[0], "site": k[1], "reason": reasons[k].text} for k in sorted(fused_keys)],
@@ -81,16 +109,16 @@ class AutoBackend:
             "folded_entries": entry_count(handle, fold_keys),
             "fused_entries": entry_count(handle, fused_keys),
             "model_bytes": model_bytes(handle.model),
+            "modules": [], "created_biases": [], "restore_bytes": 0, "restore_slice_bytes": 0,
+            "restore_bias_bytes": 0, "restore_index_bytes": 0,
         }
-        if res is not None:
-            handle.report.update({k: v for k, v in res.as_dict().items() if k != "folded"})
-        else:
-            handle.report.update(modules=[], created_biases=[], restore_bytes=0, restore_slice_bytes=0,
-                                 restore_bias_bytes=0, restore_index_bytes=0)
-        log.info("%s", self.summary(handle))
+        if self.result is not None:
+            report.update({k: v for k, v in self.result.as_dict().items() if k != "folded"})
+        handle.report = report
+        log.log(level, "%s", self.summary(report))
 
-    def summary(self, handle) -> str:
-        r = handle.report
+    @staticmethod
+    def summary(r: dict) -> str:
         folded_keys = [tuple(k) for k in r["folded"]]
         fused_keys = [(d["layer"], d["site"]) for d in r["fused"]]
         if folded_keys:
@@ -106,6 +134,26 @@ class AutoBackend:
             part2 = "nothing left to fuse (no patched forwards)"
         return f"{part1}; {part2}"
 
+    # ---- re-planning while attached ----------------------------------------------------------------
+    def _reinstall(self, handle, level: int) -> None:
+        self._restore()
+        try:
+            self._install(handle, level)
+        except BaseException:
+            # keep the handle consistent with its tables: run everything fused, then report the failure
+            self._restore()
+            self.fold_allowed = False
+            try:
+                self._install(handle, logging.WARNING)
+            except BaseException:
+                self._restore()
+            raise
+
     def on_update(self, handle) -> None:
-        if self.fused is not None and hasattr(self.fused, "on_update"):
-            self.fused.on_update(self._sub)
+        """Values changed in place in handle.tables: refold from them and re-install the fused part."""
+        self._reinstall(handle, logging.DEBUG)
+
+    def on_route(self, handle, ids) -> None:
+        if self.fold_allowed and any(i != 1 for i in ids) and self.result is not None and self.result.modules:
+            self.fold_allowed = False
+            self._reinstall(handle, logging.INFO)

@@ -18,7 +18,8 @@ weight (columns scaled by a sparse input gain, rows scaled by an output gain; th
 smaller) and the biases that change are kept for the restore, which is registered on the handle's patcher,
 so detach (or an exception inside ``with attach(...)``) puts every parameter back bit for bit.
 
-Nothing is patched at run time: a fully folded model runs its own, unmodified forwards.
+Nothing is patched at run time: a fully folded model runs its own, unmodified forwards. The attachment is
+static: ``handle.update()`` and routing rows to no plan refuse (``auto`` refolds / unfolds instead).
 :func:`fold_reasons` says, per (layer, site), whether it folds and why not; the ``auto`` backend uses it to
 fold what folds and run the rest on the fused path.
 """
@@ -265,12 +266,13 @@ def _collect(handle, keys) -> list[_LinearFold]:
     return list(folds.values())
 
 
-def apply_folds(handle, keys, check_finite: bool | None = None) -> FoldResult:
+def apply_folds(handle, keys, check_finite: bool | None = None, patcher=None) -> FoldResult:
     """Fold the tables at ``keys`` (all foldable, see :func:`fold_reasons`) into the weights.
 
-    Every change is registered on ``handle.patcher`` before it is made, so ``patcher.restore()`` (detach,
-    or a failure half-way) puts the original parameters back bit for bit.
+    Every change is registered on ``patcher`` (default ``handle.patcher``) before it is made, so
+    ``patcher.restore()`` (detach, or a failure half-way) puts the original parameters back bit for bit.
     """
+    patcher = handle.patcher if patcher is None else patcher
     if check_finite is None:
         check_finite = bool(getattr(handle, "check_finite", True))
     res = FoldResult(keys=sorted(keys))
@@ -278,7 +280,7 @@ def apply_folds(handle, keys, check_finite: bool | None = None) -> FoldResult:
     with torch.inference_mode(False), torch.no_grad():
         prepared = [_prepare(f, check_finite) for f in folds]
         for f, prep in zip(folds, prepared):
-            _commit(handle.patcher, f, prep, res)
+            _commit(patcher, f, prep, res)
     return res
 
 
@@ -447,3 +449,8 @@ class FoldBackend:
                          "model_bytes": model_bytes(handle.model)}
         log.debug("fold: folded %d entries into %d weights (kept %d bytes for restore)",
                   entry_count(handle, res.keys), len(res.modules), res.restore_bytes)
+
+    def on_route(self, handle, ids) -> None:
+        if any(i != 1 for i in ids):
+            raise AttachError("backend 'fold' folded the plan into the weights, so it applies to every row; "
+                              "unsteered rows need backend='auto' or 'torch' (or detach first)")

@@ -1,0 +1,255 @@
+"""AUSteer vs baselines on SmolLM2-135M-Instruct: hyperparameters picked on a validation slice, accuracy on a
+disjoint test slice, for strategyqa (yes/no) and truthfulqa_mc (multiple choice).
+
+Per dataset the records are split with ``fusesteer.evaluate.tasks.split(records, n_val, n_test, seed)``;
+contrastive pairs come only from the records left over (disjoint from validation and test). Methods, all as
+plans in the same runtime (backend ``torch``) and scored by the same harness:
+
+* vanilla;
+* AUSteer-Head (``attn.o_proj.in``) and AUSteer-FFN (``mlp.out``): (k, α) swept on validation;
+* CAA: mean ``layer.out`` difference added at one layer; (layer, multiplier) swept on validation;
+* ITI-style head shifts: top-K heads by paired separation, shift α·σ·θ̂; (K, α) swept;
+* ablations of AUSteer-FFN (paper Table 3): random localization, activation-difference localization,
+  fixed vector, fixed strength; each swept on the same (k, α) grid as AUSteer-FFN.
+
+For each method the best validation cell (ties: fewer units, then smaller strength) is evaluated once on the
+test slice; reported with a Wilson 95% interval, the paired bootstrap CI of (method − vanilla) and an exact
+McNemar p-value on the same test items. Yes/no items are scored by the " Yes"/" No" next-token logits
+(identical to the summed log-prob of the one-token choices, at half the forwards); multiple choice by the
+summed log-probability of each choice.
+
+Writes bench/results/austeer_results.{json,md,png} and one validation heatmap per swept method
+(bench/results/austeer_sweep_<dataset>_<method>.png).
+
+    python bench/austeer_results.py [--datasets strategyqa truthfulqa_mc] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fusesteer import attach, models  # noqa: E402
+from fusesteer.evaluate import stats, tasks  # noqa: E402
+from fusesteer.methods import austeer as A  # noqa: E402
+from fusesteer.methods import baselines as B  # noqa: E402
+from fusesteer.methods.pairs import make_pairs  # noqa: E402
+
+OUT = ROOT / "bench" / "results"
+
+CONFIGS = {
+    "strategyqa": dict(n_val=60, n_test=200, n_pairs=300, negatives="random", eval_method="logits"),
+    "truthfulqa_mc": dict(n_val=30, n_test=70, n_pairs=None, negatives="all", eval_method="logprob"),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50, 100])
+    ap.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 10, 20, 50, 100])
+    ap.add_argument("--ablation-k", type=int, nargs="+", default=None, help="default: --k")
+    ap.add_argument("--ablation-alpha", type=float, nargs="+", default=None, help="default: --alpha")
+    ap.add_argument("--caa-layers", type=int, nargs="+", default=[3, 7, 11, 15, 19, 23])
+    ap.add_argument("--caa-scales", type=float, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--iti-heads", type=int, nargs="+", default=[4, 16, 48])
+    ap.add_argument("--iti-alpha", type=float, nargs="+", default=[1, 5, 15])
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to skip (e.g. iti fixed_vector)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    model, tok = models.load(args.model, progress=False)
+    n_heads = model.config.num_attention_heads
+    from bench.common import machine_info
+
+    report = {"model": args.model, "machine": machine_info(torch.device("cpu")), "args": vars(args),
+              "datasets": {}}
+    json_path = out / "austeer_results.json"
+    for ds in args.datasets:
+        cfg = CONFIGS[ds]
+        records = tasks.load_dataset(ds)
+        kind = tasks.task_kind(records)
+        val, test = tasks.split(records, cfg["n_val"], cfg["n_test"], seed=args.seed)
+        used = {r["id"] for r in val + test}
+        rest = [r for r in records if r["id"] not in used]
+        pairs = make_pairs(rest, negatives=cfg["negatives"], seed=args.seed, limit=cfg["n_pairs"])
+        prov = A.provenance(ds, pairs, args.seed, negatives=cfg["negatives"], split_seed=args.seed,
+                            disjoint_from="validation and test slices")
+        log(f"{ds}: {len(val)} val, {len(test)} test, {len(pairs)} pairs from {len({p.id.split('#')[0] for p in pairs})}"
+            f" other records")
+        em, bs = cfg["eval_method"], args.batch_size
+
+        def ev(recs, plan=None):
+            if plan is None:
+                return tasks.evaluate(model, tok, recs, kind, batch_size=bs, method=em, progress=False)
+            with attach(model, plan, backend="torch", check_finite=False):
+                return tasks.evaluate(model, tok, recs, kind, batch_size=bs, method=em, progress=False)
+
+        dsrep = {"config": cfg, "kind": kind, "n_val": len(val), "n_test": len(test), "pairs": prov,
+                 "localization_seconds": {}, "sweeps": {}, "test": {}}
+        report["datasets"][ds] = dsrep
+
+        t0 = time.perf_counter()
+        van_test = ev(test)
+        log(f"{ds}: vanilla test {van_test.accuracy:.3f} ({time.perf_counter() - t0:.0f}s)")
+        van_c = van_test.correct_vector
+
+        def record_test(name, res, chosen, n_units):
+            d = stats.paired_bootstrap_diff(res.correct_vector, van_c, n_boot=5000, seed=args.seed)
+            p = stats.mcnemar_p(res.correct_vector, van_c)
+            dsrep["test"][name] = {"accuracy": res.accuracy, "correct": res.correct, "n": res.n,
+                                   "ci_low": res.ci_low, "ci_high": res.ci_high, "chosen": chosen,
+                                   "steered_activations": n_units, "diff_vs_vanilla": d.estimate,
+                                   "diff_ci_low": d.low, "diff_ci_high": d.high, "mcnemar_p": p}
+            log(f"{ds}: {name} test {res.accuracy:.3f} (chosen {chosen}; diff {d.estimate:+.3f} "
+                f"[{d.low:+.3f}, {d.high:+.3f}], McNemar p={p:.3f})")
+            json_path.write_text(json.dumps(report, indent=2))
+
+        record_test("vanilla", van_test, None, 0)
+
+        def run_sweep(name, rows, cols, fn, row_name, col_name, units_of):
+            t = time.perf_counter()
+            res = A.sweep(model, tok, val, rows, cols, fn, method=f"{name} ({ds})", row_name=row_name,
+                          col_name=col_name, backend="torch", batch_size=bs, eval_method=em, vanilla=True)
+            dsrep["sweeps"][name] = res.to_dict()
+            res.heatmap(out / f"austeer_sweep_{ds}_{name}.png", title=f"{name} on {ds} (validation)")
+            best = res.best
+            log(f"{ds}: {name} sweep {time.perf_counter() - t:.0f}s, best {best}")
+            plan = fn(best[row_name], best[col_name])
+            record_test(name, ev(test, plan), {row_name: best[row_name], col_name: best[col_name],
+                                               "val_accuracy": best["accuracy"]}, units_of(plan))
+
+        def n_units(plan):
+            return int(sum(e.dims.numel() if e.dims is not None else plan.spec.site_width(e.site)
+                           for e in plan.entries))
+
+        ks, alphas = args.k, args.alpha
+        aks, aalphas = args.ablation_k or ks, args.ablation_alpha or alphas
+        locs = {}
+        for site in ("head", "ffn"):
+            extra = {"iti": B.HeadStats(n_heads)} if site == "head" else None
+            locs[site] = A.localize(model, tok, pairs, site, batch_size=8, provenance=prov, extra=extra)
+            dsrep["localization_seconds"][site] = locs[site].seconds
+            log(f"{ds}: localized {site} over {len(pairs)} pairs in {locs[site].seconds:.0f}s; top score "
+                f"{float(locs[site].stats.scores.max()):.3f}")
+            dsrep.setdefault("top_units", {})[site] = A.austeer_plan(locs[site], 10, 1.0).metadata["units"]
+        for site in ("head", "ffn"):
+            name = f"austeer_{site}"
+            if name in args.skip:
+                continue
+            loc = locs[site]
+            run_sweep(name, ks, alphas, lambda k, a, loc=loc: A.austeer_plan(loc, k, a), "k", "alpha", n_units)
+
+        if "caa" not in args.skip:
+            t = time.perf_counter()
+            vecs = B.caa_vectors(model, tok, pairs, batch_size=8)
+            log(f"{ds}: CAA vectors in {time.perf_counter() - t:.0f}s")
+            spec = locs["ffn"].spec
+            run_sweep("caa", args.caa_layers, args.caa_scales,
+                      lambda l, s: B.caa_layer_plan(spec, l, vecs[l], s, prov), "layer", "scale", n_units)
+        if "iti" not in args.skip:
+            hs = locs["head"].extra["iti"]
+            spec = locs["head"].spec
+            run_sweep("iti", args.iti_heads, args.iti_alpha, lambda K, a: B.iti_plan(hs, spec, K, a, prov),
+                      "heads", "alpha", n_units)
+        floc = locs["ffn"]
+        for name in ("random", "actdiff", "fixed_vector", "fixed_strength"):
+            if name in args.skip:
+                continue
+            fn = B.ABLATIONS[name]
+            run_sweep(name, aks, aalphas, lambda k, a, fn=fn: fn(floc, k, a), "k", "alpha", n_units)
+
+    report["wall_seconds"] = time.perf_counter() - t_start
+    json_path.write_text(json.dumps(report, indent=2))
+    (out / "austeer_results.md").write_text(markdown(report))
+    plot(report, out / "austeer_results.png")
+    log(f"done in {report['wall_seconds'] / 60:.1f} min -> {json_path}")
+    return 0
+
+
+LABELS = {"vanilla": "vanilla", "austeer_head": "AUSteer-Head", "austeer_ffn": "AUSteer-FFN", "caa": "CAA",
+          "iti": "ITI-style heads", "random": "Random loc. (FFN)", "actdiff": "Act. diff. loc. (FFN)",
+          "fixed_vector": "Fixed vector (FFN)", "fixed_strength": "Fixed strength (FFN)"}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# AUSteer and baselines on {report['model']}", "",
+             "Hyperparameters picked on the validation slice (best cell; ties → fewer units, smaller strength), "
+             "accuracy on the disjoint test slice. Δ = method − vanilla on the same test items (paired bootstrap "
+             "95% CI); p = exact McNemar. Pairs come from records outside both slices.", ""]
+    for ds, d in report["datasets"].items():
+        lines += [f"## {ds} ({d['kind']}; val {d['n_val']}, test {d['n_test']}, {d['pairs']['n_pairs']} pairs "
+                  f"from {d['pairs']['n_records']} records, negatives: {d['pairs']['negatives']})", "",
+                  "| method | chosen (val acc) | #acts | test acc | 95% CI | Δ vs vanilla [95% CI] | McNemar p |",
+                  "|---|---|---:|---:|---|---|---:|"]
+        for name, t in d["test"].items():
+            ch = t["chosen"]
+            chs = "—" if not ch else ", ".join(f"{k}={v}" for k, v in ch.items() if k != "val_accuracy") \
+                + f" ({ch['val_accuracy']:.3f})"
+            delta = "—" if name == "vanilla" else \
+                f"{t['diff_vs_vanilla']:+.3f} [{t['diff_ci_low']:+.3f}, {t['diff_ci_high']:+.3f}]"
+            p = "—" if name == "vanilla" else f"{t['mcnemar_p']:.3f}"
+            lines.append(f"| {LABELS.get(name, name)} | {chs} | {t['steered_activations']} | {t['accuracy']:.3f} | "
+                         f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}] | {delta} | {p} |")
+        lines += ["", f"Localization time over {d['pairs']['n_pairs']} pairs: "
+                  + ", ".join(f"{k} {v:.1f}s" for k, v in d["localization_seconds"].items()), ""]
+        for name, sw in d["sweeps"].items():
+            res = A.SweepResult(sw["method"], sw["row_name"], sw["col_name"], sw["rows"], sw["cols"],
+                                sw["accuracy"], sw["correct"], sw["n"], sw["vanilla_accuracy"], sw["vanilla_correct"])
+            lines += ["<details><summary>validation sweep: " + LABELS.get(name, name) + "</summary>", "",
+                      res.markdown(), "</details>", ""]
+    lines.append(f"Wall time {report.get('wall_seconds', 0) / 60:.1f} min, torch threads "
+                 f"{report['machine']['torch_threads']}, load average at start "
+                 f"{report['machine']['load_average_1_5_15']}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    dss = list(report["datasets"])
+    fig, axes = plt.subplots(1, len(dss), figsize=(6.5 * len(dss), 4.2), squeeze=False)
+    for ax, ds in zip(axes[0], dss):
+        t = report["datasets"][ds]["test"]
+        names = list(t)
+        acc = [t[n]["accuracy"] for n in names]
+        err = [[t[n]["accuracy"] - t[n]["ci_low"] for n in names], [t[n]["ci_high"] - t[n]["accuracy"] for n in names]]
+        colors = ["grey" if n == "vanilla" else "tab:green" if n.startswith("austeer") else "tab:blue"
+                  if n in ("caa", "iti") else "tab:orange" for n in names]
+        ax.bar(range(len(names)), acc, yerr=err, color=colors, capsize=3)
+        ax.axhline(t["vanilla"]["accuracy"], color="grey", ls="--", lw=0.8)
+        ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy (95% Wilson CI)")
+        ax.set_title(f"{ds} (n={t['vanilla']['n']})", fontsize=10)
+        ax.set_ylim(0, 1)
+    fig.suptitle(f"{report['model']}: k, α picked on validation, accuracy on held-out test", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Latency suite: prefill and decode time of every arm against vanilla, on the same plan, interleaved.
+
+Scenarios (same model, same prompt batch, arms interleaved step by step in a fresh random order each cycle,
+warm-up cycles first, ratios paired within a cycle; see :mod:`fusesteer.timing`):
+
+* ``blend+gains`` (batch 1 and 8): an all-layer ``layer.out`` blend (a = 1, b = α·γ·Δ_l-like random vector per
+  layer) plus k = 100 gains on ``attn.o_proj.in`` and k = 100 on ``mlp.down_proj.in`` units (chosen at random
+  over all layers, AUSteer-style). Arms: vanilla, ``reference`` hooks, ``torch``, ``triton`` (CUDA only),
+  ``fold``, ``auto``.
+* ``additive`` (batch 1 and 8): additive-only all-layer ``layer.out`` vectors, the plan the peers can express.
+  Arms: vanilla, a bare torch forward hook per layer, steering-vectors, repeng, ``reference``, ``torch``,
+  ``triton`` (CUDA only), ``auto``.
+* ``per-row`` (batch 8): 8 different blend+gains plans, one per row (``handle.route``). Arms: vanilla,
+  ``reference``, ``torch``, ``triton`` (CUDA only), ``auto`` (which cannot fold per-row plans: fully fused).
+
+Every arm is smoke-tested (one untimed forward under ``torch.inference_mode()``) before timing; an arm that
+fails is reported with its error and left out, never timed. On CUDA the steps are timed with CUDA events, and
+:func:`compile_check` adds a static-cache + ``torch.compile`` mode and checks that ``handle.update()`` with new
+values causes zero recompiles. Without CUDA those parts are reported as skipped: no GPU number is invented.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import fusesteer as fs
+from fusesteer.timing import (ArmResult, paired_decode_steps, paired_prefill_steps, paired_ratios, paired_steps,
+                              ratio_summary)
+
+from . import common as C
+
+TARGETS = {
+    "fused": 1.02,  # fused / vanilla, blend+gains
+    "folded": 1.005,  # fold / vanilla, blend+gains
+    "fused_vs_peer": 0.95,  # fused / peer, additive
+    "per_row": 1.05,  # fused / vanilla, 8 per-row plans at batch 8
+}
+CUDA_SKIP_NOTE = ("no CUDA device here: CUDA-event timing, the static-cache + torch.compile mode and the "
+                  "zero-recompile check (handle.update) were NOT run; run `python -m bench latency --device cuda` "
+                  "on a GPU machine for them")
+
+
+@dataclass
+class LatencyConfig:
+    quick: bool = True
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    cycles: int | None = None  # decode cycles
+    prefill_cycles: int | None = None
+    warmup: int | None = None
+    prompt_len: int | None = None
+    batches: tuple = (1, 8)
+    k: int = 100
+    seed: int = 0
+    scenarios: tuple = ("blend+gains", "additive", "per-row")
+    arms: tuple = ("reference", "torch", "triton", "fold", "auto", "hook", "steering-vectors", "repeng")
+    phases: tuple = ("decode", "prefill")
+    progress: bool = False
+    log: object = print
+    extra: dict = field(default_factory=dict)
+
+
+def _fused_name(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def _arms_for(cfg: LatencyConfig, loaded: C.Loaded, scenario: str, plans: dict, device) -> tuple[dict, list]:
+    """(arms {name: factory}, notes [{arm, status, reason}]) of one scenario."""
+    model = loaded.model
+    arms: dict = {"vanilla": None}
+    notes: list = []
+    want = [a for a in cfg.arms]
+
+    def ours(names, plan, rows=None):
+        for b in names:
+            if b not in want:
+                continue
+            if b == "triton" and device.type != "cuda":
+                notes.append({"arm": b, "status": "skipped", "reason": "Triton kernels on CPU run only in the "
+                              "interpreter (~1000x slower): not a speed measure; timed on CUDA only"})
+                continue
+            arms[b] = C.fusesteer_arm(model, plan, b, rows)
+
+    if scenario == "blend+gains":
+        ours(("reference", "torch", "triton", "fold", "auto"), plans["blend+gains"])
+    elif scenario == "additive":
+        vecs = C.plan_vectors(plans["additive"])
+        if "hook" in want:
+            arms["hook"] = C.hook_arm(model, vecs)
+        for p in C.PEERS:
+            if p not in want:
+                continue
+            ok, why = C.peer_available(p)
+            if ok:
+                arms[p] = C.peer_arm(p, model, vecs)
+            else:
+                notes.append({"arm": p, "status": "skipped", "reason": why})
+        ours(("reference", "torch", "triton", "auto"), plans["additive"])
+    elif scenario == "per-row":
+        rows = list(plans["per-row"])
+        ours(("reference", "torch", "triton", "auto"), plans["per-row"], rows)
+    else:
+        raise C.BenchError(f"unknown latency scenario {scenario!r}")
+    return arms, notes
+
+
+def _smoke(model, ids, factory) -> str | None:
+    """One untimed 2-token forward under the arm (inference_mode, as the timing): None or the error."""
+    B = ids.shape[0]
+    try:
+        with torch.inference_mode(), factory():
+            model(input_ids=ids[:, :2], position_ids=torch.arange(2, device=ids.device).expand(B, 2))
+    except Exception as e:  # noqa: BLE001 - reported, the arm is left out
+        return f"{type(e).__name__}: {e}"[:400]
+    return None
+
+
+def _summaries(res: dict[str, ArmResult], seed: int) -> dict:
+    return {n: r.summary(seed=seed) for n, r in res.items()}
+
+
+def _cross(res: dict[str, ArmResult], pairs) -> dict:
+    out = {}
+    for num, den in pairs:
+        if num in res and den in res:
+            out[f"{num}/{den}"] = ratio_summary(paired_ratios(res, num, den))
+    return out
+
+
+def run_latency(cfg: LatencyConfig) -> dict:
+    device = torch.device(cfg.device)
+    cycles = cfg.cycles or (6 if cfg.quick else 300)
+    pcycles = cfg.prefill_cycles or (5 if cfg.quick else 60)
+    warmup = cfg.warmup if cfg.warmup is not None else (1 if cfg.quick else 10)
+    T = cfg.prompt_len or (16 if cfg.quick else 32)
+    log = cfg.log
+    t_start = time.perf_counter()
+    load_before = C.load_average()
+    if cfg.quick:
+        loaded = C.tiny_model("llama", "fp32")
+        loaded.model.to(device)
+    else:
+        loaded = C.real_model(cfg.model, "fp32", device)
+    model = loaded.model
+    fused = _fused_name(device)
+    nb = max(cfg.batches)
+    plans = {
+        "blend+gains": C.blend_gains_plan(model, seed=cfg.seed, k=cfg.k),
+        "additive": C.additive_plan(model, seed=cfg.seed),
+        "per-row": C.per_row_plans(model, 8, seed=cfg.seed, k=cfg.k),
+    }
+    out_scen: list = []
+    for scenario in cfg.scenarios:
+        batches = (8,) if scenario == "per-row" else cfg.batches
+        for B in batches:
+            ids = C.prompt_ids(loaded, B, T, C.model_device(model), seed=cfg.seed)
+            arms, notes = _arms_for(cfg, loaded, scenario, plans, device)
+            for name in list(arms):
+                if arms[name] is None:
+                    continue
+                err = _smoke(model, ids, arms[name])
+                if err is not None:
+                    notes.append({"arm": name, "status": "ERROR", "reason": err})
+                    log(f"  {scenario} batch {B}: arm {name} left out: {err}")
+                    del arms[name]
+            entry = {"scenario": scenario, "batch": B, "prompt_len": T, "arms": list(arms), "notes": notes,
+                     "phases": {}}
+            for phase in cfg.phases:
+                t0 = time.perf_counter()
+                if phase == "decode":
+                    res = paired_decode_steps(model, ids, arms, cycles=cycles, warmup=warmup, position_ids=True,
+                                              progress=cfg.progress)
+                    n_c = cycles
+                else:
+                    res = paired_prefill_steps(model, ids, arms, cycles=pcycles, warmup=max(1, warmup // 3),
+                                               position_ids=True, progress=cfg.progress)
+                    n_c = pcycles
+                summ = _summaries(res, cfg.seed)
+                pairs = []
+                if scenario == "additive":
+                    for ours in (fused, "auto", "reference", "hook"):
+                        for peer in C.PEERS + ("hook",):
+                            if ours != peer:
+                                pairs.append((ours, peer))
+                pairs += [(fused, "reference")]
+                entry["phases"][phase] = {"cycles": n_c, "arms": summ, "cross": _cross(res, pairs),
+                                          "seconds": round(time.perf_counter() - t0, 1)}
+                log(_fmt_phase(scenario, B, phase, summ, n_c))
+            out_scen.append(entry)
+    result = {
+        "suite": "latency",
+        "mode": "quick" if cfg.quick else "full",
+        "model": loaded.label,
+        "dtype": "fp32",
+        "fused_backend": fused,
+        "plans": _plan_info(plans, model),
+        "config": {"decode_cycles": cycles, "prefill_cycles": pcycles, "warmup": warmup, "prompt_len": T,
+                   "batches": list(cfg.batches), "k": cfg.k, "seed": cfg.seed, "timer":
+                   "CUDA events" if device.type == "cuda" else "time.perf_counter",
+                   "torch_threads": torch.get_num_threads()},
+        "load_average_before": load_before,
+        "scenarios": out_scen,
+        "peers": C.peer_versions(),
+    }
+    result["targets"] = evaluate_targets(result, quick=cfg.quick)
+    if device.type == "cuda":
+        try:
+            result["cuda_compile"] = compile_check(model, plans["blend+gains"],
+                                                   C.blend_gains_plan(model, seed=cfg.seed + 1, k=cfg.k),
+                                                   C.prompt_ids(loaded, 1, T, device, seed=cfg.seed),
+                                                   backend="triton", mode="reduce-overhead",
+                                                   cycles=cycles, warmup=warmup, log=log)
+        except Exception as e:  # noqa: BLE001 - reported in the JSON, never replaced by a number
+            result["cuda_compile"] = {"status": "ERROR", "reason": f"{type(e).__name__}: {e}"[:500]}
+    else:
+        result["cuda_compile"] = {"status": "skipped", "reason": CUDA_SKIP_NOTE}
+        log(f"  note: {CUDA_SKIP_NOTE}")
+    result["load_average_after"] = C.load_average()
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def _plan_info(plans, model) -> dict:
+    def one(p):
+        return {"entries": len(p.entries), "sites": sorted({e.site for e in p.entries}),
+                "layers": len({e.layer for e in p.entries})}
+    return {"blend+gains": one(plans["blend+gains"]), "additive": one(plans["additive"]),
+            "per-row": {"plans": len(plans["per-row"]), **one(next(iter(plans["per-row"].values())))}}
+
+
+def _fmt_phase(scenario, B, phase, summ, n) -> str:
+    van = summ["vanilla"]["median_ms"]
+    parts = [f"{a} {s['ratio_median']:.3f}" for a, s in summ.items() if a != "vanilla"]
+    return f"  {scenario:11s} b{B} {phase:7s} vanilla {van:7.2f} ms  ({n} cycles)  " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------------------------------
+def evaluate_targets(result: dict, quick: bool) -> list[dict]:
+    """One record per (target, scenario, batch, phase): the measured median ratio, its CI and whether the
+    target is met. ``quick`` results are on a tiny model and say nothing about the targets."""
+    fused = result["fused_backend"]
+    out = []
+
+    def add(target, label, scenario, batch, phase, summ):
+        if not summ or "ratio_median" not in summ:
+            return
+        lim = TARGETS[target]
+        out.append({"target": target, "what": label, "limit": lim, "scenario": scenario, "batch": batch,
+                    "phase": phase, "median": summ["ratio_median"], "ci": [summ["ratio_ci_low"],
+                                                                             summ["ratio_ci_high"]],
+                    "met": summ["ratio_median"] <= lim,
+                    "meaningful": not quick})
+
+    for sc in result["scenarios"]:
+        for phase, ph in sc["phases"].items():
+            arms, cross = ph["arms"], ph["cross"]
+            if sc["scenario"] == "blend+gains":
+                add("fused", f"{fused} / vanilla", sc["scenario"], sc["batch"], phase, arms.get(fused))
+                add("folded", "fold / vanilla", sc["scenario"], sc["batch"], phase, arms.get("fold"))
+            elif sc["scenario"] == "additive":
+                for peer in C.PEERS:
+                    add("fused_vs_peer", f"{fused} / {peer}", sc["scenario"], sc["batch"], phase,
+                        cross.get(f"{fused}/{peer}"))
+            elif sc["scenario"] == "per-row":
+                add("per_row", f"{fused} / vanilla (8 per-row plans)", sc["scenario"], sc["batch"], phase,
+                    arms.get(fused))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: static cache + torch.compile, zero recompiles on handle.update()
+# --------------------------------------------------------------------------------------------------
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "frames_ok": int(counters["frames"]["ok"]),
+            "frames_total": int(counters["frames"]["total"]),
+            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
+
+
+def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton", mode: str = "reduce-overhead",
+                  cycles: int = 100, warmup: int = 5, steps_after_update: int = 5, log=print) -> dict:
+    """Static KV cache + ``torch.compile`` decode steps: vanilla vs steered (two compiled copies of the model,
+    interleaved), then ``handle.update(plan2)`` (same sites, new values) must cause zero new graphs/frames and
+    must change the logits.
+
+    Written for CUDA (``mode="reduce-overhead"``: CUDA graphs; CUDA-event timing); on CPU it runs with
+    ``mode="default"`` but its timings are not what the suite reports.
+    """
+    from transformers import StaticCache
+
+    dev = ids.device
+    B, T = ids.shape
+    steered = copy.deepcopy(model)
+    handle = fs.attach(steered, plan, backend=backend)
+    try:
+        fns = {}
+        outs = {}
+        for name, m in (("vanilla", model), ("steered", steered)):
+            cache = StaticCache(config=m.config, max_cache_len=T + 8)
+            with torch.no_grad():
+                o = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(T, device=dev),
+                      position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
+            nxt = o.logits[:, -1:].argmax(-1)
+            pos = torch.tensor([T], device=dev)
+            compiled = torch.compile(m.forward, mode=mode, dynamic=False)
+
+            def step(compiled=compiled, nxt=nxt, pos=pos, cache=cache):
+                with torch.no_grad():
+                    return compiled(input_ids=nxt, past_key_values=cache, cache_position=pos,
+                                    position_ids=pos.expand(B, 1), use_cache=True).logits
+            fns[name] = step
+            for _ in range(3):  # compile + (CUDA graphs) record
+                outs[name] = fns[name]().float().clone()
+        before = _dynamo_counts()
+        logits_before = fns["steered"]().float().clone()
+        handle.update(plan2)
+        for _ in range(steps_after_update):
+            logits_after = fns["steered"]().float().clone()
+        after = _dynamo_counts()
+        delta = {k: after[k] - before[k] for k in before}
+        changed = not torch.equal(logits_before, logits_after)
+        handle.update(plan)
+        res = paired_steps(fns, {"vanilla": None, "steered": None}, cycles=cycles, warmup=warmup, device=dev,
+                           desc="compiled decode steps")
+        timing = {n: r.summary() for n, r in res.items()}
+        ok = all(v == 0 for v in delta.values()) and changed
+        out = {"status": "pass" if ok else "FAIL", "backend": backend, "mode": mode,
+               "dynamo_counts_before_update": before, "dynamo_counts_delta_after_update": delta,
+               "update_changed_logits": changed, "timing": timing,
+               "reason": "" if ok else ("handle.update() recompiled" if any(delta.values()) else
+                                        "handle.update() did not change the compiled model's logits")}
+        log(f"  compiled ({mode}, {backend}): steered/vanilla {timing['steered'].get('ratio_median', float('nan')):.3f}; "
+            f"update(): new graphs {delta['unique_graphs']}, recompiles {delta['recompiles']}, logits changed "
+            f"{changed} -> {out['status']}")
+        return out
+    finally:
+        handle.detach()

@@ -1,0 +1,135 @@
+"""`python -m bench {parity,latency,all} ...` (and `fusesteer bench ...`): runs the suites and writes results.
+
+Exit status: 0 when the parity gate passes (or only latency ran), 1 when the parity gate fails, 2 on a usage
+error (bad option, model that cannot load, CUDA requested without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fusesteer.commands.bench import EPILOG, add_arguments
+from fusesteer.errors import FuseSteerError
+
+from . import common as C
+from . import report as R
+from .latency import LatencyConfig, run_latency
+from .parity import ParityConfig, run_parity
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="fusesteer parity and latency benchmarks")
+    add_arguments(p)
+    return p
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise C.BenchError(f"--device {name!r}: expected cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise C.BenchError(f"--device {name!r}: expected cpu or cuda (cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise C.BenchError("--device cuda requested but no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def _check(args) -> None:
+    for name in ("cycles", "prefill_cycles", "steps", "threads"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise C.BenchError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.warmup is not None and args.warmup < 0:
+        raise C.BenchError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.cycles is not None and args.cycles < 5:
+        raise C.BenchError(f"--cycles {args.cycles}: at least 5 timed cycles are needed for a median and a CI")
+    if any(b < 1 for b in args.batches):
+        raise C.BenchError(f"--batches must be positive, got {args.batches}")
+
+
+def run(args) -> int:
+    """Run the suites selected by ``args`` (parsed with :func:`add_arguments`); returns the exit status."""
+    _check(args)
+    dev = _device(args.device)
+    threads = torch.get_num_threads()
+    # full run: 2 threads as in DESIGN §5; quick: 1 (tiny models gain nothing from threads, and on a shared,
+    # oversubscribed box OpenMP spin-waiting makes 2 threads many times slower)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
+    try:
+        return _run(args, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, dev: torch.device) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.getLogger("fusesteer").setLevel(logging.WARNING)
+    out = Path(args.out) if args.out else C.REPO / "bench" / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    machine = C.machine_info(dev)
+    mode = "quick (tiny random models)" if args.quick else f"full ({args.model})"
+    print(f"fusesteer bench {args.suite}, {mode}, device {dev}, {torch.get_num_threads()} threads; "
+          f"{machine['cpu_model']}; load average {machine['load_average_1_5_15']}")
+    if args.quick and args.model != "smollm2-135m":
+        print("  note: --model is ignored with --quick (tiny random models)")
+    rc = 0
+    if args.suite in ("parity", "all"):
+        print("parity vs the reference hooks:")
+        cfg = ParityConfig(quick=args.quick, model=args.model, device=str(dev), families=tuple(args.families),
+                           dtypes=tuple(args.dtypes), arms=tuple(a for a in args.arms if a not in ("reference", "hook")),
+                           steps=args.steps, seed=args.seed, all_triton=args.all_triton)
+        res = run_parity(cfg)
+        R.write_json(out / R.PARITY_JSON, machine, res)
+        if not args.no_plots:
+            R.plot_parity_layers(R.read_json(out / R.PARITY_JSON), out / R.PARITY_PNG)
+        bad = [r for r in res["rows"] if r["status"] in ("FAIL", "ERROR", "vacuous")]
+        print(f"parity gate: {'PASS' if res['ok'] else 'FAIL'} ({', '.join(f'{k} {v}' for k, v in res['counts'].items())}"
+              f"; {res['seconds']} s)")
+        for r in bad:
+            print(f"  {r['status']}: {r['model']} {r['dtype']} {r['plan']} {r['arm']}: {r.get('reason', '')}")
+        if not res["ok"]:
+            rc = 1
+    if args.suite in ("latency", "all"):
+        print("latency (steered / vanilla, median of paired ratios):")
+        cfg = LatencyConfig(quick=args.quick, model=args.model, device=str(dev), cycles=args.cycles,
+                            prefill_cycles=args.prefill_cycles, warmup=args.warmup, batches=tuple(args.batches),
+                            seed=args.seed, scenarios=tuple(args.scenarios), arms=tuple(args.arms),
+                            progress=args.progress)
+        res = run_latency(cfg)
+        R.write_json(out / R.LATENCY_JSON, machine, res)
+        if not args.no_plots:
+            R.plot_latency(R.read_json(out / R.LATENCY_JSON), out / R.LATENCY_PNG)
+        if args.quick:
+            print("  (quick mode: tiny model, the targets are not evaluated meaningfully)")
+        else:
+            for t in res["targets"]:
+                print(f"  target {t['target']:13s} {t['what']:32s} {t['scenario']:11s} b{t['batch']} {t['phase']:7s} "
+                      f"{t['median']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] <= {t['limit']}: "
+                      f"{'met' if t['met'] else 'MISSED'}")
+    path = R.write_report(out)
+    print(f"results: {out} ({path.name}, {', '.join(sorted(p.name for p in out.glob('*.json')))}"
+          f"{'' if args.no_plots else ', ' + ', '.join(sorted(p.name for p in out.glob('*.png')))})")
+    return rc
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except FuseSteerError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
