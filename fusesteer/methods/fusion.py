@@ -1162,6 +1162,7 @@ def evaluate_run(model, tokenizer, run_dir, *, records: Sequence[Mapping] | None
             out[a] = summarize(gs)
         return out
 
+    comparisons = _comparisons(failed, arms)
     consistent = sum(it["arms"][a]["answer"] == (it["optimizer_answers"].get(a) or "")
                      for it in items for a in it["optimizer_answers"] if a in it["arms"])
     total_opt = sum(1 for it in items for a in it["optimizer_answers"] if a in it["arms"])
@@ -1169,9 +1170,35 @@ def evaluate_run(model, tokenizer, run_dir, *, records: Sequence[Mapping] | None
         "run": str(run), "n_prompts": len(items), "n_baseline_failed": len(failed),
         "max_new_tokens": max_new_tokens, "judge": getattr(judge, "name", type(judge).__name__),
         "average_params": {f"{m}/{v}": p for (m, v), p in avg_params.items()},
-        "arms": arms, "summary_failed": summ(failed), "summary_all": summ(items),
+        "arms": arms, "summary_failed": summ(failed), "summary_all": summ(items), "comparisons": comparisons,
         "optimizer_answer_reproduced": [consistent, total_opt], "items": items,
     }
+
+
+def _comparisons(items: Sequence[Mapping], arms: Sequence[str]) -> list[dict]:
+    """Paired accuracy differences (bootstrap 95% CI, exact McNemar p) on the same prompts: every arm vs the
+    baseline, segmented vs full, and each per-prompt arm vs its answer-only and dataset-average ablations."""
+    from ..evaluate.stats import mcnemar_p, paired_bootstrap_diff
+
+    pairs = [(a, "baseline") for a in arms if a != "baseline"]
+    if "segmented" in arms and "full" in arms:
+        pairs.append(("segmented", "full"))
+    for a in arms:
+        for b in arms:
+            if a != b and a != "baseline" and b.startswith(a + " ("):
+                pairs.append((a, b))
+    out = []
+    for a, b in pairs:
+        rows = [it for it in items if a in it["arms"] and b in it["arms"]]
+        if not rows:
+            continue
+        ca = [bool(it["arms"][a]["accurate"]) for it in rows]
+        cb = [bool(it["arms"][b]["accurate"]) for it in rows]
+        d = paired_bootstrap_diff(ca, cb, n_boot=2000, seed=0)
+        out.append({"a": a, "b": b, "n": len(rows), "diff": d.estimate, "ci": [d.low, d.high],
+                    "mcnemar_p": mcnemar_p(ca, cb),
+                    "a_only": sum(x and not y for x, y in zip(ca, cb)), "b_only": sum(y and not x for x, y in zip(ca, cb))})
+    return out
 
 
 def write_report(report: Mapping, out_dir, stem: str = "fusion_eval", title: str = "Fusion Steering evaluation",
@@ -1197,6 +1224,14 @@ def write_report(report: Mapping, out_dir, stem: str = "fusion_eval", title: str
         lines.append(f"| {a} | {s['n']} | {s['accurate']} | {s['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | "
                      f"{s['mean_composite']:.3f} | {s['mean_overlap']:.3f} | {c['CORRECT']} | {c['INCORRECT']} | "
                      f"{c['NOT_ATTEMPTED']} |")
+    comps = report.get("comparisons") or []
+    if comps:
+        lines += ["", "Paired differences in accuracy on the same prompts (A − B; paired bootstrap 95% CI; exact "
+                      "McNemar p; prompts only A / only B gets right):", "",
+                  "| A | B | n | A − B | 95% CI | McNemar p | only A | only B |", "|---|---|---:|---:|---|---:|---:|---:|"]
+        for c in comps:
+            lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['diff']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+                         f"{c['mcnemar_p']:.3g} | {c['a_only']} | {c['b_only']} |")
     if report.get("average_params"):
         lines += ["", "Dataset-average α/γ: " + "; ".join(
             f"{k}: " + ", ".join(f"{p}={v:.3f}" for p, v in ps.items()) for k, ps in report["average_params"].items())]

@@ -1,0 +1,122 @@
+"""The bench command: the quick parity gate passes on the current code and fails on an injected regression;
+the quick latency suite runs and writes its outputs; the thresholds are the tests' thresholds."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any `import triton` (see bench/__init__.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import bench  # noqa: E402
+from bench import thresholds as TH  # noqa: E402
+
+
+def _load(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_parity(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-parity")
+    rc = bench.main(["parity", "--quick", "--out", str(out)])
+    return rc, out
+
+
+def test_quick_parity_gate_passes_and_writes_outputs(quick_parity):
+    rc, out = quick_parity
+    doc = _load(out / "parity.json")
+    res = doc["result"]
+    bad = [(r["model"], r["dtype"], r["plan"], r["arm"], r.get("reason")) for r in res["rows"]
+           if r["status"] in ("FAIL", "ERROR", "vacuous")]
+    assert rc == 0 and res["ok"], bad
+    rows = res["rows"]
+    passed = {(r["family"], r["dtype"], r["arm"]) for r in rows if r["status"] == "pass"}
+    for fam in ("llama", "gemma2", "gemma3", "qwen2", "qwen3"):
+        for arm in ("torch", "auto"):
+            assert (fam, "fp32", arm) in passed and (fam, "bf16", arm) in passed, (fam, arm)
+    assert ("llama", "fp32", "fold") in passed and ("llama", "int8", "torch") in passed
+    if bench.INTERPRETER_AT_IMPORT:
+        assert ("gemma3", "fp32", "triton") in passed
+    # every passing row really compared something: a non-trivial plan effect and the tests' tolerance
+    for r in rows:
+        if r["status"] == "pass":
+            assert r["effect"] > TH.MIN_EFFECT
+            assert r["max_abs"] <= TH.logit_tolerance(r["dtype"], r["arm"], r["ref_absmax"])
+            assert len(r["layer_err"]) == (4 if r["family"] == "gemma3" else 3)
+    # fold refuses what cannot fold, with the reason
+    fold_na = [r for r in rows if r["arm"] == "fold" and r["plan"] == "per-row"]
+    assert fold_na and all(r["status"] == "n/a" and "per-row" in r["reason"] for r in fold_na)
+    assert doc["machine"]["cpu_model"] and doc["machine"]["versions"]["torch"] == torch.__version__
+    md = (out / "report.md").read_text()
+    assert "## Parity (quick)" in md and "| tiny-gemma2 | bf16 | affine | torch | pass |" in md
+    assert (out / "parity_layers.png").stat().st_size > 1000
+
+
+def test_quick_parity_gate_fails_on_injected_regression(tmp_path, monkeypatch, capsys):
+    from fusesteer.runtime.backends import fused
+
+    real = fused.TorchBackend.apply
+
+    def perturbed(x, table, router):
+        return real(x, table, router) + 1e-3
+
+    monkeypatch.setattr(fused.TorchBackend, "apply", staticmethod(perturbed))
+    rc = bench.main(["parity", "--quick", "--families", "llama", "--dtypes", "fp32", "--arms", "torch",
+                     "--out", str(tmp_path)])
+    assert rc == 1
+    rows = _load(tmp_path / "parity.json")["result"]["rows"]
+    assert rows and all(r["status"] == "FAIL" and r["arm"] == "torch" for r in rows)
+    assert all(r["max_abs"] > TH.FP32_ABS for r in rows)
+    assert "parity gate: FAIL" in capsys.readouterr().out
+
+
+def test_quick_latency_runs_and_reports(tmp_path):
+    rc = bench.main(["latency", "--quick", "--out", str(tmp_path), "--cycles", "5", "--prefill-cycles", "5",
+                     "--scenarios", "blend+gains", "per-row", "--arms", "torch", "fold", "auto", "reference"])
+    assert rc == 0
+    doc = _load(tmp_path / "latency.json")
+    res = doc["result"]
+    assert res["mode"] == "quick" and res["config"]["decode_cycles"] == 5
+    got = {(s["scenario"], s["batch"]) for s in res["scenarios"]}
+    assert got == {("blend+gains", 1), ("blend+gains", 8), ("per-row", 8)}
+    for s in res["scenarios"]:
+        for phase in ("decode", "prefill"):
+            arms = s["phases"][phase]["arms"]
+            assert arms["vanilla"]["n"] == 5 and arms["vanilla"]["median_ms"] > 0
+            assert arms["torch"]["ratio_median"] > 0 and arms["torch"]["ratio_ci_low"] <= arms["torch"]["ratio_median"]
+    assert {t["target"] for t in res["targets"]} == {"fused", "folded", "per_row"}
+    assert not any(t["meaningful"] for t in res["targets"])
+    if not torch.cuda.is_available():
+        assert res["cuda_compile"]["status"] == "skipped" and "NOT run" in res["cuda_compile"]["reason"]
+    assert (tmp_path / "latency_ratios.png").stat().st_size > 1000
+    assert "### Targets" in (tmp_path / "report.md").read_text()
+
+
+def test_thresholds_are_the_tests_thresholds():
+    assert TH.logit_tolerance("fp32", "torch", 50.0) == 1e-5
+    assert TH.logit_tolerance("int8", "torch", 50.0) == 1e-4
+    assert TH.logit_tolerance("bf16", "torch", 10.0) == pytest.approx(0.02 * 10 + 1e-2)
+    assert TH.logit_tolerance("bf16", "triton", 10.0) == pytest.approx(0.03 * 10 + 2e-2)
+    assert TH.tokens_must_agree("fp32") and not TH.tokens_must_agree("bf16")
+    with pytest.raises(ValueError, match="no parity threshold"):
+        TH.logit_tolerance("fp64", "torch", 1.0)
+
+
+def test_cli_usage_errors(capsys):
+    from fusesteer.cli import main as cli_main
+
+    assert cli_main(["bench", "latency", "--quick", "--cycles", "3"]) == 2
+    assert "at least 5 timed cycles" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["parity", "--quick", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["parity", "--dtypes", "fp64"])
