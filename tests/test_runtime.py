@@ -46,8 +46,9 @@ def test_torch_matches_reference_fp32(tiny_models, family, site, sparse):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_torch_matches_reference_bf16(tiny_models, family):
-    model = tiny_models(family, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_torch_matches_reference_half(tiny_models, family, dtype):
+    model = tiny_models(family, dtype)
     plan = random_plan(model, SITES, seed=3, scale=0.3)
     ids = ids_for(model)
     out = {}
@@ -232,16 +233,21 @@ def tiny_8bit(tmp_path_factory):
     out = {}
     for family in ("llama", "gemma3"):
         path = tmp_path_factory.mktemp(f"tiny8_{family}")
-        tiny(family, seed=0).save_pretrained(path)
-        out[family] = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32).eval()
+        # bitsandbytes' CPU 4-bit path needs widths divisible by its block size (64)
+        tiny(family, seed=0, intermediate_size=128).save_pretrained(path)
+        for bits in ("8bit", "4bit"):
+            q = (BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else
+                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+            out[family, bits] = AutoModelForCausalLM.from_pretrained(path, quantization_config=q,
+                                                                     dtype=torch.float32).eval()
     return out
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_bitsandbytes_8bit_torch_matches_reference(tiny_8bit, family):
-    model = tiny_8bit[family]
-    assert "Linear8bitLt" in type(model.model.layers[0].mlp.down_proj).__name__
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_bitsandbytes_torch_matches_reference(tiny_8bit, family, bits):
+    model = tiny_8bit[family, bits]
+    assert ("Linear8bitLt" if bits == "8bit" else "Linear4bit") in type(model.model.layers[0].mlp.down_proj).__name__
     plan = random_plan(model, SITES, seed=21, scale=0.3)
     ids = ids_for(model)
     res = {}
