@@ -10,7 +10,11 @@ plans in the same runtime (backend ``torch``) and scored by the same harness:
 * CAA: mean ``layer.out`` difference added at one layer; (layer, multiplier) swept on validation;
 * ITI-style head shifts: top-K heads by paired separation, shift α·σ·θ̂; (K, α) swept;
 * ablations of AUSteer-FFN (paper Table 3): random localization, activation-difference localization,
-  fixed vector, fixed strength; each swept on the same (k, α) grid as AUSteer-FFN.
+  fixed vector, fixed strength; each at the k chosen for AUSteer-FFN, with α swept on validation over the
+  same α grid (their strengths live on different scales, e.g. the fixed vector's b = α·mean m).
+
+One streaming pass over the pairs records the head, FFN and ``layer.out`` sites together (CAA's vector is
+the mean ``layer.out`` momentum, the same quantity as ``baselines.caa_vectors``) plus ITI's head statistics.
 
 For each method the best validation cell (ties: fewer units, then smaller strength) is evaluated once on the
 test slice; reported with a Wilson 95% interval, the paired bootstrap CI of (method − vanilla) and an exact
@@ -61,10 +65,11 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     ap.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 10, 20, 50, 100])
-    ap.add_argument("--ablation-k", type=int, nargs="+", default=None, help="default: --k")
+    ap.add_argument("--ablation-k", type=int, nargs="+", default=None,
+                    help="k values for the ablations (default: the k chosen for AUSteer-FFN)")
     ap.add_argument("--ablation-alpha", type=float, nargs="+", default=None, help="default: --alpha")
-    ap.add_argument("--caa-layers", type=int, nargs="+", default=[3, 7, 11, 15, 19, 23])
-    ap.add_argument("--caa-scales", type=float, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--caa-layers", type=int, nargs="+", default=[4, 9, 14, 19, 24])
+    ap.add_argument("--caa-scales", type=float, nargs="+", default=[1, 4, 8])
     ap.add_argument("--iti-heads", type=int, nargs="+", default=[4, 16, 48])
     ap.add_argument("--iti-alpha", type=float, nargs="+", default=[1, 5, 15])
     ap.add_argument("--skip", nargs="*", default=[], help="methods to skip (e.g. iti fixed_vector)")
@@ -72,20 +77,26 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--render-only", action="store_true",
+                    help="only merge the per-dataset JSON files in --out into austeer_results.{json,md,png}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
+    if args.render_only:
+        render(out)
+        return 0
     model, tok = models.load(args.model, progress=False)
     n_heads = model.config.num_attention_heads
     from bench.common import machine_info
 
-    report = {"model": args.model, "machine": machine_info(torch.device("cpu")), "args": vars(args),
-              "datasets": {}}
-    json_path = out / "austeer_results.json"
     for ds in args.datasets:
+        report = {"model": args.model, "machine": machine_info(torch.device("cpu")), "args": vars(args),
+                  "datasets": {}}
+        json_path = out / f"austeer_results_{ds}.json"
+        t_ds = time.perf_counter()
         cfg = CONFIGS[ds]
         records = tasks.load_dataset(ds)
         kind = tasks.task_kind(records)
@@ -127,10 +138,15 @@ def main(argv=None) -> int:
 
         record_test("vanilla", van_test, None, 0)
 
+        van_val = tasks.evaluate(model, tok, val, kind, batch_size=bs, method=em, progress=False)
+        dsrep["vanilla_val_accuracy"] = van_val.accuracy
+        log(f"{ds}: vanilla val {van_val.accuracy:.3f}")
+
         def run_sweep(name, rows, cols, fn, row_name, col_name, units_of):
             t = time.perf_counter()
             res = A.sweep(model, tok, val, rows, cols, fn, method=f"{name} ({ds})", row_name=row_name,
-                          col_name=col_name, backend="torch", batch_size=bs, eval_method=em, vanilla=True)
+                          col_name=col_name, backend="torch", batch_size=bs, eval_method=em, vanilla=van_val)
+            res.info = {"seconds": res.seconds}
             dsrep["sweeps"][name] = res.to_dict()
             res.heatmap(out / f"austeer_sweep_{ds}_{name}.png", title=f"{name} on {ds} (validation)")
             best = res.best
@@ -138,53 +154,77 @@ def main(argv=None) -> int:
             plan = fn(best[row_name], best[col_name])
             record_test(name, ev(test, plan), {row_name: best[row_name], col_name: best[col_name],
                                                "val_accuracy": best["accuracy"]}, units_of(plan))
+            return best
 
         def n_units(plan):
             return int(sum(e.dims.numel() if e.dims is not None else plan.spec.site_width(e.site)
                            for e in plan.entries))
 
         ks, alphas = args.k, args.alpha
-        aks, aalphas = args.ablation_k or ks, args.ablation_alpha or alphas
-        locs = {}
+        # one pass over the pairs records head, ffn (AUSteer) and layer.out (CAA) plus ITI's head statistics
+        locs = A.localize_many(model, tok, pairs, ["head", "ffn", "layer.out"], batch_size=8, provenance=prov,
+                               extra={"head": {"iti": B.HeadStats(n_heads)}})
+        locs = {"head": locs["attn.o_proj.in"], "ffn": locs["mlp.out"], "layer.out": locs["layer.out"]}
+        dsrep["localization_seconds"]["head+ffn+layer.out (one pass)"] = locs["head"].seconds
+        log(f"{ds}: localized head, ffn, layer.out over {len(pairs)} pairs in {locs['head'].seconds:.0f}s")
         for site in ("head", "ffn"):
-            extra = {"iti": B.HeadStats(n_heads)} if site == "head" else None
-            locs[site] = A.localize(model, tok, pairs, site, batch_size=8, provenance=prov, extra=extra)
-            dsrep["localization_seconds"][site] = locs[site].seconds
-            log(f"{ds}: localized {site} over {len(pairs)} pairs in {locs[site].seconds:.0f}s; top score "
-                f"{float(locs[site].stats.scores.max()):.3f}")
             dsrep.setdefault("top_units", {})[site] = A.austeer_plan(locs[site], 10, 1.0).metadata["units"]
+            log(f"{ds}: {site} top score {float(locs[site].stats.scores.max()):.3f}")
+        best_k = {}
         for site in ("head", "ffn"):
             name = f"austeer_{site}"
             if name in args.skip:
                 continue
             loc = locs[site]
-            run_sweep(name, ks, alphas, lambda k, a, loc=loc: A.austeer_plan(loc, k, a), "k", "alpha", n_units)
+            best_k[site] = run_sweep(name, ks, alphas, lambda k, a, loc=loc: A.austeer_plan(loc, k, a), "k",
+                                     "alpha", n_units)["k"]
 
+        spec = locs["ffn"].spec
         if "caa" not in args.skip:
-            t = time.perf_counter()
-            vecs = B.caa_vectors(model, tok, pairs, batch_size=8)
-            log(f"{ds}: CAA vectors in {time.perf_counter() - t:.0f}s")
-            spec = locs["ffn"].spec
+            # mean layer.out difference at the last token = B.caa_vectors (caa.mean_difference), from the shared pass
+            vecs = locs["layer.out"].stats.mean_m.float()
             run_sweep("caa", args.caa_layers, args.caa_scales,
                       lambda l, s: B.caa_layer_plan(spec, l, vecs[l], s, prov), "layer", "scale", n_units)
         if "iti" not in args.skip:
             hs = locs["head"].extra["iti"]
-            spec = locs["head"].spec
             run_sweep("iti", args.iti_heads, args.iti_alpha, lambda K, a: B.iti_plan(hs, spec, K, a, prov),
                       "heads", "alpha", n_units)
         floc = locs["ffn"]
+        # ablations of AUSteer-FFN: the k chosen for AUSteer-FFN (or --ablation-k), alpha swept on validation
+        aks = args.ablation_k or [best_k.get("ffn", ks[0])]
+        aalphas = args.ablation_alpha or alphas
         for name in ("random", "actdiff", "fixed_vector", "fixed_strength"):
             if name in args.skip:
                 continue
             fn = B.ABLATIONS[name]
             run_sweep(name, aks, aalphas, lambda k, a, fn=fn: fn(floc, k, a), "k", "alpha", n_units)
 
-    report["wall_seconds"] = time.perf_counter() - t_start
-    json_path.write_text(json.dumps(report, indent=2))
-    (out / "austeer_results.md").write_text(markdown(report))
-    plot(report, out / "austeer_results.png")
-    log(f"done in {report['wall_seconds'] / 60:.1f} min -> {json_path}")
+        report["wall_seconds"] = time.perf_counter() - t_ds
+        json_path.write_text(json.dumps(report, indent=2))
+        log(f"{ds} done in {report['wall_seconds'] / 60:.1f} min -> {json_path}")
+    render(out)
+    log(f"all done in {(time.perf_counter() - t_start) / 60:.1f} min")
     return 0
+
+
+def render(out: Path) -> None:
+    """Merge every austeer_results_<dataset>.json in ``out`` into austeer_results.{json,md,png}."""
+    parts = sorted(out.glob("austeer_results_*.json"))
+    if not parts:
+        log(f"nothing to render in {out}")
+        return
+    reports = [json.loads(p.read_text()) for p in parts]
+    order = {d: i for i, d in enumerate(CONFIGS)}
+    reports.sort(key=lambda r: order.get(next(iter(r["datasets"]), ""), 99))
+    merged = {"model": reports[0]["model"], "machine": reports[0]["machine"], "datasets": {},
+              "runs": [{"dataset": next(iter(r["datasets"])), "wall_seconds": r.get("wall_seconds"),
+                        "machine": r["machine"], "args": r["args"]} for r in reports]}
+    for r in reports:
+        merged["datasets"].update(r["datasets"])
+    (out / "austeer_results.json").write_text(json.dumps(merged, indent=2))
+    (out / "austeer_results.md").write_text(markdown(merged))
+    plot(merged, out / "austeer_results.png")
+    log(f"rendered {out / 'austeer_results.md'}")
 
 
 LABELS = {"vanilla": "vanilla", "austeer_head": "AUSteer-Head", "austeer_ffn": "AUSteer-FFN", "caa": "CAA",
@@ -218,9 +258,11 @@ def markdown(report: dict) -> str:
                                 sw["accuracy"], sw["correct"], sw["n"], sw["vanilla_accuracy"], sw["vanilla_correct"])
             lines += ["<details><summary>validation sweep: " + LABELS.get(name, name) + "</summary>", "",
                       res.markdown(), "</details>", ""]
-    lines.append(f"Wall time {report.get('wall_seconds', 0) / 60:.1f} min, torch threads "
-                 f"{report['machine']['torch_threads']}, load average at start "
-                 f"{report['machine']['load_average_1_5_15']}.")
+    for run in report.get("runs", []):
+        lines.append(f"- {run['dataset']}: wall time {(run['wall_seconds'] or 0) / 60:.1f} min, torch threads "
+                     f"{run['machine']['torch_threads']}, load average at start "
+                     f"{run['machine']['load_average_1_5_15']} (shared 2-core machine), "
+                     f"{run['machine']['date_utc']}.")
     return "\n".join(lines) + "\n"
 
 

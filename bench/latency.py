@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 import fusesteer as fs
-from fusesteer.timing import (ArmResult, paired_decode_steps, paired_prefill_steps, paired_ratios, paired_steps,
-                              ratio_summary)
+from fusesteer.timing import (ArmResult, crop_cache, paired_decode_steps, paired_prefill_steps, paired_ratios,
+                              paired_steps, ratio_summary)
 
 from . import common as C
 
@@ -59,18 +59,18 @@ class LatencyConfig:
     scenarios: tuple = ("blend+gains", "additive", "per-row")
     arms: tuple = ("reference", "torch", "triton", "fold", "auto", "hook", "steering-vectors", "repeng")
     phases: tuple = ("decode", "prefill")
+    protocol: str = "attach"  # "attach": one model, each arm set up/torn down around its step; "copies"
     progress: bool = False
     log: object = print
-    extra: dict = field(default_factory=dict)
+    checkpoint: object = None  # called with the partial result after every scenario (long runs)
 
 
 def _fused_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def _arms_for(cfg: LatencyConfig, loaded: C.Loaded, scenario: str, plans: dict, device) -> tuple[dict, list]:
+def _arms_for(cfg: LatencyConfig, model, scenario: str, plans: dict, device) -> tuple[dict, list]:
     """(arms {name: factory}, notes [{arm, status, reason}]) of one scenario."""
-    model = loaded.model
     arms: dict = {"vanilla": None}
     notes: list = []
     want = [a for a in cfg.arms]
@@ -106,6 +106,62 @@ def _arms_for(cfg: LatencyConfig, loaded: C.Loaded, scenario: str, plans: dict, 
     else:
         raise C.BenchError(f"unknown latency scenario {scenario!r}")
     return arms, notes
+
+
+class _Copies:
+    """The "copies" protocol: every arm gets its own deep copy of the model with the arm applied once and
+    left in place, and its own KV cache; the interleaved steps then involve no set-up or tear-down at all
+    (no re-folding, no hook registration, no allocator churn right before a timed step). Costs one model
+    copy per arm in memory."""
+
+    def __init__(self, cfg, model, scenario, plans, device, names):
+        import contextlib
+
+        self.stack = contextlib.ExitStack()
+        self.models = {"vanilla": model}
+        for name in names:
+            if name == "vanilla":
+                continue
+            m = copy.deepcopy(model)
+            arms, _ = _arms_for(cfg, m, scenario, plans, device)
+            self.stack.enter_context(arms[name]())
+            self.models[name] = m
+
+    def time(self, phase, ids, cycles, warmup):
+        B, T = ids.shape
+        dev = ids.device
+        arms = {n: None for n in self.models}
+        steps, caches = {}, []
+        with torch.inference_mode():
+            for n, m in self.models.items():
+                if phase == "prefill":
+                    pos = torch.arange(T, device=dev).expand(B, T)
+                    steps[n] = (lambda m=m, pos=pos: m(input_ids=ids, position_ids=pos, use_cache=True))
+                    continue
+                out = m(input_ids=ids, position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
+                cache = out.past_key_values
+                caches.append(cache)
+                nxt = out.logits[:, -1:].argmax(-1)
+                pos = torch.full_like(nxt, T)
+                steps[n] = (lambda m=m, nxt=nxt, pos=pos, cache=cache:
+                            m(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True))
+
+        def run(fn):
+            def step():
+                with torch.inference_mode():
+                    fn()
+            return step
+
+        def crop():
+            for c in caches:
+                crop_cache(c, T)
+
+        return paired_steps({n: run(f) for n, f in steps.items()}, arms, cycles=cycles, warmup=warmup,
+                            device=dev, after_step=crop if caches else None, desc=f"{phase} (copies)")
+
+    def close(self):
+        self.stack.close()
+        self.models.clear()
 
 
 def _smoke(model, ids, factory) -> str | None:
@@ -158,7 +214,7 @@ def run_latency(cfg: LatencyConfig) -> dict:
         batches = (8,) if scenario == "per-row" else cfg.batches
         for B in batches:
             ids = C.prompt_ids(loaded, B, T, C.model_device(model), seed=cfg.seed)
-            arms, notes = _arms_for(cfg, loaded, scenario, plans, device)
+            arms, notes = _arms_for(cfg, model, scenario, plans, device)
             for name in list(arms):
                 if arms[name] is None:
                     continue
@@ -168,10 +224,14 @@ def run_latency(cfg: LatencyConfig) -> dict:
                     log(f"  {scenario} batch {B}: arm {name} left out: {err}")
                     del arms[name]
             entry = {"scenario": scenario, "batch": B, "prompt_len": T, "arms": list(arms), "notes": notes,
-                     "phases": {}}
+                     "load_average_at_start": C.load_average(), "phases": {}}
+            copies = _Copies(cfg, model, scenario, plans, device, list(arms)) if cfg.protocol == "copies" else None
             for phase in cfg.phases:
                 t0 = time.perf_counter()
-                if phase == "decode":
+                if copies is not None:
+                    n_c = cycles if phase == "decode" else pcycles
+                    res = copies.time(phase, ids, n_c, warmup if phase == "decode" else max(1, warmup // 3))
+                elif phase == "decode":
                     res = paired_decode_steps(model, ids, arms, cycles=cycles, warmup=warmup, position_ids=True,
                                               progress=cfg.progress)
                     n_c = cycles
@@ -190,7 +250,11 @@ def run_latency(cfg: LatencyConfig) -> dict:
                 entry["phases"][phase] = {"cycles": n_c, "arms": summ, "cross": _cross(res, pairs),
                                           "seconds": round(time.perf_counter() - t0, 1)}
                 log(_fmt_phase(scenario, B, phase, summ, n_c))
+            if copies is not None:
+                copies.close()
             out_scen.append(entry)
+            if cfg.checkpoint is not None:
+                cfg.checkpoint({"suite": "latency", "partial": True, "model": loaded.label, "scenarios": out_scen})
     result = {
         "suite": "latency",
         "mode": "quick" if cfg.quick else "full",
@@ -201,7 +265,7 @@ def run_latency(cfg: LatencyConfig) -> dict:
         "config": {"decode_cycles": cycles, "prefill_cycles": pcycles, "warmup": warmup, "prompt_len": T,
                    "batches": list(cfg.batches), "k": cfg.k, "seed": cfg.seed, "timer":
                    "CUDA events" if device.type == "cuda" else "time.perf_counter",
-                   "torch_threads": torch.get_num_threads()},
+                   "torch_threads": torch.get_num_threads(), "protocol": cfg.protocol},
         "load_average_before": load_before,
         "scenarios": out_scen,
         "peers": C.peer_versions(),
@@ -285,6 +349,15 @@ def _dynamo_counts() -> dict:
             "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
 
 
+def rewind_static_cache(cache, length: int) -> None:
+    """Put a StaticCache's write position back to ``length`` (transformers 5.x keeps it in an in-place
+    ``cumulative_length`` tensor per layer; 4.x wrote at the given ``cache_position``, nothing to do)."""
+    for layer in getattr(cache, "layers", ()):
+        n = getattr(layer, "cumulative_length", None)
+        if isinstance(n, torch.Tensor):
+            n.fill_(length)
+
+
 def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton", mode: str = "reduce-overhead",
                   cycles: int = 100, warmup: int = 5, steps_after_update: int = 5, log=print) -> dict:
     """Static KV cache + ``torch.compile`` decode steps: vanilla vs steered (two compiled copies of the model,
@@ -301,10 +374,16 @@ def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton"
     steered = copy.deepcopy(model)
     handle = fs.attach(steered, plan, backend=backend)
     try:
-        fns = {}
-        outs = {}
+        fns, caches = {}, []
+        graphs = {}
+
+        def rewind():  # outside the timed calls: the next step writes the same cache slot again
+            for c in caches:
+                rewind_static_cache(c, T)
+
         for name, m in (("vanilla", model), ("steered", steered)):
             cache = StaticCache(config=m.config, max_cache_len=T + 8)
+            caches.append(cache)
             with torch.no_grad():
                 o = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(T, device=dev),
                       position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
@@ -317,23 +396,30 @@ def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton"
                     return compiled(input_ids=nxt, past_key_values=cache, cache_position=pos,
                                     position_ids=pos.expand(B, 1), use_cache=True).logits
             fns[name] = step
+            c0 = _dynamo_counts()
             for _ in range(3):  # compile + (CUDA graphs) record
-                outs[name] = fns[name]().float().clone()
+                fns[name]()
+                rewind()
+            c1 = _dynamo_counts()
+            graphs[name] = {k: c1[k] - c0[k] for k in c1}
         before = _dynamo_counts()
         logits_before = fns["steered"]().float().clone()
+        rewind()
         handle.update(plan2)
         for _ in range(steps_after_update):
             logits_after = fns["steered"]().float().clone()
+            rewind()
         after = _dynamo_counts()
         delta = {k: after[k] - before[k] for k in before}
         changed = not torch.equal(logits_before, logits_after)
         handle.update(plan)
         res = paired_steps(fns, {"vanilla": None, "steered": None}, cycles=cycles, warmup=warmup, device=dev,
-                           desc="compiled decode steps")
+                           after_step=rewind, desc="compiled decode steps")
         timing = {n: r.summary() for n, r in res.items()}
         ok = all(v == 0 for v in delta.values()) and changed
         out = {"status": "pass" if ok else "FAIL", "backend": backend, "mode": mode,
-               "dynamo_counts_before_update": before, "dynamo_counts_delta_after_update": delta,
+               "compile_counts": graphs, "dynamo_counts_before_update": before,
+               "dynamo_counts_delta_after_update": delta,
                "update_changed_logits": changed, "timing": timing,
                "reason": "" if ok else ("handle.update() recompiled" if any(delta.values()) else
                                         "handle.update() did not change the compiled model's logits")}

@@ -104,11 +104,15 @@ def _run(args, dev: torch.device) -> int:
         cfg = LatencyConfig(quick=args.quick, model=args.model, device=str(dev), cycles=args.cycles,
                             prefill_cycles=args.prefill_cycles, warmup=args.warmup, batches=tuple(args.batches),
                             seed=args.seed, scenarios=tuple(args.scenarios), arms=tuple(args.arms),
-                            progress=args.progress)
+                            progress=args.progress, protocol=args.protocol,
+                            checkpoint=lambda part: R.write_json(out / "latency.partial.json", machine, part))
         res = run_latency(cfg)
-        R.write_json(out / R.LATENCY_JSON, machine, res)
+        (out / "latency.partial.json").unlink(missing_ok=True)
+        jname, pname = ((R.LATENCY_JSON, R.LATENCY_PNG) if args.protocol == "attach"
+                        else (R.LATENCY_COPIES_JSON, R.LATENCY_COPIES_PNG))
+        R.write_json(out / jname, machine, res)
         if not args.no_plots:
-            R.plot_latency(R.read_json(out / R.LATENCY_JSON), out / R.LATENCY_PNG)
+            R.plot_latency(R.read_json(out / jname), out / pname)
         if args.quick:
             print("  (quick mode: tiny model, the targets are not evaluated meaningfully)")
         else:

@@ -45,3 +45,14 @@ def random_plan(model, sites, sparse=False, seed=0, gating="all", scale=0.5):
             b = scale * torch.randn(n, generator=g)
             plan.add(layer=layer, site=site, a=a, b=b, dims=dims, gating=gating)
     return plan
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_modes():
+    """Fail any test that leaves inference mode (thread-local) or grad mode switched on/off behind it,
+    e.g. through a suspended generator that yields inside `torch.inference_mode()`."""
+    grad = torch.is_grad_enabled()
+    assert not torch.is_inference_mode_enabled(), "inference mode was left on by an earlier test"
+    yield
+    assert not torch.is_inference_mode_enabled(), "this test left torch.inference_mode() enabled"
+    assert torch.is_grad_enabled() == grad, "this test changed the global grad mode"

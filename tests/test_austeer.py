@@ -397,6 +397,12 @@ def test_iti_on_model_and_caa_plan(model, tok, yn_pairs, head_loc):
     assert len(plan.metadata["heads"]) == 3
     vec = B.caa_vectors(model, tok, yn_pairs[:8])
     assert vec.shape == (3, 64)
+    # one shared pass over several sites gives the same statistics as separate passes, and the layer.out
+    # mean momentum is the CAA vector
+    many = A.localize_many(model, tok, yn_pairs[:8], ["head", "layer.out"], batch_size=3)
+    one = A.localize(model, tok, yn_pairs[:8], "head", batch_size=8)
+    assert torch.equal(many["attn.o_proj.in"].stats.pos_count, one.stats.pos_count)
+    assert torch.allclose(many["layer.out"].stats.mean_m.float(), vec, atol=1e-4)
     cp = B.caa_layer_plan(head_loc.spec, 1, vec[1], 2.0)
     ids = torch.tensor([P.pair_token_ids(tok, yn_pairs[0])[0]])
     with torch.no_grad(), site_recorder(model, "layer.out") as before:

@@ -42,6 +42,15 @@ def word_tokenizer(bos=True):
                                    unk_token="<unk>"), vocab
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, oversubscribed CPU OpenMP spinning makes 2 threads far slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tok_vocab():
     return word_tokenizer()
@@ -267,6 +276,9 @@ def test_prefill_reuse_generated_gating_equals_fresh_prefill(llama, tok_vocab):
 
 
 def test_objective_and_normalisation():
+    assert F.repetition_rate([5, 5, 5, 5, 5]) == pytest.approx(1 - 1 / 4)
+    assert F.repetition_rate([1, 2, 3, 4]) == 0.0 and F.repetition_rate([7, 7]) == 0.0
+    assert F.objective_score(0.5, 0.0, lam=0.3, repetition=0.75) == pytest.approx(0.5 - 0.3 * 0.75)
     assert F.normalized_perplexity(0.0) == 0.0
     assert F.normalized_perplexity(math.log(1000.0) / 2) == pytest.approx(0.5)
     assert F.normalized_perplexity(50.0) == 1.0 and F.normalized_perplexity(float("nan")) == 1.0
@@ -290,10 +302,15 @@ def test_prompt_search_attaches_once_and_scores(llama, tok_vocab, monkeypatch):
                             max_new_tokens=4, progress=False)
     assert calls["attach"] == 1 and res["n_complete"] == 5 and len(res["values"]) == 5
     attrs = res["best_attrs"]
-    want = G.token_overlap(attrs["answer"], ["Jupiter"]) - 0.3 * attrs["ppl_norm"]
+    want = G.token_overlap(attrs["answer"], ["Jupiter"]) - 0.3 * max(attrs["ppl_norm"], attrs["repetition"])
     assert res["best_value"] == pytest.approx(want) and res["best_value"] == max(res["values"])
     assert res["plan"].metadata["params"] == pytest.approx(res["best_params"])
     assert getattr(llama, "_fusesteer_handle", None) is None  # detached afterwards
+    # the interpolated-patching blend with generated gating (prefill reuse) runs through the same search
+    res = F.optimize_prompt(llama, tok, ref, ["Jupiter"], n_trials=3, mode="segmented", blend="interp",
+                            gating="generated", batch_size=3, max_new_tokens=3, progress=False)
+    assert res["n_complete"] == 3 and res["plan"].metadata["steer_from"] == "last_prompt_token"
+    assert all(e.gating == "generated" and e.a is not None for e in res["plan"].entries)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def add_arguments(p) -> None:
     p.add_argument("--scenarios", nargs="+", choices=("blend+gains", "additive", "per-row"),
                    default=["blend+gains", "additive", "per-row"], help="latency scenarios")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="latency batch sizes")
+    p.add_argument("--protocol", choices=("attach", "copies"), default="attach",
+                   help="latency: 'attach' = one model, each arm attached/detached around its timed step "
+                        "(DESIGN §5); 'copies' = one deep copy of the model per arm, arm applied once (no set-up "
+                        "churn next to the timed step; one model copy per arm in memory)")
     p.add_argument("--all-triton", action="store_true",
                    help="parity --quick on CPU: run every Triton (interpreter) row, not just a few (slow)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -45,6 +45,8 @@ def register(sub, fmt):
     o.add_argument("--limit", type=int, default=None, help="first N records")
     o.add_argument("--offset", type=int, default=0, help="skip the first N records")
     o.add_argument("--trials", type=int, default=16, help="COMPLETE trials per prompt and mode")
+    o.add_argument("--max-new-tokens", type=int, default=24,
+                   help="answer length bound (greedy decoding; eval reuses it)")
     o.add_argument("--mode", nargs="+", default=["segmented"], choices=["full", "segmented"],
                    help="plan mode(s): full-layer (one alpha, gamma) or segmented (early/middle/late thirds)")
     o.add_argument("--variant", nargs="+", default=["explanation"], choices=["explanation", "answer"],
@@ -58,6 +60,9 @@ def register(sub, fmt):
     o.add_argument("--lam", type=float, default=0.3, help="weight of the normalised perplexity in the objective")
     o.add_argument("--ppl-cap", type=float, default=1000.0, help="perplexity normalisation cap (score uses "
                                                                   "min(1, log ppl / log cap))")
+    o.add_argument("--no-repetition-guard", action="store_true",
+                   help="paper-literal objective: overlap - lam*normalised perplexity only (the default also "
+                        "counts the share of repeated token bigrams as disfluency)")
     o.add_argument("--batch", type=int, default=4, help="trials decoded together as rows of one batch")
     o.add_argument("--storage", default=None, help="optuna RDB URL or SQLite path (default: OUT/studies.db)")
     o.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
@@ -87,7 +92,6 @@ def _common(p):
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
     p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
                    help="bitsandbytes weight quantization")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length bound (greedy decoding)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -134,7 +138,7 @@ def run_optimize(args):
         ppl_cap=args.ppl_cap, max_new_tokens=args.max_new_tokens, batch_size=args.batch, blend=args.blend,
         gating=args.gating, seed=args.seed, only_failed=not args.all_prompts, worker=args.worker,
         fail_running=args.fail_running, heartbeat_interval=args.heartbeat or None,
-        progress=not args.no_progress)
+        progress=not args.no_progress, repetition_guard=not args.no_repetition_guard)
     n_opt = sum(1 for r in summary["records"] if r["runs"])
     n_skip = sum(1 for r in summary["records"] if r.get("skipped"))
     print(f"optimized {n_opt} prompt(s), skipped {n_skip} where the baseline is already accurate; "
@@ -150,7 +154,6 @@ def run_eval(args):
     from ..evaluate.tasks import load_dataset
     from ..methods.fusion import evaluate_run, write_report
 
-    _positive("max-new-tokens", args.max_new_tokens)
     records = load_dataset(args.dataset) if args.dataset else None
     model, tok = _load(args)
     judge = RuleJudge() if args.judge == "rule" else HFJudge(args.judge)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,7 +43,7 @@ from .pairs import ContrastivePair, pair_token_ids
 
 __all__ = [
     "AUSteerError", "AU_SITES", "LOCALIZATIONS", "STEERINGS", "resolve_site", "MomentumStats",
-    "accumulate", "pair_activations", "Localization", "localize", "rank_units", "select_units",
+    "accumulate", "pair_activations", "Localization", "localize", "localize_many", "rank_units", "select_units",
     "austeer_gammas", "units_plan", "build_plan", "austeer_plan", "SweepResult", "sweep", "provenance",
 ]
 
@@ -186,13 +187,20 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site: str, *, batch_size: int = 8,
+def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site, *, batch_size: int = 8,
                      layers: Sequence[int] | None = None, add_special_tokens: bool = True,
-                     progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     progress: bool = False) -> Iterator:
     """Yield ``(pos, neg)`` fp32 CPU tensors [b, L, W]: the site's activation at the last token of each
     positive / negative sequence, for ``batch_size`` pairs per forward (both members in one batch of 2b
-    rows, right-padded with an attention mask; tokenized as the evaluation harness does)."""
-    site = resolve_site(site)
+    rows, right-padded with an attention mask; tokenized as the evaluation harness does).
+
+    ``site`` may also be a list of sites: then every forward records all of them and each item is
+    ``{site: (pos, neg)}``.
+    """
+    single = isinstance(site, str)
+    sites = [resolve_site(site)] if single else [resolve_site(s) for s in site]
+    if not sites or len(set(sites)) != len(sites):
+        raise AUSteerError(f"need one or more distinct sites, got {site!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AUSteerError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not pairs:
@@ -203,35 +211,39 @@ def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site: s
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(pairs), desc=f"localize {site}", unit="pair", leave=False)
+        bar = tqdm(total=len(pairs), desc=f"localize {', '.join(sites)}", unit="pair", leave=False)
     try:
-        with site_recorder(model, site, layers) as store, torch.inference_mode():
-            for s in range(0, len(pairs), batch_size):
-                chunk = pairs[s:s + batch_size]
-                seqs_pos, seqs_neg = [], []
-                for p in chunk:
-                    a, b = pair_token_ids(tokenizer, p, add_special_tokens)
-                    seqs_pos.append(a)
-                    seqs_neg.append(b)
-                seqs = seqs_pos + seqs_neg
-                width = max(len(q) for q in seqs)
-                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for r, q in enumerate(seqs):
-                    ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
-                    mask[r, :len(q)] = 1
-                last = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
-                store.clear()
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            seqs_pos, seqs_neg = [], []
+            for p in chunk:
+                a, b = pair_token_ids(tokenizer, p, add_special_tokens)
+                seqs_pos.append(a)
+                seqs_neg.append(b)
+            seqs = seqs_pos + seqs_neg
+            width = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, q in enumerate(seqs):
+                ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[r, :len(q)] = 1
+            last = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
+            rows = torch.arange(len(seqs))
+            n = len(chunk)
+            item = {}
+            # hooks live for this forward only: nothing stays installed while the caller holds the generator
+            with ExitStack() as stack, torch.inference_mode():
+                stores = {s: stack.enter_context(site_recorder(model, s, layers)) for s in sites}
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                       logits_to_keep=1)
-                rows = torch.arange(len(seqs))
-                acts = torch.stack([store[k][rows.to(store[k].device), last.to(store[k].device)].float().cpu()
-                                    for k in sorted(store)], dim=1)  # [2b, L, W]
-                store.clear()
-                n = len(chunk)
-                if bar is not None:
-                    bar.update(n)
-                yield acts[:n], acts[n:]
+                for s, st in stores.items():
+                    acts = torch.stack([st[k][rows.to(st[k].device), last.to(st[k].device)].float().cpu()
+                                        for k in sorted(st)], dim=1)  # [2b, L, W]
+                    st.clear()
+                    item[s] = (acts[:n], acts[n:])
+            if bar is not None:
+                bar.update(n)
+            yield item[sites[0]] if single else item
     finally:
         if bar is not None:
             bar.close()
@@ -274,13 +286,33 @@ def localize(model, tokenizer, pairs: Sequence[ContrastivePair], site: str = "he
     ``extra``: {name: accumulator with update(pos, neg)} fed from the same forwards (kept in ``.extra``).
     """
     site = resolve_site(site)
+    return localize_many(model, tokenizer, pairs, [site], batch_size=batch_size, layers=layers,
+                         provenance=provenance, extra={site: extra or {}}, progress=progress)[site]
+
+
+def localize_many(model, tokenizer, pairs: Sequence[ContrastivePair], sites: Sequence[str], *,
+                  batch_size: int = 8, layers: Sequence[int] | None = None, provenance: dict | None = None,
+                  extra: Mapping | None = None, progress: bool = False) -> dict[str, Localization]:
+    """Like :func:`localize` for several sites from the same forward passes: {site: Localization}.
+
+    ``extra``: {site: {name: accumulator}}. Every Localization's ``seconds`` is the shared wall time.
+    """
+    sites = [resolve_site(s) for s in sites]
+    extra = {resolve_site(k): dict(v) for k, v in (extra or {}).items()}
+    for k in extra:
+        if k not in sites:
+            raise AUSteerError(f"extra accumulators given for site {k!r}, which is not localized")
     spec = ModelSpec.from_model(model)
     t0 = time.perf_counter()
-    extra = dict(extra or {})
-    stats = MomentumStats(layers)
-    accumulate(pair_activations(model, tokenizer, pairs, site, batch_size=batch_size, layers=layers,
-                                progress=progress), stats, list(extra.values()))
-    return Localization(stats, site, spec, dict(provenance or {}), time.perf_counter() - t0, extra)
+    stats = {s: MomentumStats(layers) for s in sites}
+    for item in pair_activations(model, tokenizer, pairs, sites, batch_size=batch_size, layers=layers,
+                                 progress=progress):
+        for s, (pos, neg) in item.items():
+            stats[s].update(pos, neg)
+            for acc in extra.get(s, {}).values():
+                acc.update(pos, neg)
+    secs = time.perf_counter() - t0
+    return {s: Localization(stats[s], s, spec, dict(provenance or {}), secs, extra.get(s, {})) for s in sites}
 
 
 def rank_units(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,13 +547,14 @@ class SweepResult:
 def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Sequence,
           plan_fn: Callable[[object, object], SteeringPlan], *, method: str = "austeer", row_name: str = "k",
           col_name: str = "alpha", backend: str = "torch", batch_size: int = 8, eval_method: str = "logprob",
-          vanilla: bool = True, progress: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
+          vanilla=True, progress: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
     """Validation accuracy of ``plan_fn(row, col)`` for every grid cell.
 
     One attach per row value (the plan's sites depend on it) and ``handle.update()`` for each column value
     (same sites, new values in place). ``backend`` must support update() (``torch``, ``triton``,
     ``reference``; not ``fold``). Non-finite scores count as wrong in the harness, so a strength that
-    blows the model up shows as low accuracy rather than an error.
+    blows the model up shows as low accuracy rather than an error. ``vanilla``: True evaluates the unsteered
+    model too, False skips it, or pass its EvalResult on the same records to reuse it.
     """
     from ..evaluate.tasks import evaluate, task_kind
     from ..runtime.attach import attach
@@ -535,7 +568,14 @@ def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Se
     t0 = time.perf_counter()
     ev = lambda: evaluate(model, tokenizer, records, kind, batch_size=batch_size, method=eval_method,
                           progress=False)
-    van = ev() if vanilla else None
+    if vanilla is True:
+        van = ev()
+    elif vanilla is False or vanilla is None:
+        van = None
+    elif hasattr(vanilla, "accuracy") and hasattr(vanilla, "correct"):
+        van = vanilla  # an EvalResult of the unsteered model on the same records
+    else:
+        raise AUSteerError("vanilla must be True, False or the EvalResult of the unsteered model on these records")
     if log and van is not None:
         log(f"{method}: vanilla {van.accuracy:.3f}")
     acc = [[None] * len(cols) for _ in rows]

@@ -80,13 +80,14 @@ def capture_last_token(model, tokenizer, texts: Sequence[str], site: str, layers
     it = _batches(list(texts), batch_size)
     if progress:
         it = tqdm(it, total=(len(texts) + batch_size - 1) // batch_size, desc=f"capture {site}", leave=False)
-    with site_recorder(model, site, layers) as store, torch.inference_mode():
-        for chunk in it:
-            enc = _encode(tokenizer, chunk, device)
-            store.clear()
+    # hooks and inference mode only around each forward: a suspended generator must not leak either
+    # into the caller (inference mode is thread-local state; tensors made under it cannot be updated later)
+    for chunk in it:
+        enc = _encode(tokenizer, chunk, device)
+        with site_recorder(model, site, layers) as store, torch.inference_mode():
             model(**enc, use_cache=False)
-            keys = sorted(store)
-            yield torch.stack([store[k][:, -1, :].float().cpu() for k in keys], dim=1)
+            acts = torch.stack([store[k][:, -1, :].float().cpu() for k in sorted(store)], dim=1)
+        yield acts.clone()
 
 
 def capture_ids_last_token(model, input_ids: torch.Tensor, site: str, attention_mask=None,

@@ -28,15 +28,21 @@ Per prompt (question q with ground truth t):
    so the first answer token is steered too. Under ``"all"`` the steered prefill differs per trial and
    cannot be reused; the unsteered prefix is still reused for the perplexity pass.
 4. **Per-prompt search** (:class:`PromptSearch`, :func:`run_study`): Optuna TPE (fixed seed,
-   multivariate, constant liar) over α ∈ [0, 1], γ ∈ [0.01, 1] (per segment), maximising::
+   multivariate, constant liar) over α ∈ [0, 1] (uniform) and γ ∈ [0.01, 1] (log-uniform: γ is a scale,
+   and the per-layer shifts add up along the residual stream, so useful values sit near the low end)
+   per segment, maximising::
 
-       score = overlap(answer, truths) − λ · min(1, NLL / ln(ppl_cap))
+       score = overlap(answer, truths) − λ · max(min(1, NLL / ln(ppl_cap)), repetition)
 
    overlap: SQuAD token F1 (:func:`fusesteer.evaluate.grading.token_overlap`) of the extracted answer;
    NLL: mean negative log-likelihood (nats/token) of the generated tokens (EOS excluded, the stopping
    line break included) under the **unsteered** model — the steered model would call its own degenerate
    output fluent — so log-perplexity is normalised by ln(ppl_cap) (default cap 1000, λ = 0.3) and
-   clipped to [0, 1]; an empty answer scores 0 − λ. Trials run ``batch_size`` at a time as rows of one
+   clipped to [0, 1]; an empty answer scores 0 − λ. *repetition* (:func:`repetition_rate`, 1 − distinct /
+   total token bigrams of the generated tokens) is our guard, on by default (``repetition_guard=False``
+   gives the paper-literal objective): an unsteered model copies loops in context, so "ââââ…" or
+   "~~~~…" get a low perplexity, and on SmolLM2-135M the literal objective preferred such loops to a fluent
+   wrong answer. Trials run ``batch_size`` at a time as rows of one
    batch, each row routed to its own plan on a single attachment whose values change with
    ``handle.update()`` (no re-patching).
 
@@ -54,8 +60,9 @@ study and checked on reload. The loop asks/tells trials itself instead of ``stud
   ``fail_running=True`` fails every RUNNING trial at start (only when no other worker is alive);
 * an exception in a trial marks that batch FAIL and propagates; rerunning resumes.
 
-TPE's random state is not stored: a resumed or multi-worker study reseeds its sampler with
-``seed + 7919·worker + (trials already in the study)``, so only an uninterrupted single-worker run is
+The sampler seed is derived from (seed, study name), so prompts do not share their random start-up
+trials. TPE's random state is not stored: a resumed or multi-worker study reseeds its sampler with
+``that + 7919·worker + (trials already in the study)``, so only an uninterrupted single-worker run is
 exactly reproducible.
 """
 
@@ -90,7 +97,7 @@ __all__ = [
     "FusionError", "MODES", "BLENDS", "VARIANTS", "SEGMENTS", "DEFAULT_LAMBDA", "DEFAULT_PPL_CAP",
     "question_prompt", "enriched_parts", "truth_of", "truths_of", "generate_explanation", "explanation_for",
     "token_span", "Reference", "compute_reference", "segment_bounds", "param_space", "layer_params",
-    "fusion_plan", "average_params", "PromptRunner", "normalized_perplexity", "objective_score",
+    "fusion_plan", "average_params", "PromptRunner", "normalized_perplexity", "repetition_rate", "objective_score",
     "make_storage", "study_name", "run_study", "PromptSearch", "optimize_prompt", "optimize_records",
     "evaluate_run", "write_report",
 ]
@@ -107,8 +114,8 @@ SEGMENTS = ("early", "middle", "late")
 FUSION_GATINGS = ("all", "generated")
 DEFAULT_LAMBDA = 0.3
 DEFAULT_PPL_CAP = 1000.0
-ALPHA_RANGE = (0.0, 1.0)
-GAMMA_RANGE = (0.01, 1.0)
+ALPHA_RANGE = (0.0, 1.0, False)  # (low, high, log-scale sampling)
+GAMMA_RANGE = (0.01, 1.0, True)
 EXPLAIN_PROMPT = "Question: {question}\nAnswer: {truth}\nExplanation:"
 
 
@@ -349,9 +356,19 @@ def normalized_perplexity(nll: float, ppl_cap: float = DEFAULT_PPL_CAP) -> float
     return min(1.0, max(0.0, nll / math.log(ppl_cap)))
 
 
-def objective_score(overlap: float, nll: float, lam: float = DEFAULT_LAMBDA, ppl_cap: float = DEFAULT_PPL_CAP) -> float:
-    """overlap − λ · normalized_perplexity(nll)."""
-    return float(overlap) - float(lam) * normalized_perplexity(nll, ppl_cap)
+def repetition_rate(tokens: Sequence[int]) -> float:
+    """1 − distinct / total token bigrams of a generated sequence (0 for fewer than 3 tokens)."""
+    toks = list(tokens)
+    if len(toks) < 3:
+        return 0.0
+    bigrams = list(zip(toks, toks[1:]))
+    return 1.0 - len(set(bigrams)) / len(bigrams)
+
+
+def objective_score(overlap: float, nll: float, lam: float = DEFAULT_LAMBDA, ppl_cap: float = DEFAULT_PPL_CAP,
+                    repetition: float = 0.0) -> float:
+    """overlap − λ · max(normalized_perplexity(nll), repetition)  (repetition = 0 without the guard)."""
+    return float(overlap) - float(lam) * max(normalized_perplexity(nll, ppl_cap), float(repetition))
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,8 +519,9 @@ def segment_bounds(num_layers: int) -> list[tuple[int, int]]:
     return out
 
 
-def param_space(mode: str) -> dict[str, tuple[float, float]]:
-    """Search space: {"alpha": [0, 1], "gamma": [0.01, 1]} or the same per segment ("alpha_early", …)."""
+def param_space(mode: str) -> dict[str, tuple[float, float, bool]]:
+    """Search space {name: (low, high, log)}: α ∈ [0, 1] uniform, γ ∈ [0.01, 1] log-uniform (a scale), one pair
+    ("alpha", "gamma") or one per segment ("alpha_early", "gamma_early", …)."""
     if mode == "full":
         return {"alpha": ALPHA_RANGE, "gamma": GAMMA_RANGE}
     if mode == "segmented":
@@ -688,7 +706,7 @@ def run_study(evaluate: Callable[[list[dict]], list[tuple[float, dict]]], space:
     """Run (or resume, or join) a study until it holds ``n_trials`` COMPLETE trials; returns the study.
 
     ``evaluate(params_list) -> [(value, user_attrs), ...]`` scores a batch of parameter dicts (maximised).
-    ``space``: {name: (low, high)} sampled with ``suggest_float``. ``storage``: an Optuna storage, a URL,
+    ``space``: {name: (low, high[, log])} sampled with ``suggest_float``. ``storage``: an Optuna storage, a URL,
     a SQLite path or None (in memory). ``config``: the objective's settings, stored in the study on
     creation; reloading with different settings raises :class:`FusionError`. See the module docstring
     for the exact-count, heartbeat and resume rules.
@@ -738,10 +756,11 @@ def run_study(evaluate: Callable[[list[dict]], list[tuple[float, dict]]], space:
                 pass
     fail_stale()
     existing = len(study.get_trials(deepcopy=False))
+    base_seed = int(hashlib.sha256(f"{int(seed)}:{study_name}".encode()).hexdigest()[:8], 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         study.sampler = optuna.samplers.TPESampler(
-            seed=int(seed) + 7919 * int(worker) + existing, multivariate=True, constant_liar=True,
+            seed=(base_seed + 7919 * int(worker) + existing) % (2 ** 32), multivariate=True, constant_liar=True,
             n_startup_trials=n_startup_trials if n_startup_trials is not None else max(2, n_trials // 3))
     heartbeat = _Heartbeat(storage_obj, storage_obj.get_heartbeat_interval()) if hb_enabled else None
     bar = None
@@ -776,6 +795,8 @@ def run_study(evaluate: Callable[[list[dict]], list[tuple[float, dict]]], space:
             with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we beat
                 warnings.simplefilter("ignore")
                 asked = [study.ask() for _ in range(min(batch_size, room))]
+            if heartbeat is not None:  # beat at once: a trial without any heartbeat never turns stale
+                heartbeat.watch([t._trial_id for t in asked])
             live_numbers = sorted(t.number for t in study.get_trials(
                 deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
             run = []
@@ -788,7 +809,8 @@ def run_study(evaluate: Callable[[list[dict]], list[tuple[float, dict]]], space:
             if not run:
                 time.sleep(poll_interval)
                 continue
-            params = [{k: t.suggest_float(k, float(lo), float(hi)) for k, (lo, hi) in space.items()} for t in run]
+            params = [{k: t.suggest_float(k, float(sp[0]), float(sp[1]), log=bool(sp[2]) if len(sp) > 2 else False)
+                       for k, sp in space.items()} for t in run]
             if heartbeat is not None:
                 heartbeat.watch([t._trial_id for t in run])
             try:
@@ -836,7 +858,7 @@ class PromptSearch:
     def __init__(self, model, tokenizer, reference: Reference, truths: Sequence[str], *, mode: str = "full",
                  blend: str = "paper", gating: str = "all", lam: float = DEFAULT_LAMBDA,
                  ppl_cap: float = DEFAULT_PPL_CAP, max_new_tokens: int = 24, batch_size: int = 4,
-                 backend: str = "torch"):
+                 repetition_guard: bool = True, backend: str = "torch"):
         _check_unsteered(model, "PromptSearch")
         if mode not in MODES:
             raise FusionError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -850,11 +872,12 @@ class PromptSearch:
         self.truths = list(truths)
         self.mode, self.blend, self.gating = mode, blend, gating
         self.lam, self.ppl_cap = float(lam), float(ppl_cap)
+        self.repetition_guard = bool(repetition_guard)
         self.batch_size = batch_size
         self.spec = ModelSpec.from_model(model)
         self.space = param_space(mode)
         self.runner = PromptRunner(model, tokenizer, question_prompt(reference.question), max_new_tokens)
-        zero = {k: lo for k, (lo, hi) in self.space.items()}
+        zero = {k: spec_[0] for k, spec_ in self.space.items()}
         placeholder = fusion_plan(reference, self.spec, zero, mode, blend, gating)
         self.slots = [f"t{i}" for i in range(batch_size)]
         self.handle = attach(model, {s: placeholder for s in self.slots}, backend=backend, check_finite=False)
@@ -876,9 +899,10 @@ class PromptSearch:
                 ans = extract_answer(text)
                 ov = token_overlap(ans, self.truths)
                 pn = normalized_perplexity(nll, self.ppl_cap)
-                value = ov - self.lam * pn
+                rep = repetition_rate(toks) if self.repetition_guard else 0.0
+                value = objective_score(ov, nll, self.lam, self.ppl_cap, rep)
                 out.append((value, {"answer": ans, "overlap": ov, "nll": nll if math.isfinite(nll) else None,
-                                    "ppl_norm": pn, "n_tokens": len(toks)}))
+                                    "ppl_norm": pn, "repetition": rep, "n_tokens": len(toks)}))
         return out
 
     def close(self) -> None:
@@ -891,10 +915,12 @@ class PromptSearch:
         self.close()
 
 
-def _config(model, reference: Reference, *, mode, blend, gating, lam, ppl_cap, max_new_tokens) -> dict:
+def _config(model, reference: Reference, *, mode, blend, gating, lam, ppl_cap, max_new_tokens,
+            repetition_guard) -> dict:
     ex = reference.explanation or ""
     return {"model": ModelSpec.from_model(model).fingerprint(), "mode": mode, "blend": blend, "gating": gating,
             "lam": float(lam), "ppl_cap": float(ppl_cap), "max_new_tokens": int(max_new_tokens),
+            "repetition_guard": bool(repetition_guard),
             "variant": reference.variant, "truth": reference.truth,
             "explanation_sha": hashlib.sha256(ex.encode()).hexdigest()[:16]}
 
@@ -904,16 +930,16 @@ def optimize_prompt(model, tokenizer, reference: Reference, truths: Sequence[str
                     ppl_cap: float = DEFAULT_PPL_CAP, max_new_tokens: int = 24, batch_size: int = 4,
                     storage=None, name: str | None = None, seed: int = 0, worker: int = 0,
                     fail_running: bool = False, progress: bool = True, position: int | None = None,
-                    backend: str = "torch") -> dict:
+                    repetition_guard: bool = True, backend: str = "torch") -> dict:
     """Search (α, γ) for one prompt; returns the best trial and its plan (``"plan"``, a SteeringPlan)."""
     optuna = _optuna()
     name = name or study_name("adhoc", hashlib.sha256(reference.question.encode()).hexdigest()[:12], mode,
                               reference.variant, blend, gating)
     cfg = _config(model, reference, mode=mode, blend=blend, gating=gating, lam=lam, ppl_cap=ppl_cap,
-                  max_new_tokens=max_new_tokens)
+                  max_new_tokens=max_new_tokens, repetition_guard=repetition_guard)
     with PromptSearch(model, tokenizer, reference, truths, mode=mode, blend=blend, gating=gating, lam=lam,
                       ppl_cap=ppl_cap, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      backend=backend) as search:
+                      repetition_guard=repetition_guard, backend=backend) as search:
         study = run_study(search.evaluate, search.space, study_name=name, storage=storage, n_trials=n_trials,
                           seed=seed, batch_size=batch_size, config=cfg, fail_running=fail_running,
                           worker=worker, progress=progress, position=position)
@@ -993,7 +1019,8 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
                      max_new_tokens: int = 24, batch_size: int = 4, blend: str = "paper", gating: str = "all",
                      seed: int = 0, only_failed: bool = True, judge=None, worker: int = 0,
                      fail_running: bool = False, heartbeat_interval: int | None = 10,
-                     grace_period: int | None = None, progress: bool = True, backend: str = "torch") -> dict:
+                     grace_period: int | None = None, progress: bool = True, repetition_guard: bool = True,
+                     backend: str = "torch") -> dict:
     """Baseline → (baseline-failed) → reference → per-prompt study for each mode/variant → plan files.
 
     Layout of ``out_dir``: ``baseline/<id>.json``, ``refs/<id>.<variant>.safetensors``,
@@ -1045,7 +1072,8 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
                                           blend=blend, gating=gating, lam=lam, ppl_cap=ppl_cap,
                                           max_new_tokens=max_new_tokens, batch_size=batch_size, storage=st,
                                           name=name, seed=seed, worker=worker, fail_running=fail_running,
-                                          progress=progress, position=1, backend=backend)
+                                          progress=progress, position=1, repetition_guard=repetition_guard,
+                                          backend=backend)
                     plan = res.pop("plan")
                     plan.metadata.update({"record_id": rid, "dataset": dataset})
                     pfile = out / "plans" / f"{sid}.{mode}.{variant}.safetensors"
@@ -1055,6 +1083,7 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
                     g = grade(rec["question"], ans, truths_of(rec), judge)
                     result = {"id": rid, "question": rec["question"], "truths": truths_of(rec), "mode": mode,
                               "variant": variant, "blend": blend, "gating": gating, "lam": lam, "ppl_cap": ppl_cap,
+                              "repetition_guard": repetition_guard,
                               "max_new_tokens": max_new_tokens, "n_trials": n_trials, "model": fp,
                               "explanation": ref.explanation, "explanation_source": ref.explanation_source,
                               "plan": str(pfile.relative_to(out)),

@@ -41,11 +41,16 @@ class _Stash:
         self.version = -1
         self.normed = None
 
+    @staticmethod
+    def _ver(t):
+        # inference tensors have no version counter; identity is the check there
+        return -2 if t.is_inference() else t._version
+
     def put(self, s, normed):
-        self.s, self.version, self.normed = s, s._version, normed
+        self.s, self.version, self.normed = s, self._ver(s), normed
 
     def take(self, x):
-        if self.s is not None and x is self.s and x._version == self.version:
+        if self.s is not None and x is self.s and self._ver(x) == self.version:
             n = self.normed
             self.s = self.normed = None
             return n
