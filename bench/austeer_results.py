@@ -169,6 +169,8 @@ def main(argv=None) -> int:
         log(f"{ds}: localized head, ffn, layer.out over {len(pairs)} pairs in {locs['head'].seconds:.0f}s")
         for site in ("head", "ffn"):
             dsrep.setdefault("top_units", {})[site] = A.austeer_plan(locs[site], 10, 1.0).metadata["units"]
+            L, W = locs[site].stats.shape
+            dsrep.setdefault("n_aus", {})[site] = L * W
             log(f"{ds}: {site} top score {float(locs[site].stats.scores.max()):.3f}")
         best_k = {}
         for site in ("head", "ffn"):
@@ -253,6 +255,17 @@ def markdown(report: dict) -> str:
                          f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}] | {delta} | {p} |")
         lines += ["", f"Localization time over {d['pairs']['n_pairs']} pairs: "
                   + ", ".join(f"{k} {v:.1f}s" for k, v in d["localization_seconds"].items()), ""]
+        n_aus = d.get("n_aus") or _n_aus(report["model"])
+        if d.get("top_units"):
+            lines += ["Localization signal: the best momentum score found vs the 95th percentile of the best score "
+                      "among the same number of AUs if every momentum sign were a fair coin (independent units; "
+                      "a rough noise ceiling).", "",
+                      "| site | #AUs | top score | 10th score | null 95% max |", "|---|---:|---:|---:|---:|"]
+            for site, units in d["top_units"].items():
+                ceil = null_max_score(d["pairs"]["n_pairs"], n_aus[site])
+                lines.append(f"| {site} | {n_aus[site]} | {units[0]['score']:.3f} | {units[-1]['score']:.3f} | "
+                             f"{ceil:.3f} |")
+            lines.append("")
         for name, sw in d["sweeps"].items():
             res = A.SweepResult(sw["method"], sw["row_name"], sw["col_name"], sw["rows"], sw["cols"],
                                 sw["accuracy"], sw["correct"], sw["n"], sw["vanilla_accuracy"], sw["vanilla_correct"])
@@ -264,6 +277,27 @@ def markdown(report: dict) -> str:
                      f"{run['machine']['load_average_1_5_15']} (shared 2-core machine), "
                      f"{run['machine']['date_utc']}.")
     return "\n".join(lines) + "\n"
+
+
+def null_max_score(n_pairs: int, n_aus: int, q: float = 0.95, sims: int = 200, seed: int = 0) -> float:
+    """q-quantile of max over n_aus units of max(r_pos, r_neg) when each pair's sign is a fair coin."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    best = np.empty(sims)
+    for i in range(sims):
+        c = rng.binomial(n_pairs, 0.5, size=n_aus)
+        best[i] = np.maximum(c, n_pairs - c).max() / n_pairs
+    return float(np.quantile(best, q))
+
+
+def _n_aus(model_name: str) -> dict:
+    from transformers import AutoConfig
+
+    from fusesteer.runtime.plan import ModelSpec
+
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(models.cache_path(model_name), local_files_only=True))
+    return {s: spec.num_layers * spec.site_width(A.resolve_site(s)) for s in A.AU_SITES}
 
 
 def plot(report: dict, path: Path) -> None:

@@ -174,6 +174,11 @@ def test_fuzz_header_mutations(valid_bytes, data):
             expect_error = False
         if key == "layer" and isinstance(val, int) and not isinstance(val, bool) and 0 <= val < 4:
             expect_error = False
+        old_is_tensor = isinstance(old, dict) and "tensor" in old
+        val_is_scalar = (isinstance(val, dict) and set(val) == {"scalar"} and isinstance(val["scalar"], (int, float))
+                         and not isinstance(val["scalar"], bool) and math.isfinite(val["scalar"]))
+        if key in ("a", "b") and not old_is_tensor and (val is None or val_is_scalar):
+            expect_error = False  # a scalar a/b replaced by another scalar or removed: a valid plan
     elif kind == "model_field":
         key = data.draw(st.sampled_from(["model_type", "num_layers", "hidden_size", "intermediate_size", "attn_width", "x"]))
         meta["model"][key] = data.draw(BAD_VALUES)
