@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fusesteer").setLevel(logging.INFO)
+    logging.getLogger("fusesteer").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         rc = args.func(args)
     except FuseSteerError as e:

@@ -31,7 +31,7 @@ def _chat(tok, q: str) -> str:
     return f"Question: {q}\nAnswer:"
 
 
-def run_demo(model_name: str = "smollm2-135m", n_pairs: int = 16, layers=None, scale: float = 4.0,
+def run_demo(model_name: str = "smollm2-135m", n_pairs: int = 16, layers=None, scale: float = 0.5,
              max_new_tokens: int = 32, backend: str = "auto", cycles: int = 40, out_json: str | None = None,
              threads: int | None = None) -> dict:
     if threads:
@@ -40,10 +40,10 @@ def run_demo(model_name: str = "smollm2-135m", n_pairs: int = 16, layers=None, s
     model, tok = models.load(model_name)
     load_s = time.perf_counter() - t0
     n_layers = model.config.num_hidden_layers
-    layers = list(layers) if layers else [n_layers // 3, n_layers // 3 + 1, n_layers // 3 + 2]
+    layers = list(layers) if layers else [round(0.4 * n_layers)]
 
     records = load_dataset("strategyqa")
-    train, show = records[:n_pairs], records[n_pairs:n_pairs + 3]
+    train, show = records[:n_pairs], records[n_pairs:n_pairs + 4]
     pos = [f"Question: {r['question']}\nAnswer: Yes" for r in train]
     neg = [f"Question: {r['question']}\nAnswer: No" for r in train]
     t1 = time.perf_counter()

@@ -5,11 +5,11 @@ def register(sub, fmt):
     p = sub.add_parser("demo", formatter_class=fmt, help="steer the embedded default model end to end",
                        description="Load the embedded model, build a CAA plan from a few contrastive pairs, "
                                    "generate unsteered vs steered, report parity and the time ratio.",
-                       epilog="example:\n  fusesteer demo --scale 6 --layers 9 10 11")
+                       epilog="example:\n  fusesteer demo --scale 0.5 --layers 12")
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
     p.add_argument("--pairs", type=int, default=16, help="number of contrastive pairs")
-    p.add_argument("--layers", type=int, nargs="*", default=None, help="layers to steer (default: 3 at L/3)")
-    p.add_argument("--scale", type=float, default=4.0, help="multiplier of the mean difference")
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="layers to steer (default: the one at 0.4 L)")
+    p.add_argument("--scale", type=float, default=0.5, help="multiplier of the mean difference")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "fold", "reference"])
     p.add_argument("--cycles", type=int, default=40, help="interleaved timing steps")
