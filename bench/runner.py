@@ -121,8 +121,9 @@ def _run(args, dev: torch.device) -> int:
                       f"{t['median']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] <= {t['limit']}: "
                       f"{'met' if t['met'] else 'MISSED'}")
     path = R.write_report(out)
-    print(f"results: {out} ({path.name}, {', '.join(sorted(p.name for p in out.glob('*.json')))}"
-          f"{'' if args.no_plots else ', ' + ', '.join(sorted(p.name for p in out.glob('*.png')))})")
+    mine = [n for n in (R.PARITY_JSON, R.LATENCY_JSON, R.LATENCY_COPIES_JSON, R.PARITY_PNG, R.LATENCY_PNG,
+                        R.LATENCY_COPIES_PNG) if (out / n).exists()]
+    print(f"results: {out} ({', '.join([path.name] + mine)})")
     return rc
 
 

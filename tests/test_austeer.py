@@ -7,8 +7,6 @@ vectorised code, so a mistake in either shows up as a mismatch.
 from __future__ import annotations
 
 import json
-import math
-import random
 
 import pytest
 import torch

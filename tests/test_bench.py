@@ -120,3 +120,16 @@ def test_cli_usage_errors(capsys):
         assert "no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["parity", "--dtypes", "fp64"])
+
+
+def test_quick_latency_copies_protocol(tmp_path):
+    rc = bench.main(["latency", "--quick", "--protocol", "copies", "--out", str(tmp_path), "--cycles", "5",
+                     "--prefill-cycles", "5", "--scenarios", "additive", "--batches", "2", "--arms", "torch", "hook",
+                     "--no-plots"])
+    assert rc == 0
+    res = _load(tmp_path / "latency-copies.json")["result"]
+    assert res["config"]["protocol"] == "copies"
+    (sc,) = res["scenarios"]
+    assert sc["batch"] == 2 and set(sc["arms"]) == {"vanilla", "hook", "torch"}
+    assert sc["phases"]["decode"]["arms"]["torch"]["n"] == 5
+    assert "torch/hook" in sc["phases"]["decode"]["cross"]

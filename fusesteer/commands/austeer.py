@@ -10,7 +10,6 @@ Records are used in file order (the bundled dev files are already shuffled), so 
 
 from __future__ import annotations
 
-import json
 import sys
 
 

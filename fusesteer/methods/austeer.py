@@ -547,7 +547,7 @@ class SweepResult:
 def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Sequence,
           plan_fn: Callable[[object, object], SteeringPlan], *, method: str = "austeer", row_name: str = "k",
           col_name: str = "alpha", backend: str = "torch", batch_size: int = 8, eval_method: str = "logprob",
-          vanilla=True, progress: bool = False, log: Callable[[str], None] | None = None) -> SweepResult:
+          vanilla=True, log: Callable[[str], None] | None = None) -> SweepResult:
     """Validation accuracy of ``plan_fn(row, col)`` for every grid cell.
 
     One attach per row value (the plan's sites depend on it) and ``handle.update()`` for each column value
