@@ -52,7 +52,10 @@ def test_demo_cli_runs(smol, capsys, tmp_path):
     import json
 
     rep = json.loads(out_json.read_text())
-    assert rep["parity"]["max_abs_logit_diff"] <= 1e-4 and rep["parity"]["token_agreement"] == 1.0
+    # the default backend folds the plan into down_proj's bias: same math, but SmolLM2's residual stream carries
+    # massive activations (|x| ~ 2.4e4 from layer 12 on, fp32 ulp ~ 2e-3), so one re-associated add moves
+    # logits by up to ~3e-3; greedy tokens must still agree exactly
+    assert rep["parity"]["max_abs_logit_diff"] <= 1e-2 and rep["parity"]["token_agreement"] == 1.0
 
 
 @pytest.mark.slow
