@@ -86,13 +86,10 @@ def _load_or_error(data: bytes):
         return None
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_fuzz_byte_mutations(valid_bytes, data):
-    """Truncations, byte flips, insertions: every case ends in PlanError or an identical plan."""
-    raw = bytearray(valid_bytes)
-    original = fs.SteeringPlan.from_bytes(bytes(raw))
-    kind = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete", "length"]))
+def _mutate_bytes(blob: bytes, data, kinds):
+    """One random byte-level mutation of ``blob``: (kind, mutated bytes)."""
+    raw = bytearray(blob)
+    kind = data.draw(st.sampled_from(kinds))
     if kind == "truncate":
         raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
     elif kind == "flip":
@@ -105,10 +102,19 @@ def test_fuzz_byte_mutations(valid_bytes, data):
     elif kind == "delete":
         i = data.draw(st.integers(0, len(raw) - 1))
         del raw[i:i + data.draw(st.integers(1, 16))]
-    else:
+    else:  # "length": a hostile header length
         raw[:8] = struct.pack("<Q", data.draw(st.integers(0, 2**64 - 1)))
+    return kind, bytes(raw)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_byte_mutations(valid_bytes, data):
+    """Truncations, byte flips, insertions: every case ends in PlanError or an identical plan."""
+    original = fs.SteeringPlan.from_bytes(valid_bytes)
+    kind, raw = _mutate_bytes(valid_bytes, data, ["truncate", "flip", "insert", "delete", "length"])
     COUNTS["bytes"] += 1
-    plan = _load_or_error(bytes(raw))
+    plan = _load_or_error(raw)
     if plan is not None:
         # accepted only if the mutation hit insignificant bytes (e.g. header padding whitespace)
         assert _same_plan(plan, original), f"silently accepted a changed plan ({kind})"
@@ -428,22 +434,9 @@ def test_fuzz_gguf_mutations(valid_gguf, data, tmp_path_factory):
     checksum, so a flipped data byte is a different valid vector; structure and finiteness are checked)."""
     from fusesteer.interop import ControlVectorError, read_control_vector
 
-    raw = bytearray(valid_gguf)
-    kind = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete"]))
-    if kind == "truncate":
-        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
-    elif kind == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            i = data.draw(st.integers(0, len(raw) - 1))
-            raw[i] ^= data.draw(st.integers(1, 255))
-    elif kind == "insert":
-        i = data.draw(st.integers(0, len(raw)))
-        raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
-    else:
-        i = data.draw(st.integers(0, len(raw) - 1))
-        del raw[i:i + data.draw(st.integers(1, 16))]
+    kind, raw = _mutate_bytes(valid_gguf, data, ["truncate", "flip", "insert", "delete"])
     path = tmp_path_factory.mktemp("g") / "m.gguf"
-    path.write_bytes(bytes(raw))
+    path.write_bytes(raw)
     COUNTS["gguf"] = COUNTS.get("gguf", 0) + 1
     try:
         plan = read_control_vector(path, SPEC)

@@ -36,6 +36,26 @@ def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
     return y.to(x.dtype).reshape(shape)
 
 
+def tables_by_layer(handle) -> dict[int, dict]:
+    """{layer: {site: SiteTable}} of the attached plans."""
+    by_layer: dict[int, dict] = {}
+    for (layer_idx, site), table in handle.tables.items():
+        by_layer.setdefault(layer_idx, {})[site] = table
+    return by_layer
+
+
+def patch_o_proj(handle, layer_idx: int, layer, table, op) -> None:
+    """Patch ``self_attn.o_proj`` so its input goes through ``op(x, table)`` (returns x or the mapped x)."""
+    o_proj = layer.self_attn.o_proj
+    orig = handle.patcher.original_forward(o_proj)
+    check = handle.checker(layer_idx, "attn.o_proj.in")
+
+    def o_forward(x, *a, **k):
+        y = op(x, table)
+        return orig(check(y) if y is not x else x, *a, **k)
+    handle.patcher.set_forward(o_proj, o_forward)
+
+
 def _positional_names(fn) -> list[str]:
     try:
         params = list(inspect.signature(fn).parameters.values())
@@ -96,22 +116,13 @@ class TorchBackend:
 
     def install(self, handle) -> None:
         parts, patcher = handle.parts, handle.patcher
-        by_layer: dict[int, dict] = {}
-        for (layer_idx, site), table in handle.tables.items():
-            by_layer.setdefault(layer_idx, {})[site] = table
         router = handle.router
         apply = self.apply
-        for layer_idx, maps in sorted(by_layer.items()):
+        for layer_idx, maps in sorted(tables_by_layer(handle).items()):
             layer = parts.layers[layer_idx]
             t_attn = maps.get("attn.o_proj.in")
             if t_attn is not None:
-                o_proj = layer.self_attn.o_proj
-                orig = patcher.original_forward(o_proj)
-                check = handle.checker(layer_idx, "attn.o_proj.in")
-
-                def o_forward(x, *a, _orig=orig, _t=t_attn, _c=check, **k):
-                    return _orig(_c(apply(x, _t, router)), *a, **k)
-                patcher.set_forward(o_proj, o_forward)
+                patch_o_proj(handle, layer_idx, layer, t_attn, lambda x, t: apply(x, t, router))
             if any(s in maps for s in ("mlp.down_proj.in", "mlp.out", "layer.out")):
                 patcher.set_forward(layer, self.make_layer_forward(handle, layer_idx, layer, maps))
         self._install_stack(handle)

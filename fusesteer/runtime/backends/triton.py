@@ -23,7 +23,7 @@ import torch
 
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..tables import SiteTable
-from .fused import _positional_names
+from .fused import _positional_names, patch_o_proj, tables_by_layer
 
 
 def _norm_eps(norm) -> float:
@@ -97,9 +97,7 @@ class TritonBackend:
         stash = _Stash()
         slots = _SlotCache(router)
         handle._triton_stash = stash
-        by_layer: dict[int, dict] = {}
-        for (layer_idx, site), table in handle.tables.items():
-            by_layer.setdefault(layer_idx, {})[site] = table
+        by_layer = tables_by_layer(handle)
         layers = parts.layers
         act = fam.act
 
@@ -107,16 +105,10 @@ class TritonBackend:
             maps = by_layer.get(li, {})
             t_attn = maps.get("attn.o_proj.in")
             if t_attn is not None:
-                o_proj = layer.self_attn.o_proj
-                orig = patcher.original_forward(o_proj)
-                check = handle.checker(li, "attn.o_proj.in")
-
-                def o_forward(x, *a, _orig=orig, _t=t_attn, _c=check, **k):
-                    A, B, sl = slots.args(_t, x.numel() // x.shape[-1], x.device)
-                    if A is not None:
-                        x = _c(affine_map(x, A, B, sl))
-                    return _orig(x, *a, **k)
-                patcher.set_forward(o_proj, o_forward)
+                def o_op(x, t):
+                    A, B, sl = slots.args(t, x.numel() // x.shape[-1], x.device)
+                    return x if A is None else affine_map(x, A, B, sl)
+                patch_o_proj(handle, li, layer, t_attn, o_op)
             next_norm = layers[li + 1].input_layernorm if li + 1 < len(layers) else parts.final_norm
             patcher.set_forward(layer, self._layer_forward(handle, li, layer, maps, next_norm, stash, slots,
                                                            gemma, act))
