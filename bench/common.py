@@ -287,7 +287,9 @@ def _fusesteer_ctx(model, plan, backend, rows):
             from fusesteer.kernels import kernel_mode
 
             stack.enter_context(kernel_mode("triton"))  # the kernels themselves, never the torch fallback
-        h = stack.enter_context(fs.attach(model, plan, backend=backend))
+        # timing arms attach around every timed step: skip the first-forward NaN/Inf check (one isfinite + host
+        # sync per steered site), which would otherwise run on every timed step (parity compares logits directly)
+        h = stack.enter_context(fs.attach(model, plan, backend=backend, check_finite=False))
         if rows is not None:
             h.route(rows)
         yield h

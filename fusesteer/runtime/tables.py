@@ -83,6 +83,10 @@ class Router:
         # per-forward state read by the backends
         self.uniform_slot: int | None = 0
         self.slots: torch.Tensor | None = None  # [B*T] int32 when not uniform
+        # [B] int64 when every token of a row uses the same slot (one phase in this forward): lets the torch
+        # backend gather one table row per batch row and broadcast it over the sequence
+        self.row_slots: torch.Tensor | None = None
+        self.batch, self.seqlen = 0, 0
         self._slot_cache: dict = {}
 
     def set_rows(self, row_plans: list[int] | None) -> None:
@@ -110,12 +114,13 @@ class Router:
                     f"routing has {len(rows)} rows but the batch has {batch}; call handle.route() with one entry "
                     f"per batch row (generate() with num_return_sequences or beams expands the batch: route "
                     f"every expanded row)")
+        self.batch, self.seqlen = batch, seqlen
         n_gen_start = max(0, min(seqlen, prompt_len - past))  # first local index that is a generated token
         phases = {False} if n_gen_start >= seqlen else ({True} if n_gen_start == 0 else {False, True})
         plan_set = set(rows)
         if len(plan_set) == 1 and len(phases) == 1:
             self.uniform_slot = slot_of(rows[0], phases.pop())
-            self.slots = None
+            self.slots = self.row_slots = None
             return
         self.uniform_slot = None
         key = (tuple(rows), batch, seqlen, n_gen_start, str(device))
@@ -127,8 +132,10 @@ class Router:
             cached = slots.reshape(-1).to(torch.int32).to(device)
             if len(self._slot_cache) > 64:
                 self._slot_cache.clear()
+            row = slots[:, 0].to(torch.int64).to(device) if len(phases) == 1 else None
+            cached = (cached, row)
             self._slot_cache[key] = cached
-        self.slots = cached
+        self.slots, self.row_slots = cached
 
 
 def batch_shape_and_past(args, kwargs) -> tuple[int, int, int, torch.device]:

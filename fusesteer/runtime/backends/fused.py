@@ -30,6 +30,11 @@ def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
         y = xf + b if table.additive_rows[s] else torch.addcmul(b, xf, a)
         return y.to(x.dtype)
     shape = x.shape
+    rs = router.row_slots
+    if rs is not None and x.dim() == 3 and shape[0] == router.batch:
+        # one slot per batch row: gather [B, 1, W] rows and broadcast over the sequence
+        y = torch.addcmul(table.B[rs].unsqueeze(1), x.float(), table.A[rs].unsqueeze(1))
+        return y.to(x.dtype)
     slots = router.slots
     xf = x.reshape(-1, shape[-1]).float()
     y = torch.addcmul(table.B[slots], xf, table.A[slots])
