@@ -272,15 +272,16 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     return True, "CPU: Triton interpreter (TRITON_INTERPRET=1)"
 
 
-def fusesteer_arm(model, plan, backend: str, rows=None) -> Callable[[], object]:
-    """Our backends. ``plan``: a SteeringPlan or {name: plan}; ``rows``: per-row routing (plan names)."""
+def fusesteer_arm(model, plan, backend: str, rows=None, check_finite: bool = True) -> Callable[[], object]:
+    """Our backends. ``plan``: a SteeringPlan or {name: plan}; ``rows``: per-row routing (plan names);
+    ``check_finite``: passed to :func:`fusesteer.attach` (its one-time first-forward NaN/Inf check)."""
     def factory():
-        return _fusesteer_ctx(model, plan, backend, rows)
+        return _fusesteer_ctx(model, plan, backend, rows, check_finite)
     return factory
 
 
 @contextlib.contextmanager
-def _fusesteer_ctx(model, plan, backend, rows):
+def _fusesteer_ctx(model, plan, backend, rows, check_finite=True):
     stack = contextlib.ExitStack()
     with stack:
         if backend == "triton":

@@ -60,6 +60,9 @@ class LatencyConfig:
     arms: tuple = ("reference", "torch", "triton", "fold", "auto", "hook", "steering-vectors", "repeng")
     phases: tuple = ("decode", "prefill")
     protocol: str = "attach"  # "attach": one model, each arm set up/torn down around its step; "copies"
+    check_finite: bool = False  # attach(check_finite=...) for our arms: the check is a one-time first-forward
+    # cost, which the attach protocol would otherwise pay on every timed step (see the report)
+    aa_control: bool = True  # add "vanilla-2", a second unmodified arm: its ratio shows the noise/bias floor
     progress: bool = False
     log: object = print
     checkpoint: object = None  # called with the partial result after every scenario (long runs)
@@ -72,6 +75,8 @@ def _fused_name(device: torch.device) -> str:
 def _arms_for(cfg: LatencyConfig, model, scenario: str, plans: dict, device) -> tuple[dict, list]:
     """(arms {name: factory}, notes [{arm, status, reason}]) of one scenario."""
     arms: dict = {"vanilla": None}
+    if cfg.aa_control:
+        arms["vanilla-2"] = None
     notes: list = []
     want = [a for a in cfg.arms]
 
@@ -83,7 +88,7 @@ def _arms_for(cfg: LatencyConfig, model, scenario: str, plans: dict, device) -> 
                 notes.append({"arm": b, "status": "skipped", "reason": "Triton kernels on CPU run only in the "
                               "interpreter (~1000x slower): not a speed measure; timed on CUDA only"})
                 continue
-            arms[b] = C.fusesteer_arm(model, plan, b, rows)
+            arms[b] = C.fusesteer_arm(model, plan, b, rows, check_finite=cfg.check_finite)
 
     if scenario == "blend+gains":
         ours(("reference", "torch", "triton", "fold", "auto"), plans["blend+gains"])
@@ -124,7 +129,7 @@ class _Copies:
         for name in names:
             m = copy.deepcopy(model)  # vanilla too: every arm's weights are fresh copies made the same way
             self.models[name] = m
-            if name == "vanilla":
+            if name in ("vanilla", "vanilla-2"):
                 continue
             arms, _ = _arms_for(cfg, m, scenario, plans, device)
             self.stack.enter_context(arms[name]())
@@ -267,7 +272,8 @@ def run_latency(cfg: LatencyConfig) -> dict:
         "config": {"decode_cycles": cycles, "prefill_cycles": pcycles, "warmup": warmup, "prompt_len": T,
                    "batches": list(cfg.batches), "k": cfg.k, "seed": cfg.seed, "timer":
                    "CUDA events" if device.type == "cuda" else "time.perf_counter",
-                   "torch_threads": torch.get_num_threads(), "protocol": cfg.protocol},
+                   "torch_threads": torch.get_num_threads(), "protocol": cfg.protocol,
+                   "check_finite": cfg.check_finite, "aa_control": cfg.aa_control},
         "load_average_before": load_before,
         "scenarios": out_scen,
         "peers": C.peer_versions(),

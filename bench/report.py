@@ -131,9 +131,12 @@ def latency_md(doc: dict) -> list[str]:
           f"after each step), prefill: {c['prefill_cycles']} cycles of a {c['prompt_len']}-token prompt; timer "
           f"{c['timer']}; ratios are arm/vanilla within a cycle: median [95% bootstrap CI]; protocol `{proto}`: "
           + ("each arm is set up (attach / hooks / fold) right before its timed step and torn down after it, on "
-             "one model; so every timed step of a fusesteer arm is the first forward after an attach, which runs "
-             "the one-time finite check of `attach(check_finite=True)` (an isfinite pass per steered site), a "
-             "per-attach cost the copies protocol excludes" if proto == "attach" else
+             "one model; " + ("every timed step of a fusesteer arm is then the first forward after an attach, "
+                              "which runs the one-time finite check of `attach(check_finite=True)` (an isfinite "
+                              "pass per steered site): a per-attach cost included here"
+                              if c.get("check_finite", True) else
+                              "our arms are attached with `check_finite=False` (that check runs once per attach "
+                              "and would otherwise be charged to every timed step)") if proto == "attach" else
              "each arm runs on its own deep copy of the model, set up once and left in place, with its own KV "
              "cache (steady state: no set-up next to a timed step; the one-time first-forward check is done in "
              "the untimed prefill / warm-up)"),

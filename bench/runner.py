@@ -104,7 +104,8 @@ def _run(args, dev: torch.device) -> int:
         cfg = LatencyConfig(quick=args.quick, model=args.model, device=str(dev), cycles=args.cycles,
                             prefill_cycles=args.prefill_cycles, warmup=args.warmup, batches=tuple(args.batches),
                             seed=args.seed, scenarios=tuple(args.scenarios), arms=tuple(args.arms),
-                            progress=args.progress, protocol=args.protocol,
+                            progress=args.progress, protocol=args.protocol, phases=tuple(args.phases),
+                            check_finite=args.check_finite,
                             checkpoint=lambda part: R.write_json(out / "latency.partial.json", machine, part))
         res = run_latency(cfg)
         (out / "latency.partial.json").unlink(missing_ok=True)

@@ -130,6 +130,7 @@ def test_quick_latency_copies_protocol(tmp_path):
     res = _load(tmp_path / "latency-copies.json")["result"]
     assert res["config"]["protocol"] == "copies"
     (sc,) = res["scenarios"]
-    assert sc["batch"] == 2 and set(sc["arms"]) == {"vanilla", "hook", "torch"}
+    assert sc["batch"] == 2 and set(sc["arms"]) == {"vanilla", "vanilla-2", "hook", "torch"}
+    assert sc["phases"]["decode"]["arms"]["vanilla-2"]["n"] == 5  # the A/A control arm
     assert sc["phases"]["decode"]["arms"]["torch"]["n"] == 5
     assert "torch/hook" in sc["phases"]["decode"]["cross"]

@@ -47,6 +47,11 @@ def add_arguments(p) -> None:
     p.add_argument("--scenarios", nargs="+", choices=("blend+gains", "additive", "per-row"),
                    default=["blend+gains", "additive", "per-row"], help="latency scenarios")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="latency batch sizes")
+    p.add_argument("--check-finite", action="store_true",
+                   help="latency: attach our arms with check_finite=True (default off: that check runs once per "
+                        "attach, so the attach protocol would charge it to every timed step)")
+    p.add_argument("--phases", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"],
+                   help="latency phases")
     p.add_argument("--protocol", choices=("attach", "copies"), default="attach",
                    help="latency: 'attach' = one model, each arm attached/detached around its timed step "
                         "(DESIGN §5); 'copies' = one deep copy of the model per arm, arm applied once (no set-up "
