@@ -1,7 +1,7 @@
 """The `reference` backend: plain PyTorch hooks applying x' = a*x + b in fp32 (the oracle).
 
 Obviously right, deliberately simple: every hook gathers the per-token (a, b) from the plan table and
-computes ``(A[slot] * x.float() + B[slot]).to(x.dtype)``. Every other backend is tested against it.
+computes ``addcmul(B[slot], A[slot], x.float()).to(x.dtype)`` (b + a*x in fp32). Every other backend is tested against it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
         slots = router.slots.to(device=x.device, dtype=torch.long)
     a = table.A[slots]
     b = table.B[slots]
-    y = a * xf + b
+    y = torch.addcmul(b, a, xf)  # b + a*x in fp32, one rounding (as a fused multiply-add would)
     return y.to(x.dtype).reshape(shape)
 
 
