@@ -75,8 +75,8 @@ class SteeringHandle:
         self._checked = not check_finite
         self.attached = False
         self._depth = 0
-        devices = {i: layer_device(l) for i, l in enumerate(self.parts.layers)}
-        self.tables = build_tables([self.plans[n] for n in self.plan_names], self.spec, devices)
+        self._devices = {i: layer_device(l) for i, l in enumerate(self.parts.layers)}
+        self.tables = build_tables([self.plans[n] for n in self.plan_names], self.spec, self._devices)
         self.backend = _get_backend(backend, model)
         self.report: dict = {}
 
@@ -159,8 +159,7 @@ class SteeringHandle:
         plan.bind(self.spec)
         new_plans = dict(self.plans)
         new_plans[name] = plan
-        devices = {i: layer_device(l) for i, l in enumerate(self.parts.layers)}
-        new = build_tables([new_plans[n] for n in self.plan_names], self.spec, devices)
+        new = build_tables([new_plans[n] for n in self.plan_names], self.spec, self._devices)
         if set(new) != set(self.tables):
             raise AttachError("update() needs the same (layer, site) set as the attached plans; detach and "
                               "attach again to change where the plan acts")
