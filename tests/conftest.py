@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Triton's interpreter must be on before anything imports Triton: its library functions (tl.sum, ...) are
+# built at Triton's import under the setting of that moment. Machines without CUDA run every kernel through it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,11 +1,23 @@
 """Plan tables and per-token routing shared by every run-time backend.
 
 Several plans attached at once are compiled into one table per touched (layer, site):
-``A, B: float32 [S, W]`` with S = 1 + 2 * n_plans. Row 0 is the identity; plan p (1-based) owns row
+``A, B: float32 [S, W]`` with S = 1 + 2 * capacity. Row 0 is the identity; plan p (1-based) owns row
 ``2p - 1`` (its map for prompt tokens) and row ``2p`` (its map for generated tokens), each the composition
 of that plan's entries whose gating admits the phase. A token's *slot* therefore encodes both the routing
 (which plan its batch row uses) and the gating (prompt or generated position), and a backend only ever
 computes ``x' = A[slot] * x + B[slot]``.
+
+Routing is computed on the device, once per forward, from tensors the model already has: the token positions
+every decoder layer receives (``position_ids``), a persistent per-row plan-id tensor and a persistent per-row
+prompt-length tensor, all written in place. No host sync, no Python branch on tensor values, no HF keyword for
+the KV cache: the same code runs eagerly, under ``torch.compile(fullgraph=True)`` and inside CUDA graphs, and
+changing the routing or a plan's values never recompiles.
+
+A token at position ``p`` of row ``r`` is a *generated* token iff ``p >= prompt_len[r]``. The prompt length is
+learnt on the device: inside ``generate()`` at its first forward (``max position + 1`` per row, so left padding
+with positions from the attention mask gives each row its own length, and ``use_cache=False``, which re-runs
+the whole sequence every step, keeps the length of the real prompt); outside ``generate()`` at every forward
+whose row starts at position 0 (a hand-written loop's prefill). ``set_prompt_length`` overrides both.
 """
 
 from __future__ import annotations
@@ -22,6 +34,26 @@ def slot_of(plan_id: int, generated: bool) -> int:
     return 0 if plan_id == 0 else 2 * plan_id - 1 + int(generated)
 
 
+def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x' = a*x + b in fp32 with one rounding (addcmul), cast back to x's dtype: the one steering formula."""
+    if x.dtype == torch.float32:
+        return torch.addcmul(b, x, a)
+    return torch.addcmul(b, x.float(), a).to(x.dtype)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _static(t: torch.Tensor) -> torch.Tensor:
+    """Mark a persistent tensor as a static input for torch.compile / CUDA graphs (written in place only)."""
+    try:
+        torch._dynamo.mark_static_address(t)
+    except Exception:  # noqa: BLE001 - older torch, or a tensor dynamo cannot mark: plain input then
+        pass
+    return t
+
+
 @dataclass
 class SiteTable:
     layer: int
@@ -30,124 +62,239 @@ class SiteTable:
     B: torch.Tensor
     identity_rows: list[bool]  # per slot: row is exactly (1, 0)
     additive_rows: list[bool]  # per slot: a == 1 everywhere (x + b suffices)
+    phase_free: list[bool] = field(default_factory=list)  # per plan id: prompt row == generated row
     rows_a: list = field(default_factory=list)  # per-slot views A[s] (1-D)
     rows_b: list = field(default_factory=list)
 
     def __post_init__(self):
         self.rows_a = [self.A[s] for s in range(self.A.shape[0])]
         self.rows_b = [self.B[s] for s in range(self.B.shape[0])]
+        _static(self.A)
+        _static(self.B)
 
     @property
     def n_slots(self) -> int:
         return self.A.shape[0]
 
+    def write(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """New values in place (host tensors [S, W]); the row flags follow."""
+        self.A.copy_(A)
+        self.B.copy_(B)
+        self.identity_rows[:], self.additive_rows[:], self.phase_free[:] = _row_flags(A, B)
 
-def build_tables(plans: list[SteeringPlan], spec: ModelSpec, devices: dict[int, torch.device]) -> dict:
-    """Compile plans (plan id i+1 = plans[i]) into {(layer, site): SiteTable}."""
-    n_slots = 1 + 2 * len(plans)
-    maps = [p.phase_maps(spec) for p in plans]
-    keys = sorted({k for m in maps for k in m})
-    tables = {}
+
+def _row_flags(A: torch.Tensor, B: torch.Tensor):
+    n = A.shape[0]
+    ident = [bool((A[s] == 1).all() and (B[s] == 0).all()) for s in range(n)]
+    addit = [bool((A[s] == 1).all()) for s in range(n)]
+    free = [True] + [bool(torch.equal(A[2 * p - 1], A[2 * p]) and torch.equal(B[2 * p - 1], B[2 * p]))
+                     for p in range(1, (n - 1) // 2 + 1)]
+    return ident, addit, free
+
+
+def host_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, keys, capacity: int) -> dict:
+    """{(layer, site): (A, B)} float32 host tensors for plans {plan id: plan} over the given keys."""
+    n_slots = 1 + 2 * capacity
+    maps = {pid: p.phase_maps(spec) for pid, p in plans.items()}
+    out = {}
     for key in keys:
-        layer, site = key
-        width = spec.site_width(site)
+        width = spec.site_width(key[1])
         A = torch.ones(n_slots, width, dtype=torch.float32)
         B = torch.zeros(n_slots, width, dtype=torch.float32)
-        for pid, m in enumerate(maps, start=1):
-            if key not in m:
-                continue
-            for ph in PHASES:
-                s = slot_of(pid, ph == "generated")
-                A[s], B[s] = m[key][ph]
-        ident = [bool((A[s] == 1).all() and (B[s] == 0).all()) for s in range(n_slots)]
-        addit = [bool((A[s] == 1).all()) for s in range(n_slots)]
-        dev = devices.get(layer)
-        tables[key] = SiteTable(layer, site, A.to(dev), B.to(dev), ident, addit)
+        for pid, m in maps.items():
+            if key in m:
+                for ph in PHASES:
+                    s = slot_of(pid, ph == "generated")
+                    A[s], B[s] = m[key][ph]
+        out[key] = (A, B)
+    return out
+
+
+def plan_keys(plans) -> set:
+    return {k for p in plans for k in p.phase_maps()}
+
+
+def build_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, devices: dict[int, torch.device], keys,
+                 capacity: int) -> dict:
+    """Compile plans {plan id: plan} into {(layer, site): SiteTable} over ``keys``."""
+    tables = {}
+    for key, (A, B) in host_tables(plans, spec, sorted(keys), capacity).items():
+        ident, addit, free = _row_flags(A, B)
+        dev = devices.get(key[0])
+        tables[key] = SiteTable(key[0], key[1], A.to(dev), B.to(dev), ident, addit, free)
     return tables
 
 
 class Router:
-    """Decides, for each forward pass, which slot every token uses.
+    """Computes, once per forward and on the device, the slot of every token.
 
-    ``row_plans``: per batch row plan id (0 = unsteered), or None = every row uses ``default_plan``.
-    The prompt length is learnt at the first forward of a sequence (empty KV cache): positions at or after
-    it are *generated* tokens. It can also be set explicitly with :meth:`set_prompt_length`.
+    Host-side it remembers what ``route`` / ``route_all`` asked (for the eager fast paths and for error
+    messages); device-side it keeps ``plan`` (per-row plan ids) and ``plen`` (per-row prompt lengths), both
+    int64 ``[capacity_rows, 1]`` written in place, plus two flags ``[force, auto]`` that say when the prompt
+    length is learnt.
     """
 
-    def __init__(self, n_plans: int, default_plan: int | None):
+    def __init__(self, n_plans: int, default_plan: int | None, device=None, rows: int = 64):
         self.n_plans = n_plans
         self.default_plan = default_plan
-        self.row_plans: list[int] | None = None
-        self.prompt_len: int | None = None
-        self._explicit_prompt_len = False
-        # per-forward state read by the backends
-        self.uniform_slot: int | None = 0
-        self.slots: torch.Tensor | None = None  # [B*T] int32 when not uniform
-        # [B] int64 when every token of a row uses the same slot (one phase in this forward): lets the torch
-        # backend gather one table row per batch row and broadcast it over the sequence
-        self.row_slots: torch.Tensor | None = None
-        self.batch, self.seqlen = 0, 0
-        self._slot_cache: dict = {}
+        self.host_rows: list[int] | None = None  # route(): plan id per row
+        self.n_rows = 0  # len(host_rows), read under compile instead of the list
+        self.tokens = None  # route_tokens(): (plan ids, prompt lengths) broadcastable to [batch, seq]
+        self.explicit = False  # set_prompt_length() was given lengths
+        self.device = device
+        self.plan = _static(torch.zeros(rows, 1, dtype=torch.int64, device=device))
+        self.plen = _static(torch.zeros(rows, 1, dtype=torch.int64, device=device))
+        self.flags = _static(torch.tensor([0, 1], dtype=torch.int64, device=device))  # [force, auto]
+        self._fill_default()
+        self._update_ready()
+        # per-forward state (reset by the decoder stack's wrapper)
+        self.slots: torch.Tensor | None = None  # [B*T] int32
+        self.row_slots: torch.Tensor | None = None  # [B] int64: the slot of each row when phase does not matter
+        self._on: dict = {}  # the same two, moved to the devices of other layers (models split over devices)
+        self.batch = 0
+
+    def _update_ready(self) -> None:
+        # a plain bool read under torch.compile (a guard on it stays true), instead of the plan ids themselves
+        self.ready = self.tokens is not None or self.host_rows is not None or self.default_plan is not None
+
+    # ---- what the handle asks --------------------------------------------------------------------------
+    def _fill_default(self) -> None:
+        self.plan.fill_(self.default_plan or 0)
+
+    def _grow(self, rows: int) -> None:
+        if rows <= self.plan.shape[0]:
+            return
+        n = max(rows, 2 * self.plan.shape[0])
+        plan = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
+        plen = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
+        plan[: self.plan.shape[0]] = self.plan
+        plen[: self.plen.shape[0]] = self.plen
+        if self.host_rows is None:
+            plan.fill_(self.default_plan or 0)
+        self.plan, self.plen = _static(plan), _static(plen)
+
+    def set_default(self, plan_id: int) -> None:
+        """Every row uses one plan, whatever the batch size."""
+        self.default_plan = plan_id
+        self.set_rows(None)
 
     def set_rows(self, row_plans: list[int] | None) -> None:
-        self.row_plans = row_plans
-        self._slot_cache.clear()
-
-    def set_prompt_length(self, n: int | None) -> None:
-        self.prompt_len = n
-        self._explicit_prompt_len = n is not None
-
-    def begin(self, batch: int, seqlen: int, past: int, device) -> None:
-        """Called once per forward of the decoder stack, before any layer runs."""
-        if past == 0 and not self._explicit_prompt_len:
-            self.prompt_len = seqlen
-        prompt_len = self.prompt_len if self.prompt_len is not None else past + seqlen
-        if self.row_plans is None:
-            if self.default_plan is None:
-                raise AttachError("several plans are attached: call handle.route([...]) with one plan name "
-                                  "(or None) per batch row before running the model")
-            rows = [self.default_plan]
+        self.tokens = None
+        if row_plans is None:
+            self.host_rows, self.n_rows = None, 0
+            self._fill_default()
         else:
-            rows = self.row_plans
-            if len(rows) != batch:
-                raise AttachError(
-                    f"routing has {len(rows)} rows but the batch has {batch}; call handle.route() with one entry "
-                    f"per batch row (generate() with num_return_sequences or beams expands the batch: route "
-                    f"every expanded row)")
-        self.batch, self.seqlen = batch, seqlen
-        n_gen_start = max(0, min(seqlen, prompt_len - past))  # first local index that is a generated token
-        phases = {False} if n_gen_start >= seqlen else ({True} if n_gen_start == 0 else {False, True})
-        plan_set = set(rows)
-        if len(plan_set) == 1 and len(phases) == 1:
-            self.uniform_slot = slot_of(rows[0], phases.pop())
-            self.slots = self.row_slots = None
+            self._grow(len(row_plans))
+            self.host_rows, self.n_rows = list(row_plans), len(row_plans)
+            self.plan[: len(row_plans), 0].copy_(torch.tensor(row_plans, dtype=torch.int64))
+        self._update_ready()
+
+    def set_tokens(self, plan_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
+        self.tokens = (plan_ids.to(self.device, torch.int64), prompt_lens.to(self.device, torch.int64))
+        self.host_rows, self.n_rows = None, 0
+        self._update_ready()
+
+    def set_prompt_length(self, n) -> None:
+        if n is None:
+            self.explicit = False
+            self.flags.copy_(torch.tensor([0, 1]))
             return
-        self.uniform_slot = None
-        key = (tuple(rows), batch, seqlen, n_gen_start, str(device))
-        cached = self._slot_cache.get(key)
-        if cached is None:
-            r = torch.tensor(rows if len(rows) == batch else rows * batch, dtype=torch.int32)
-            gen = (torch.arange(seqlen) >= n_gen_start).to(torch.int32)
-            slots = torch.where(r[:, None] == 0, torch.zeros((), dtype=torch.int32), 2 * r[:, None] - 1 + gen[None, :])
-            cached = slots.reshape(-1).to(torch.int32).to(device)
-            if len(self._slot_cache) > 64:
-                self._slot_cache.clear()
-            row = slots[:, 0].to(torch.int64).to(device) if len(phases) == 1 else None
-            cached = (cached, row)
-            self._slot_cache[key] = cached
-        self.slots, self.row_slots = cached
+        vals = [n] if isinstance(n, int) else list(n)
+        self._grow(len(vals))
+        if len(vals) == 1:
+            self.plen.fill_(vals[0])
+        else:
+            self.plen[: len(vals), 0].copy_(torch.tensor(vals, dtype=torch.int64))
+        self.explicit = True
+        self.flags.copy_(torch.tensor([0, 0]))
 
+    def begin_generate(self) -> bool:
+        """generate() starts: learn the prompt length at its first forward only. Returns whether it armed."""
+        if self.explicit:
+            return False
+        self.flags.copy_(torch.tensor([1, 0]))
+        return True
 
-def batch_shape_and_past(args, kwargs) -> tuple[int, int, int, torch.device]:
-    """(batch, seqlen, past_len, device) from the decoder stack's forward arguments."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    emb = kwargs.get("inputs_embeds")
-    x = ids if ids is not None else emb
-    if x is None:
-        raise AttachError("cannot route: the model was called without input_ids or inputs_embeds")
-    batch, seqlen = int(x.shape[0]), int(x.shape[1])
-    pkv = kwargs.get("past_key_values")
-    past = 0
-    if pkv is not None and hasattr(pkv, "get_seq_length"):
-        past = int(pkv.get_seq_length())
-    return batch, seqlen, past, x.device
+    def end_generate(self) -> None:
+        if not self.explicit:
+            self.flags.copy_(torch.tensor([0, 1]))
+
+    # ---- per forward -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.slots = self.row_slots = None
+        self._on = {}
+
+    def on(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(slots, row_slots) of this forward on ``device``."""
+        if self.slots.device == device:
+            return self.slots, self.row_slots
+        got = self._on.get(device)
+        if got is None:
+            rs = None if self.row_slots is None else self.row_slots.to(device)
+            got = self._on[device] = (self.slots.to(device), rs)
+        return got
+
+    def prepare(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> None:
+        """Compute this forward's slots from the positions the first steered layer receives."""
+        if self.slots is not None:
+            return
+        if hidden.dim() != 3:
+            raise AttachError(f"cannot route: decoder layer input has shape {tuple(hidden.shape)}, expected "
+                              f"[batch, seq, hidden]")
+        batch, seqlen = hidden.shape[0], hidden.shape[1]
+        if positions is None:
+            raise AttachError("cannot route: the decoder layer received no position_ids; gating needs the token "
+                              "positions every layer gets from the model")
+        if not self.ready:
+            raise AttachError("several plans are attached: call handle.route([...]) with one plan name "
+                              "(or None) per batch row before running the model")
+        if self.host_rows is not None and self.n_rows != batch:
+            raise AttachError(
+                f"routing has {self.n_rows} rows but the batch has {batch}; call handle.route() with one entry "
+                f"per batch row (generate() with num_return_sequences or beams expands the batch: route "
+                f"every expanded row)")
+        self._grow(batch)
+        pos = positions.to(torch.int64)
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0)
+        pos = pos.expand(batch, seqlen)
+        if self.tokens is not None:
+            plan = self.tokens[0].expand(batch, seqlen)
+            plen = self.tokens[1].expand(batch, seqlen)
+        else:
+            plan = self.plan[:batch]
+            cur = self.plen[:batch]
+            force, auto = self.flags[0], self.flags[1]
+            learn = (force > 0) | ((auto > 0) & (pos.amin(dim=1, keepdim=True) == 0))
+            plen = torch.where(learn, pos.amax(dim=1, keepdim=True) + 1, cur)
+            cur.copy_(plen)
+            self.flags[0:1].zero_()
+        gen = (pos >= plen).to(torch.int64)
+        slots = torch.where(plan == 0, torch.zeros_like(gen), 2 * plan - 1 + gen)
+        self.slots = slots.reshape(-1).to(torch.int32)
+        self.row_slots = None if self.tokens is not None else torch.where(plan == 0, 0, 2 * plan - 1).reshape(-1)
+        self.batch = batch
+
+    def uniform_plan(self) -> int | None:
+        """The one plan id every row uses, when the host knows it (eager only; None under compile)."""
+        if _compiling() or self.tokens is not None:
+            return None
+        if self.host_rows is None:
+            return self.default_plan
+        first = self.host_rows[0] if self.host_rows else 0
+        return first if all(r == first for r in self.host_rows) else None
+
+    def host_slot(self, table: SiteTable) -> int | None:
+        """The slot every token uses at this table, when the host knows it without reading the device."""
+        p = self.uniform_plan()
+        if p is None:
+            return None
+        if p == 0:
+            return 0
+        return 2 * p - 1 if table.phase_free[p] else None
+
+    def rows_phase_free(self, table: SiteTable) -> bool:
+        """Eager only: every plan in use maps prompt and generated tokens alike at this table."""
+        if _compiling() or self.host_rows is None or self.row_slots is None:
+            return False
+        return all(table.phase_free[p] for p in set(self.host_rows))

@@ -11,34 +11,27 @@ use one add, others one fused ``addcmul``, always in fp32 and rounded once to th
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from ..tables import SiteTable
+from ..compat import layer_positions, merged_kwargs, positional_names
+from ..tables import SiteTable, affine
 
 
 def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
-    s = router.uniform_slot
-    if s is not None:
+    s = router.host_slot(table)
+    if s is not None:  # eager, one plan for every token: skip identities, one add for additive maps
         if table.identity_rows[s]:
             return x
-        a, b = table.rows_a[s], table.rows_b[s]
-        if x.dtype == torch.float32:
-            return x + b if table.additive_rows[s] else torch.addcmul(b, x, a)
-        xf = x.float()
-        y = xf + b if table.additive_rows[s] else torch.addcmul(b, xf, a)
-        return y.to(x.dtype)
+        if table.additive_rows[s]:
+            return x + table.rows_b[s] if x.dtype == torch.float32 else (x.float() + table.rows_b[s]).to(x.dtype)
+        return affine(x, table.rows_a[s], table.rows_b[s])
+    slots, rows = router.on(x.device)
     shape = x.shape
-    rs = router.row_slots
-    if rs is not None and x.dim() == 3 and shape[0] == router.batch:
+    if x.dim() == 3 and shape[0] == router.batch and router.rows_phase_free(table):
         # one slot per batch row: gather [B, 1, W] rows and broadcast over the sequence
-        y = torch.addcmul(table.B[rs].unsqueeze(1), x.float(), table.A[rs].unsqueeze(1))
-        return y.to(x.dtype)
-    slots = router.slots
-    xf = x.reshape(-1, shape[-1]).float()
-    y = torch.addcmul(table.B[slots], xf, table.A[slots])
-    return y.to(x.dtype).reshape(shape)
+        return affine(x, table.A[rows].unsqueeze(1), table.B[rows].unsqueeze(1))
+    y = affine(x.reshape(-1, shape[-1]), table.A[slots], table.B[slots])
+    return y.reshape(shape)
 
 
 def tables_by_layer(handle) -> dict[int, dict]:
@@ -61,13 +54,16 @@ def patch_o_proj(handle, layer_idx: int, layer, table, op) -> None:
     handle.patcher.set_forward(o_proj, o_forward)
 
 
-def _positional_names(fn) -> list[str]:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return []
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return names[1:]  # drop hidden_states
+def routed_forward(handle, layer, forward):
+    """Wrap a layer forward so this forward's slots are computed (once) from the positions it receives."""
+    names = positional_names(type(layer).forward)
+    router = handle.router
+
+    def wrapped(hidden_states, *args, **kwargs):
+        kwargs = merged_kwargs(names, args, kwargs)
+        router.prepare(hidden_states, layer_positions(kwargs))
+        return forward(hidden_states, **kwargs)
+    return wrapped
 
 
 class TorchBackend:
@@ -85,16 +81,13 @@ class TorchBackend:
         t_down = maps.get("mlp.down_proj.in")
         t_mout = maps.get("mlp.out")
         t_out = maps.get("layer.out")
-        names = _positional_names(type(layer).forward)
         router = handle.router
         apply = self.apply
         c_down = handle.checker(layer_idx, "mlp.down_proj.in")
         c_mout = handle.checker(layer_idx, "mlp.out")
         c_out = handle.checker(layer_idx, "layer.out")
 
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                kwargs.update(zip(names, args))
+        def forward(hidden_states, **kwargs):
             residual = hidden_states
             h = in_norm(hidden_states)
             h, _ = attn(hidden_states=h, **kwargs)
@@ -117,7 +110,7 @@ class TorchBackend:
                 h = c_out(apply(h, t_out, router))
             return h
 
-        return forward
+        return routed_forward(handle, layer, forward)
 
     def install(self, handle) -> None:
         parts, patcher = handle.parts, handle.patcher
@@ -130,6 +123,8 @@ class TorchBackend:
                 patch_o_proj(handle, layer_idx, layer, t_attn, lambda x, t: apply(x, t, router))
             if any(s in maps for s in ("mlp.down_proj.in", "mlp.out", "layer.out")):
                 patcher.set_forward(layer, self.make_layer_forward(handle, layer_idx, layer, maps))
+            else:  # only o_proj is patched: the layer still routes this forward from its positions
+                patcher.set_forward(layer, routed_forward(handle, layer, patcher.original_forward(layer)))
         self._install_stack(handle)
 
     def _install_stack(self, handle) -> None:
@@ -137,7 +132,7 @@ class TorchBackend:
         orig = patcher.original_forward(base)
 
         def stack_forward(*args, **kwargs):
-            handle._begin_forward(args, kwargs)
+            handle._begin_forward()
             try:
                 return orig(*args, **kwargs)
             finally:

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ..tables import SiteTable
+from ..compat import layer_positions, merged_kwargs, positional_names
+from ..tables import SiteTable, affine
 
 
 def reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
     shape = x.shape
-    xf = x.reshape(-1, shape[-1]).to(torch.float32)
-    if router.uniform_slot is not None:
-        slots = torch.full((xf.shape[0],), router.uniform_slot, dtype=torch.long, device=x.device)
-    else:
-        slots = router.slots.to(device=x.device, dtype=torch.long)
-    a = table.A[slots]
-    b = table.B[slots]
-    y = torch.addcmul(b, a, xf)  # b + a*x in fp32, one rounding (as a fused multiply-add would)
-    return y.to(x.dtype).reshape(shape)
+    slots = router.on(x.device)[0].to(torch.long)  # one slot per token, computed from its position
+    y = affine(x.reshape(-1, shape[-1]), table.A[slots], table.B[slots])
+    return y.reshape(shape)
 
 
 class ReferenceBackend:
@@ -29,6 +24,14 @@ class ReferenceBackend:
 
     def install(self, handle) -> None:
         parts, patcher = handle.parts, handle.patcher
+        for layer_idx in sorted({k[0] for k in handle.tables}):
+            layer = parts.layers[layer_idx]
+
+            def route_pre(mod, args, kwargs, names=positional_names(type(layer).forward)):
+                handle.router.prepare(args[0] if args else kwargs["hidden_states"],
+                                      layer_positions(merged_kwargs(names, args[1:], kwargs)))
+                return None
+            patcher.add_hook(layer.register_forward_pre_hook(route_pre, with_kwargs=True))
         for (layer_idx, site), table in handle.tables.items():
             layer = parts.layers[layer_idx]
             check = handle.checker(layer_idx, site)
@@ -54,7 +57,7 @@ class ReferenceBackend:
                 patcher.add_hook(mod.register_forward_pre_hook(pre, with_kwargs=True))
 
         def stack_pre(mod, args, kwargs):
-            handle._begin_forward(args, kwargs)
+            handle._begin_forward()
             return None
 
         def stack_post(mod, args, kwargs, out):

@@ -23,7 +23,7 @@ import torch
 
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..tables import SiteTable
-from .fused import _positional_names, patch_o_proj, tables_by_layer
+from .fused import patch_o_proj, routed_forward, tables_by_layer
 
 
 def _norm_eps(norm) -> float:
@@ -70,7 +70,7 @@ class _SlotCache:
     def args(self, table: SiteTable | None, rows: int, device):
         if table is None:
             return None, None, None
-        s = self.router.uniform_slot
+        s = self.router.host_slot(table)
         if s is not None:
             if table.identity_rows[s]:
                 return None, None, None
@@ -81,7 +81,7 @@ class _SlotCache:
                     self._zeros.clear()
                 z = self._zeros[key] = torch.zeros(rows, dtype=torch.int32, device=device)
             return table.A[s:s + 1], table.B[s:s + 1], z
-        return table.A, table.B, self.router.slots
+        return table.A, table.B, self.router.on(device)[0]
 
 
 class TritonBackend:
@@ -125,7 +125,7 @@ class TritonBackend:
         orig_base = patcher.original_forward(base)
 
         def stack_forward(*args, **kwargs):
-            handle._begin_forward(args, kwargs)
+            handle._begin_forward()
             stash.clear()
             try:
                 return orig_base(*args, **kwargs)
@@ -149,7 +149,6 @@ class TritonBackend:
         t_down = maps.get("mlp.down_proj.in")
         t_mout = maps.get("mlp.out")
         t_out = maps.get("layer.out")
-        names = _positional_names(type(layer).forward)
         c_down = handle.checker(li, "mlp.down_proj.in")
         c_mout = handle.checker(li, "mlp.out")
         c_out = handle.checker(li, "layer.out")
@@ -158,9 +157,7 @@ class TritonBackend:
         w_post_attn = post_attn.weight if post_attn is not None else None
         w_post_ffn = post_ffn.weight if post_ffn is not None else None
 
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                kwargs.update(zip(names, args))
+        def forward(hidden_states, **kwargs):
             x = hidden_states
             normed = stash.take(x)
             if normed is None:
@@ -186,4 +183,4 @@ class TritonBackend:
             stash.put(s, n_next)
             return s
 
-        return forward
+        return routed_forward(handle, layer, forward)

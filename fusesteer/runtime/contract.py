@@ -1,0 +1,195 @@
+"""The checked contract between fusesteer's patched layer forwards and the transformers release installed.
+
+The fused backends re-run a decoder layer's skeleton around HF's own submodules; that is right only while the
+HF layer computes what the family adapter says and passes what fusesteer reads (the token positions). So at
+attach, once per (backend, layer class, dtype, device, transformers version) in a process, every distinct
+patched layer class runs on a small probe:
+
+1. its inputs are captured from a real call of the decoder stack on 5 tokens (stopped at the last layer needed);
+2. the token positions it receives must be the positions of those tokens;
+3. the patched forward with identity maps must equal the original forward (bit-exact for ``torch``; within the
+   kernels' tolerance for ``triton``, whose fused norms sum in another order);
+4. with one known map at every site (one of them gated to generated tokens) it must equal the ``reference``
+   hooks on the same layer.
+
+A mismatch raises :class:`AttachError` naming the family, the layer class and the transformers version.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import AttachError
+from .compat import TRANSFORMERS_VERSION, layer_positions, merged_kwargs, positional_names
+from .plan import SITES, SteeringPlan
+
+PROBE_TOKENS = 5
+PROBE_PROMPT = 2  # tokens at positions >= 2 count as generated in step 4
+_VERIFIED: set = set()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fused_name(handle) -> str | None:
+    name = handle.backend_name
+    if name in ("torch", "triton", "reference"):
+        return name
+    if name == "auto":
+        dev = next((p.device for p in handle.model.parameters()), torch.device("cpu"))
+        if dev.type == "cuda":
+            try:
+                from .backends import triton as _  # noqa: F401
+                return "triton"
+            except ImportError:
+                return "torch"
+        return "torch"
+    return None  # fold: no patched forwards
+
+
+def _tolerance(backend: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol relative to max |ref|) for backend vs original/reference on one layer."""
+    if backend != "triton":
+        return (0.0, 0.0) if dtype == torch.float32 else (0.0, 1e-2)
+    return (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 2e-2)
+
+
+def _first_of_each_class(layers) -> dict[int, type]:
+    seen: dict[type, int] = {}
+    for i, layer in enumerate(layers):
+        seen.setdefault(type(layer), i)
+    return {i: cls for cls, i in seen.items()}
+
+
+def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
+    """(args, kwargs) of the wanted layers' calls on a short probe, stopping the stack after the last one."""
+    got: dict[int, tuple] = {}
+    last = max(wanted)
+    handles = []
+
+    def make(i):
+        def pre(mod, args, kwargs):
+            got[i] = (args, dict(kwargs))
+            if i == last:
+                raise _Stop
+        return pre
+    for i in wanted:
+        handles.append(parts.layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
+    vocab = parts.model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(1, PROBE_TOKENS + 1, device=device) % vocab).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            parts.base(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _probe_plan(handle, layer: int) -> SteeringPlan:
+    plan = SteeringPlan.for_spec(handle.spec)
+    for j, site in enumerate(SITES):
+        w = handle.spec.site_width(site)
+        t = torch.arange(w, dtype=torch.float32)
+        plan.add(layer=layer, site=site, a=1 + 0.05 * torch.sin(t + j), b=0.02 * torch.cos(t * 0.7 + j),
+                 gating="generated" if site == "layer.out" else "all")
+    return plan
+
+
+def _run(handle, backend: str, plan, route, layer, args, kwargs):
+    from .attach import SteeringHandle
+
+    h = SteeringHandle(handle.model, {"probe": plan}, "probe", backend, check_finite=False, verify=False)
+    h._install()
+    try:
+        h.route_all(route)
+        h.set_prompt_length(PROBE_PROMPT)
+        h.router.reset()
+        with torch.no_grad():
+            return _out(layer(*args, **kwargs))
+    finally:
+        h.router.reset()
+        h.detach()
+
+
+def _fail(handle, cls, backend: str, what: str) -> AttachError:
+    fam = handle.parts.family.name
+    return AttachError(
+        f"the {backend!r} backend does not reproduce {cls.__name__} (family {fam!r}) under transformers "
+        f"{TRANSFORMERS_VERSION}: {what}. The layer's calling convention or computation is not what the {fam} "
+        f"adapter expects, so steering would be wrong; attach with backend='reference' (hooks), pin a "
+        f"transformers release the suite passes on, or report this")
+
+
+def _compare(got, want, atol: float, rtol: float) -> float | None:
+    """max |got - want| when it exceeds the tolerance (or shapes differ), else None."""
+    if got.shape != want.shape:
+        return float("inf")
+    d = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
+    bound = atol + rtol * (want.float().abs().max().item() if want.numel() else 0.0)
+    return d if d > bound or d != d else None
+
+
+def verify_contract(handle) -> float:
+    """Run the probe for every distinct patched layer class not verified yet; returns the milliseconds spent."""
+    backend = _fused_name(handle)
+    if backend is None:
+        return 0.0
+    t0 = time.perf_counter()
+    parts = handle.parts
+    todo = {}
+    for i, cls in _first_of_each_class(parts.layers).items():
+        layer = parts.layers[i]
+        p = next(layer.parameters(), None)
+        key = (backend, cls, p.dtype if p is not None else None, p.device.type if p is not None else None,
+               parts.family.name, TRANSFORMERS_VERSION)
+        if key not in _VERIFIED:
+            todo[i] = (cls, key)
+    if not todo:
+        return 0.0
+    device = parts.model.get_input_embeddings().weight.device
+    captured = _capture(parts, sorted(todo), device)
+    for i, (cls, key) in sorted(todo.items()):
+        if i not in captured:
+            raise _fail(handle, cls, backend, f"layer {i} was not called by the decoder stack on a probe input")
+        args, kwargs = captured[i]
+        layer = parts.layers[i]
+        names = positional_names(type(layer).forward)
+        pos = layer_positions(merged_kwargs(names, args[1:], kwargs))
+        if pos is None:
+            raise _fail(handle, cls, backend, "the layer received no position_ids (nor cache_position)")
+        want_pos = torch.arange(PROBE_TOKENS, device=pos.device)
+        if pos.shape[-1] != PROBE_TOKENS or not bool((pos.reshape(-1, pos.shape[-1]) == want_pos).all()):
+            raise _fail(handle, cls, backend, f"the position_ids it received ({pos.tolist()}) are not the token "
+                                              f"positions 0..{PROBE_TOKENS - 1}")
+        dtype = args[0].dtype
+        atol, rtol = _tolerance(backend, dtype)
+        with torch.no_grad():
+            original = _out(layer(*args, **kwargs))
+        plan = _probe_plan(handle, i)
+        ident = _run(handle, backend, plan, None, layer, args, kwargs)
+        d = _compare(ident, original, atol, rtol)
+        if d is not None:
+            raise _fail(handle, cls, backend, f"with identity maps its output differs from the original forward "
+                                              f"(max |delta| = {d:.3g})")
+        mapped = _run(handle, backend, plan, "probe", layer, args, kwargs)
+        if backend != "reference":
+            ref = _run(handle, "reference", plan, "probe", layer, args, kwargs)
+            ratol, rrtol = _tolerance(backend, dtype)
+            d = _compare(mapped, ref, max(ratol, 1e-6 if dtype == torch.float32 else 0.0), max(rrtol, 1e-6))
+            if d is not None:
+                raise _fail(handle, cls, backend, f"with a known map at every site its output differs from the "
+                                                  f"reference hooks (max |delta| = {d:.3g})")
+        elif _compare(mapped, original, 0.0, 0.0) is None:
+            raise _fail(handle, cls, backend, "a known map at every site left the layer output unchanged")
+        _VERIFIED.add(key)
+    return (time.perf_counter() - t0) * 1e3
