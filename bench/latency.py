@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import fusesteer as fs
+from fusesteer.runtime.compat import output_cache, with_cache
 from fusesteer.timing import (ArmResult, crop_cache, paired_decode_steps, paired_prefill_steps, paired_ratios,
                               paired_steps, ratio_summary)
 
@@ -146,12 +147,12 @@ class _Copies:
                     steps[n] = (lambda m=m, pos=pos: m(input_ids=ids, position_ids=pos, use_cache=True))
                     continue
                 out = m(input_ids=ids, position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
-                cache = out.past_key_values
+                cache = output_cache(out)
                 caches.append(cache)
                 nxt = out.logits[:, -1:].argmax(-1)
                 pos = torch.full_like(nxt, T)
                 steps[n] = (lambda m=m, nxt=nxt, pos=pos, cache=cache:
-                            m(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True))
+                            m(input_ids=nxt, position_ids=pos, use_cache=True, **with_cache(m, cache)))
 
         def run(fn):
             def step():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusesteer.errors import AttachError, FuseSteerError
+from fusesteer.runtime.compat import output_cache, with_cache
 from fusesteer.methods.capture import site_recorder
 
 from . import common as C
@@ -65,12 +66,12 @@ def run_arm(model, arm, ids: torch.Tensor, n_steps: int, forced: torch.Tensor | 
             out = model(input_ids=ids, position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
         layers = {l: t.float().cpu().clone() for l, t in store.items()}
         prefill = out.logits.float().cpu()
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits = [out.logits[:, -1].float().cpu()]
         for t in range(1, n_steps):
             prev = forced[:, t - 1] if forced is not None else logits[-1].argmax(-1)
             pos = torch.full((B, 1), T + t - 1, device=dev, dtype=torch.long)
-            out = model(input_ids=prev.to(dev)[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(input_ids=prev.to(dev)[:, None], position_ids=pos, use_cache=True, **with_cache(model, cache))
             logits.append(out.logits[:, -1].float().cpu())
     steps = torch.stack(logits, 1)
     return Run(prefill, steps, steps.argmax(-1), layers)

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from .runtime.compat import output_cache, with_cache
+
 
 @dataclass
 class ArmResult:
@@ -163,7 +165,7 @@ def paired_decode_steps(model, input_ids: torch.Tensor, arms: dict[str, Callable
     device = input_ids.device
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     base_len = int(cache.get_seq_length())
     nxt = out.logits[:, -1:].argmax(-1)
     kw = dict(forward_kwargs or {})
@@ -178,7 +180,7 @@ def paired_decode_steps(model, input_ids: torch.Tensor, arms: dict[str, Callable
 
     def step():
         with torch.inference_mode():
-            model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
+            model(input_ids=nxt, use_cache=True, **with_cache(model, cache, **kw))
 
     return paired_steps(step, arms, cycles=cycles, warmup=warmup, device=device, baseline=baseline,
                         after_step=lambda: crop_cache(cache, base_len), progress=progress,

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fusesteer as fs
+from fusesteer.runtime.compat import output_cache, with_cache
 from conftest import FAMILIES
 
 FOLD_SITES = ("attn.o_proj.in", "mlp.down_proj.in", "mlp.out")
@@ -25,13 +26,13 @@ def greedy(model, ids, steps=8):
     """Prefill + `steps` greedy decode steps on the KV cache: (tokens [B, steps], logits [B, steps, V])."""
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache, last = out.past_key_values, out.logits[:, -1]
+        cache, last = output_cache(out), out.logits[:, -1]
         toks, logits = [], []
         for _ in range(steps):
             nxt = last.argmax(-1, keepdim=True)
             toks.append(nxt)
             logits.append(last)
-            last = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            last = model(nxt, use_cache=True, **with_cache(model, cache)).logits[:, -1]
     return torch.cat(toks, 1), torch.stack(logits, 1)
 
 

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from ..errors import FuseSteerError
+from ..runtime.compat import output_cache, with_cache
 
 __all__ = [
     "GradingError", "JUDGE_WEIGHTS", "COMPOSITE_WEIGHTS", "ACCURATE_THRESHOLD", "SIMPLEQA_GRADES", "HEDGES",
@@ -352,8 +353,8 @@ class HFJudge:
         x = ids
         with torch.inference_mode():
             for _ in range(self.max_new_tokens):
-                o = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
-                past = o.past_key_values
+                o = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **with_cache(self.model, past))
+                past = output_cache(o)
                 nxt = int(o.logits[0, -1].argmax())
                 if nxt in eos:
                     break

@@ -88,6 +88,7 @@ import torch
 from ..errors import FuseSteerError
 from ..evaluate.grading import (Grade, RuleJudge, extract_answer, grade, summarize, token_overlap)
 from ..runtime.attach import attach
+from ..runtime.compat import output_cache, with_cache
 from ..runtime.plan import ModelSpec, SteeringPlan
 from .capture import capture_span_mean
 
@@ -243,7 +244,7 @@ class PromptRunner:
                     handle.route([None])
                 with torch.inference_mode():
                     out = self.model(input_ids=self.ids[:, :-1], use_cache=True, logits_to_keep=1)
-                self._prefix = out.past_key_values
+                self._prefix = output_cache(out)
             self._prefix_ready = True
         return self._prefix
 
@@ -288,8 +289,8 @@ class PromptRunner:
                 handle.set_prompt_length(self.n - 1)
             with torch.inference_mode():
                 for _ in range(self.max_new_tokens):
-                    o = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    cache = o.past_key_values
+                    o = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
+                    cache = output_cache(o)
                     nxt = o.logits[:, -1].float().argmax(-1)
                     for i in range(k):
                         if done[i]:
@@ -337,7 +338,7 @@ class PromptRunner:
         if handle is not None:
             handle.route([None] * len(idx))
         with torch.inference_mode():
-            o = self.model(input_ids=X, attention_mask=M, past_key_values=cache, use_cache=True)
+            o = self.model(input_ids=X, attention_mask=M, use_cache=True, **with_cache(self.model, cache))
         logits = o.logits.float()
         for r, i in enumerate(idx):
             m = len(answers[i])

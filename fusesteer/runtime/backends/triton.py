@@ -33,31 +33,51 @@ def _norm_eps(norm) -> float:
     raise AttributeError(f"cannot find eps on {type(norm).__name__}")
 
 
+def _hooks_between(producer, consumer) -> bool:
+    """True when a forward hook of ``producer`` or a pre-hook of ``consumer`` (or a global one) could edit the
+    carried tensor in place between the two."""
+    from torch.nn.modules import module as _m
+
+    return bool(producer._forward_hooks or consumer._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
+
+
 class _Stash:
-    __slots__ = ("s", "version", "normed")
+    """The carried ``rmsnorm(s)`` of the last layer's output ``s``, for the next consumer.
+
+    It is used only when the consumer receives that very tensor, unmodified: same object, same version
+    counter, and (inference tensors have no version counter) no hook that could have edited it in place.
+    Under torch.compile nothing is carried: the consumer recomputes the norm and the compiler fuses it.
+    """
+
+    __slots__ = ("s", "version", "normed", "producer")
 
     def __init__(self):
-        self.s = None
-        self.version = -1
-        self.normed = None
+        self.clear()
 
     @staticmethod
     def _ver(t):
-        # inference tensors have no version counter; identity is the check there
         return -2 if t.is_inference() else t._version
 
-    def put(self, s, normed):
-        self.s, self.version, self.normed = s, self._ver(s), normed
+    def put(self, s, normed, producer):
+        if torch.compiler.is_compiling():
+            return
+        self.s, self.version, self.normed, self.producer = s, self._ver(s), normed, producer
 
-    def take(self, x):
-        if self.s is not None and x is self.s and self._ver(x) == self.version:
-            n = self.normed
-            self.s = self.normed = None
-            return n
-        return None
+    def take(self, x, consumer):
+        if torch.compiler.is_compiling() or self.s is None or x is not self.s:
+            return None
+        n, producer, version = self.normed, self.producer, self.version
+        self.clear()
+        if self._ver(x) != version:
+            return None
+        if version == -2 and _hooks_between(producer, consumer):
+            return None
+        return n
 
     def clear(self):
-        self.s = self.normed = None
+        self.s = self.normed = self.producer = None
+        self.version = -1
 
 
 class _SlotCache:
@@ -117,7 +137,7 @@ class TritonBackend:
         orig_final = patcher.original_forward(final)
 
         def final_forward(x, *a, **k):
-            n = stash.take(x)
+            n = stash.take(x, final)
             return n if n is not None else orig_final(x, *a, **k)
         patcher.set_forward(final, final_forward)
 
@@ -159,7 +179,7 @@ class TritonBackend:
 
         def forward(hidden_states, **kwargs):
             x = hidden_states
-            normed = stash.take(x)
+            normed = stash.take(x, layer)
             if normed is None:
                 normed = in_norm(x)
             h, _ = attn(hidden_states=normed, **kwargs)
@@ -180,7 +200,7 @@ class TritonBackend:
             s, n_next = add_map_rmsnorm(s_mid, d, w_next, eps, A, B, sl, gemma=gemma, delta_norm_w=w_post_ffn)
             if A is not None:
                 s = c_out(s)
-            stash.put(s, n_next)
+            stash.put(s, n_next, layer)
             return s
 
         return routed_forward(handle, layer, forward)
