@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 import textwrap
 import time
 
@@ -21,7 +20,7 @@ from . import models
 from .evaluate.tasks import load_dataset
 from .methods.caa import caa_plan
 from .runtime.attach import attach
-from .timing import paired_decode_steps
+from .timing import median_ratio_ci, paired_decode_steps
 
 
 def _chat(tok, q: str) -> str:
@@ -81,19 +80,25 @@ def run_demo(model_name: str = "smollm2-135m", n_pairs: int = 16, layers=None, s
     print(f"parity {backend} vs reference: max |Δlogit| = {max_diff:.2e}, greedy token agreement = {agree:.1%}")
 
     ids1 = enc["input_ids"][:1, -16:]
-    res = paired_decode_steps(model, ids1, {"vanilla": None,
+    res = paired_decode_steps(model, ids1, {"vanilla": None, "vanilla-2": None,
                                             "steered": lambda: attach(model, plan, backend=backend, check_finite=False)},
                               cycles=cycles, warmup=5)
-    summ = res["steered"].summary()
-    print(f"decode step (batch 1): vanilla {statistics.median(res['vanilla'].times_ms):.1f} ms, steered "
-          f"{summ['median_ms']:.1f} ms; steered/vanilla = {summ['ratio_median']:.3f} "
-          f"(95% CI {summ['ratio_ci_low']:.3f}-{summ['ratio_ci_high']:.3f}, {cycles} interleaved steps)")
+    van = res["vanilla"].times_ms
+    summ = median_ratio_ci(res["steered"].times_ms, van)
+    ctrl = median_ratio_ci(res["vanilla-2"].times_ms, van)
+    # one statistic throughout: medians over the same interleaved steps, and the ratio of those medians
+    print(f"decode step (batch 1, medians of {cycles} interleaved steps): vanilla {summ['den_ms']:.1f} ms, "
+          f"steered {summ['num_ms']:.1f} ms; steered/vanilla = {summ['ratio']:.3f} (95% CI {summ['ci_low']:.3f}-"
+          f"{summ['ci_high']:.3f}); A/A control vanilla/vanilla = {ctrl['ratio']:.3f} (95% CI "
+          f"{ctrl['ci_low']:.3f}-{ctrl['ci_high']:.3f})")
     report = {
         "model": model_name, "layers": layers, "scale": scale, "backend": backend,
         "samples": [{"question": r["question"], "truth": r["answer"], "unsteered": v, "steered": s}
                     for r, v, s in zip(show, vanilla, steered)],
         "parity": {"max_abs_logit_diff": max_diff, "token_agreement": agree},
-        "timing": {"vanilla_ms": statistics.median(res["vanilla"].times_ms), **summ},
+        "timing": {"vanilla_ms": summ["den_ms"], "steered_ms": summ["num_ms"], "ratio": summ["ratio"],
+                   "ratio_ci": [summ["ci_low"], summ["ci_high"]], "control_ratio": ctrl["ratio"],
+                   "control_ci": [ctrl["ci_low"], ctrl["ci_high"]]},
     }
     if out_json:
         with open(out_json, "w") as f:
