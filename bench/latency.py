@@ -40,9 +40,9 @@ TARGETS = {
     "fused_vs_peer": 0.95,  # fused / peer, additive
     "per_row": 1.05,  # fused / vanilla, 8 per-row plans at batch 8
 }
-CUDA_SKIP_NOTE = ("no CUDA device here: CUDA-event timing, the static-cache + torch.compile mode and the "
-                  "zero-recompile check (handle.update) were NOT run; run `python -m bench latency --device cuda` "
-                  "on a GPU machine for them")
+CUDA_SKIP_NOTE = ("no CUDA device here: CUDA-event timing and CUDA graphs were NOT run, nor (without --compiled) "
+                  "the static-cache + torch.compile arm; run `python -m bench latency --compiled` for inductor "
+                  "on CPU, or `--device cuda` on a GPU machine")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class LatencyConfig:
     progress: bool = False
     log: object = print
     checkpoint: object = None  # called with the partial result after every scenario (long runs)
+    compiled: bool = False  # also time static-cache torch.compile decode steps on CPU (inductor; minutes)
 
 
 def _fused_name(device: torch.device) -> str:
@@ -280,17 +281,20 @@ def run_latency(cfg: LatencyConfig) -> dict:
         "peers": C.peer_versions(),
     }
     result["targets"] = evaluate_targets(result, quick=cfg.quick)
-    if device.type == "cuda":
-        try:
-            result["cuda_compile"] = compile_check(model, plans["blend+gains"],
-                                                   C.blend_gains_plan(model, seed=cfg.seed + 1, k=cfg.k),
-                                                   C.prompt_ids(loaded, 1, T, device, seed=cfg.seed),
-                                                   backend="triton", mode="reduce-overhead",
-                                                   cycles=cycles, warmup=warmup, log=log)
-        except Exception as e:  # noqa: BLE001 - reported in the JSON, never replaced by a number
-            result["cuda_compile"] = {"status": "ERROR", "reason": f"{type(e).__name__}: {e}"[:500]}
+    if device.type == "cuda" or cfg.compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        runs = []
+        for B in cfg.batches:
+            try:
+                runs.append(compile_check(model, plans["blend+gains"],
+                                          C.blend_gains_plan(model, seed=cfg.seed + 1, k=cfg.k),
+                                          C.prompt_ids(loaded, B, T, device, seed=cfg.seed),
+                                          backend=fused, mode=mode, cycles=cycles, warmup=warmup, log=log))
+            except Exception as e:  # noqa: BLE001 - reported in the JSON, never replaced by a number
+                runs.append({"status": "ERROR", "batch": B, "reason": f"{type(e).__name__}: {e}"[:500]})
+        result["compiled"] = runs
     else:
-        result["cuda_compile"] = {"status": "skipped", "reason": CUDA_SKIP_NOTE}
+        result["compiled"] = [{"status": "skipped", "reason": CUDA_SKIP_NOTE}]
         log(f"  note: {CUDA_SKIP_NOTE}")
     result["load_average_after"] = C.load_average()
     result["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -367,14 +371,14 @@ def rewind_static_cache(cache, length: int) -> None:
             n.fill_(length)
 
 
-def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton", mode: str = "reduce-overhead",
+def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton", mode: str | None = "reduce-overhead",
                   cycles: int = 100, warmup: int = 5, steps_after_update: int = 5, log=print) -> dict:
-    """Static KV cache + ``torch.compile`` decode steps: vanilla vs steered (two compiled copies of the model,
-    interleaved), then ``handle.update(plan2)`` (same sites, new values) must cause zero new graphs/frames and
-    must change the logits.
+    """Static KV cache + ``torch.compile(fullgraph=True)`` decode steps, three arms interleaved: compiled
+    vanilla, compiled steered (a deep copy with ``plan`` attached) and eager vanilla. Then
+    ``handle.update(plan2)`` (same sites, new values) must cause zero new graphs/frames and change the logits.
 
-    Written for CUDA (``mode="reduce-overhead"``: CUDA graphs; CUDA-event timing); on CPU it runs with
-    ``mode="default"`` but its timings are not what the suite reports.
+    On CUDA ``mode="reduce-overhead"`` adds CUDA graphs; on CPU inductor's default mode compiles C++ kernels.
+    Reports compiled steered / compiled vanilla and compiled vanilla / eager vanilla (median of paired ratios).
     """
     from transformers import StaticCache
 
@@ -390,20 +394,20 @@ def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton"
             for c in caches:
                 rewind_static_cache(c, T)
 
-        for name, m in (("vanilla", model), ("steered", steered)):
+        for name, m, compiled in (("vanilla", model, True), ("steered", steered, True),
+                                  ("vanilla-eager", model, False)):
             cache = StaticCache(config=m.config, max_cache_len=T + 8)
             caches.append(cache)
             with torch.no_grad():
-                o = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(T, device=dev),
-                      position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
+                o = m(input_ids=ids, position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True,
+                      **with_cache(m, cache))
             nxt = o.logits[:, -1:].argmax(-1)
-            pos = torch.tensor([T], device=dev)
-            compiled = torch.compile(m.forward, mode=mode, dynamic=False)
+            pos = torch.full((B, 1), T, device=dev)
+            fwd = torch.compile(m.forward, mode=mode, fullgraph=True, dynamic=False) if compiled else m.forward
 
-            def step(compiled=compiled, nxt=nxt, pos=pos, cache=cache):
+            def step(fwd=fwd, nxt=nxt, pos=pos, cache=cache, m=m):
                 with torch.no_grad():
-                    return compiled(input_ids=nxt, past_key_values=cache, cache_position=pos,
-                                    position_ids=pos.expand(B, 1), use_cache=True).logits
+                    return fwd(input_ids=nxt, position_ids=pos, use_cache=True, **with_cache(m, cache)).logits
             fns[name] = step
             c0 = _dynamo_counts()
             for _ in range(3):  # compile + (CUDA graphs) record
@@ -422,19 +426,22 @@ def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton"
         delta = {k: after[k] - before[k] for k in before}
         changed = not torch.equal(logits_before, logits_after)
         handle.update(plan)
-        res = paired_steps(fns, {"vanilla": None, "steered": None}, cycles=cycles, warmup=warmup, device=dev,
-                           after_step=rewind, desc="compiled decode steps")
+        res = paired_steps(fns, {"vanilla": None, "steered": None, "vanilla-eager": None}, cycles=cycles,
+                           warmup=warmup, device=dev, after_step=rewind, desc="compiled decode steps")
         timing = {n: r.summary() for n, r in res.items()}
+        eager_ratio = ratio_summary(paired_ratios(res, "vanilla", "vanilla-eager"))
         ok = all(v == 0 for v in delta.values()) and changed
-        out = {"status": "pass" if ok else "FAIL", "backend": backend, "mode": mode,
+        out = {"status": "pass" if ok else "FAIL", "backend": backend, "mode": mode or "default", "batch": B,
                "compile_counts": graphs, "dynamo_counts_before_update": before,
                "dynamo_counts_delta_after_update": delta,
                "update_changed_logits": changed, "timing": timing,
+               "compiled_vs_eager_vanilla": eager_ratio,
                "reason": "" if ok else ("handle.update() recompiled" if any(delta.values()) else
                                         "handle.update() did not change the compiled model's logits")}
-        log(f"  compiled ({mode}, {backend}): steered/vanilla {timing['steered'].get('ratio_median', float('nan')):.3f}; "
-            f"update(): new graphs {delta['unique_graphs']}, recompiles {delta['recompiles']}, logits changed "
-            f"{changed} -> {out['status']}")
+        log(f"  compiled ({mode or 'default'}, {backend}, batch {B}): steered/vanilla "
+            f"{timing['steered'].get('ratio_median', float('nan')):.3f}, compiled/eager vanilla "
+            f"{eager_ratio.get('ratio_median', float('nan')):.3f}; update(): new graphs {delta['unique_graphs']}, "
+            f"recompiles {delta['recompiles']}, logits changed {changed} -> {out['status']}")
         return out
     finally:
         handle.detach()

@@ -175,13 +175,15 @@ def latency_md(doc: dict) -> list[str]:
         L.append(f"| {t['target']} | {t['what']} | {t['scenario']} | {t['batch']} | {t['phase']} | "
                  f"{t['median']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] | ≤ {t['limit']} | "
                  f"{'yes' if t['met'] else '**no**'} |")
-    cc = r.get("cuda_compile", {})
-    L += ["", f"### CUDA: static cache + torch.compile, zero recompiles on update", "",
-          f"- {cc.get('status')}: {cc.get('reason') or ''}"]
-    if cc.get("status") in ("pass", "FAIL"):
-        L.append(f"- update(): counter deltas {cc['dynamo_counts_delta_after_update']}, logits changed "
-                 f"{cc['update_changed_logits']}; compiled steered/vanilla "
-                 f"{_ratio_cell(cc['timing'].get('steered'))}")
+    L += ["", "### Static cache + torch.compile(fullgraph): compiled steered vs compiled vanilla", ""]
+    for cc in r.get("compiled", []):
+        if cc.get("status") not in ("pass", "FAIL"):
+            L.append(f"- {cc.get('status')}: {cc.get('reason') or ''}")
+            continue
+        L.append(f"- batch {cc['batch']} ({cc['backend']}, mode {cc['mode']}): {cc['status']}; compiled "
+                 f"steered/vanilla {_ratio_cell(cc['timing'].get('steered'))}, compiled/eager vanilla "
+                 f"{_ratio_cell(cc.get('compiled_vs_eager_vanilla'))}; update(): counter deltas "
+                 f"{cc['dynamo_counts_delta_after_update']}, logits changed {cc['update_changed_logits']}")
     return L
 
 

@@ -105,7 +105,7 @@ def _run(args, dev: torch.device) -> int:
                             prefill_cycles=args.prefill_cycles, warmup=args.warmup, batches=tuple(args.batches),
                             seed=args.seed, scenarios=tuple(args.scenarios), arms=tuple(args.arms),
                             progress=args.progress, protocol=args.protocol, phases=tuple(args.phases),
-                            check_finite=args.check_finite,
+                            check_finite=args.check_finite, compiled=args.compiled,
                             checkpoint=lambda part: R.write_json(out / "latency.partial.json", machine, part))
         res = run_latency(cfg)
         (out / "latency.partial.json").unlink(missing_ok=True)

@@ -237,6 +237,18 @@ def test_generate_streams_steered_tokens(capsys, tmp_path, spec, tiny_dir):
     assert rc == 0 and out.split() == want
 
 
+def test_generate_compile_equals_eager(capsys, tmp_path, spec, tiny_dir):
+    """--compile: fullgraph torch.compile on a static cache gives the tokens of the eager reference
+    (dynamo's eager backend here, to spare CI inductor's code generation; the CLI default is inductor)."""
+    prompt, n = "w5 w17 w33 w40", 6
+    plan = _plan(spec, seed=2, scale=6.0)
+    pf = tmp_path / "p.safetensors"
+    plan.save(pf)
+    rc, out, _ = run(capsys, "generate", "--model", tiny_dir, "--plan", pf, "--prompt", prompt, "--max-new-tokens",
+                     n, "--backend", "torch", "--compile", "--compile-backend", "eager")
+    assert rc == 0 and out.split() == _expected(tiny_dir, prompt, plan, n)
+
+
 def test_generate_errors(capsys, tmp_path, spec, tiny_dir):
     gg = tmp_path / "v.gguf"
     from fusesteer.interop.gguf_cv import write_control_vector

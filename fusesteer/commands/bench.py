@@ -56,6 +56,10 @@ def add_arguments(p) -> None:
                    help="latency: 'attach' = one model, each arm attached/detached around its timed step "
                         "(DESIGN §5); 'copies' = one deep copy of the model per arm, arm applied once (no set-up "
                         "churn next to the timed step; one model copy per arm in memory)")
+    p.add_argument("--compiled", action="store_true",
+                   help="latency: also time static-cache torch.compile(fullgraph) decode steps: compiled steered vs "
+                        "compiled vanilla vs eager vanilla, per batch size (always on with CUDA; inductor on CPU "
+                        "compiles for minutes)")
     p.add_argument("--all-triton", action="store_true",
                    help="parity --quick on CPU: run every Triton (interpreter) row, not just a few (slow)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -60,6 +60,10 @@ def register(sub, fmt):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (fullgraph, static KV cache; CUDA graphs on a GPU); the first "
+                        "tokens wait for the compiler")
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -118,12 +122,27 @@ def run(args) -> int:
     if plan is None:
         print(f"fusesteer: {args.model}, no steering", file=sys.stderr, flush=True)
         with torch.no_grad():
-            model.generate(**enc, **gen_kw)
+            _generate(model, enc, gen_kw, args)
         return 0
     layers = sorted({e.layer for e in plan.entries})
     print(f"fusesteer: {args.model}, plan {plan.name!r}: {len(plan.entries)} entries on layers "
           f"{layers[0]}..{layers[-1]}, backend {args.backend}" if layers else
           f"fusesteer: {args.model}, plan {plan.name!r} is empty", file=sys.stderr, flush=True)
     with attach(model, plan, backend=args.backend), torch.no_grad():
-        model.generate(**enc, **gen_kw)
+        _generate(model, enc, gen_kw, args)
     return 0
+
+
+def _generate(model, enc, gen_kw, args):
+    """generate(), with --compile: the (steered) forward compiled once, fullgraph, on a static KV cache."""
+    if not args.compile:
+        return model.generate(**enc, **gen_kw)
+    import torch
+
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    model.forward = torch.compile(model.forward, backend=args.compile_backend, mode=mode, fullgraph=True,
+                                  dynamic=False)
+    try:
+        return model.generate(**enc, cache_implementation="static", **gen_kw)
+    finally:
+        del model.forward
