@@ -5,7 +5,7 @@ HF layer computes what the family adapter says and passes what fusesteer reads (
 attach, once per (backend, layer class, dtype, device, transformers version) in a process, every distinct
 patched layer class runs on a small probe:
 
-1. its inputs are captured from a real call of the decoder stack on 5 tokens (stopped at the last layer needed);
+1. its inputs are captured from a real call of the decoder stack on 5 tokens;
 2. the token positions it receives must be the positions of those tokens;
 3. the patched forward with identity maps must equal the original forward (bit-exact for ``torch``; within the
    kernels' tolerance for ``triton``, whose fused norms sum in another order);
@@ -28,10 +28,6 @@ from .plan import SITES, SteeringPlan
 PROBE_TOKENS = 5
 PROBE_PROMPT = 2  # tokens at positions >= 2 count as generated in step 4
 _VERIFIED: set = set()
-
-
-class _Stop(Exception):
-    pass
 
 
 def _fused_name(handle) -> str | None:
@@ -65,16 +61,14 @@ def _first_of_each_class(layers) -> dict[int, type]:
 
 
 def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
-    """(args, kwargs) of the wanted layers' calls on a short probe, stopping the stack after the last one."""
+    """(args, kwargs) of the wanted layers' calls on a short probe of the whole decoder stack (never aborted
+    half way: transformers may wrap layer forwards for the duration of a call and restore them after it)."""
     got: dict[int, tuple] = {}
-    last = max(wanted)
     handles = []
 
     def make(i):
         def pre(mod, args, kwargs):
             got[i] = (args, dict(kwargs))
-            if i == last:
-                raise _Stop
         return pre
     for i in wanted:
         handles.append(parts.layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
@@ -83,8 +77,6 @@ def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
     try:
         with torch.no_grad():
             parts.base(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
     finally:
         for h in handles:
             h.remove()
