@@ -36,6 +36,8 @@ from fusesteer import attach, models  # noqa: E402
 from fusesteer.evaluate import tasks  # noqa: E402
 from fusesteer.evaluate.grading import RuleJudge, extract_answer, grade  # noqa: E402
 from fusesteer.methods import fusion as F  # noqa: E402
+from fusesteer.methods.fusion.files import safe_id  # noqa: E402
+from fusesteer.methods.fusion.pipeline import baseline_record  # noqa: E402
 from fusesteer.runtime.plan import ModelSpec, SteeringPlan  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
@@ -124,8 +126,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     base = {}
     for r in records:
-        base[r["id"]] = F._baseline(model, tok, r, args.max_new_tokens, judge,
-                                    run / "baseline" / f"{F._safe_id(r['id'])}.json", fp)
+        base[r["id"]] = baseline_record(model, tok, r, args.max_new_tokens, judge,
+                                    run / "baseline" / f"{safe_id(r['id'])}.json", fp)
     timings["baseline_s"] = time.perf_counter() - t0
     failed = [r for r in records if not base[r["id"]]["grade"]["accurate"]]
     chosen = failed[:args.max_failed]
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         n8 = sum(type(m).__name__ == "Linear8bitLt" for m in m8.modules())
         rows = []
         for it in report["items"][:args.quant_check]:
-            sid = F._safe_id(it["id"])
+            sid = safe_id(it["id"])
             plan = SteeringPlan.load(run / "plans" / f"{sid}.segmented.explanation.safetensors")
             runner = F.PromptRunner(m8, tok8, F.question_prompt(it["question"]), args.max_new_tokens)
             with attach(m8, {"segmented": plan}, backend="torch", check_finite=False) as h:

@@ -16,6 +16,7 @@ import torch
 from fusesteer.errors import FuseSteerError
 from fusesteer.evaluate import grading as G
 from fusesteer.methods import fusion as F
+from fusesteer.methods.fusion.files import safe_id
 from fusesteer.methods.capture import site_recorder
 from fusesteer.runtime.attach import attach
 from fusesteer.runtime.plan import ModelSpec
@@ -291,13 +292,15 @@ def test_prompt_search_attaches_once_and_scores(llama, tok_vocab, monkeypatch):
     tok, _ = tok_vocab
     ref = F.compute_reference(llama, tok, "What is the largest planet?", "Jupiter", None)
     calls = {"attach": 0}
-    real_attach = F.attach
+    from fusesteer.methods.fusion import search as S
+
+    real_attach = S.attach
 
     def counting_attach(*a, **k):
         calls["attach"] += 1
         return real_attach(*a, **k)
 
-    monkeypatch.setattr(F, "attach", counting_attach)
+    monkeypatch.setattr(S, "attach", counting_attach)
     res = F.optimize_prompt(llama, tok, ref, ["Jupiter"], n_trials=5, mode="full", batch_size=2,
                             max_new_tokens=4, progress=False)
     assert calls["attach"] == 1 and res["n_complete"] == 5 and len(res["values"]) == 5
@@ -584,7 +587,7 @@ def test_cli_optimize_and_eval(tiny_folder, tmp_path, capsys):
                "--all-prompts", "--no-progress", "--explanation", "generate"])
     assert rc == 0
     assert sorted(p.name for p in (out / "plans").iterdir()) == sorted(
-        f"{s}.{m}.explanation.safetensors" for s in ("q1", F._safe_id("q/2")) for m in ("full", "segmented"))
+        f"{s}.{m}.explanation.safetensors" for s in ("q1", safe_id("q/2")) for m in ("full", "segmented"))
     res = json.loads((out / "results" / "q1.segmented.explanation.json").read_text())
     assert res["n_complete"] == 3 and set(res["best_params"]) == set(F.param_space("segmented"))
     assert (out / "studies.db").is_file()
