@@ -14,7 +14,7 @@ import torch
 
 from ..errors import FuseSteerError
 from ..runtime.families import model_parts
-from ..runtime.plan import SITES
+from ..runtime.sites import SITES, hook_site
 
 
 @contextmanager
@@ -31,22 +31,7 @@ def site_recorder(model, site: str, layers: Sequence[int] | None = None):
     store: dict[int, torch.Tensor] = {}
     handles = []
     for l in layers:
-        layer = parts.layers[l]
-        if site == "layer.out":
-            def hook(mod, args, out, l=l):
-                store[l] = (out[0] if isinstance(out, tuple) else out).detach()
-            handles.append(layer.register_forward_hook(hook))
-        elif site == "mlp.out":
-            def hook(mod, args, out, l=l):
-                store[l] = out.detach()
-            handles.append(layer.mlp.register_forward_hook(hook))
-        else:
-            mod = layer.self_attn.o_proj if site == "attn.o_proj.in" else layer.mlp.down_proj
-
-            def pre(mod, args, kwargs, l=l):
-                x = args[0] if args else kwargs["input"]
-                store[l] = x.detach()
-            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(hook_site(parts.layers[l], site, lambda x, l=l: store.__setitem__(l, x.detach())))
     try:
         yield store
     finally:

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import PlanError
+from .sites import SITES, site
 
-SITES = ("layer.out", "attn.o_proj.in", "mlp.down_proj.in", "mlp.out")
 GATINGS = ("all", "prompt", "generated")
 PHASES = ("prompt", "generated")
 
@@ -43,14 +43,8 @@ class ModelSpec:
     intermediate_size: int
     attn_width: int  # num_attention_heads * head_dim: width of attn.o_proj.in
 
-    def site_width(self, site: str) -> int:
-        if site in ("layer.out", "mlp.out"):
-            return self.hidden_size
-        if site == "attn.o_proj.in":
-            return self.attn_width
-        if site == "mlp.down_proj.in":
-            return self.intermediate_size
-        raise PlanError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
+    def site_width(self, name: str) -> int:
+        return getattr(self, site(name).width)
 
     def to_dict(self) -> dict:
         return asdict(self)

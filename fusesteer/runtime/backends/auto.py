@@ -22,6 +22,7 @@ import logging
 import torch
 
 from ..patching import Patcher
+from ..sites import in_layer_order
 from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 
 log = logging.getLogger("fusesteer")
@@ -53,9 +54,7 @@ def _fused_backend(handle):
 
 
 def _sites(keys) -> str:
-    order = ("attn.o_proj.in", "mlp.down_proj.in", "mlp.out", "layer.out")
-    used = {k[1] for k in keys}
-    return ", ".join(s for s in order if s in used)
+    return ", ".join(in_layer_order({k[1] for k in keys}))
 
 
 _ROUTED = Refusal("per-row routing", "handle.route() asked for unsteered rows, and folded weights steer every "

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 
 from ...errors import AttachError, NonFiniteActivationError
+from ..sites import module_at
+from ..sites import site as site_record
 from ..tables import slot_of
 
 log = logging.getLogger("fusesteer")
@@ -55,10 +57,8 @@ class Refusal:
 # --------------------------------------------------------------------------------------------------
 def target_linear(parts, layer: int, site: str) -> tuple[str, nn.Module]:
     """(qualified name, module) of the linear a site folds into."""
-    lay = parts.layers[layer]
-    if site == "attn.o_proj.in":
-        return f"model.layers.{layer}.self_attn.o_proj", lay.self_attn.o_proj
-    return f"model.layers.{layer}.mlp.down_proj", lay.mlp.down_proj
+    path = site_record(site).fold_linear
+    return f"model.layers.{layer}.{path}", module_at(parts.layers[layer], path)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int] | None:
@@ -240,8 +240,7 @@ class FoldResult:
 def _collect(handle, keys) -> list[_LinearFold]:
     parts = handle.parts
     folds: dict[str, _LinearFold] = {}
-    order = {"attn.o_proj.in": 0, "mlp.down_proj.in": 1, "mlp.out": 2, "layer.out": 3}
-    for key in sorted(keys, key=lambda k: (k[0], order[k[1]])):
+    for key in sorted(keys, key=lambda k: (k[0], site_record(k[1]).order)):
         layer, site = key
         table = handle.tables[key]
         if _is_identity(table):
@@ -254,7 +253,7 @@ def _collect(handle, keys) -> list[_LinearFold]:
         b = table.B[_SLOT].to(dev, torch.float32)
         has_a = not bool(table.additive_rows[_SLOT])
         has_b = bool((b != 0).any())
-        if site in ("attn.o_proj.in", "mlp.down_proj.in"):
+        if site_record(site).fold == "columns":
             f.a_in = a if has_a else None
             f.b_in = b if has_b else None
         elif site == "mlp.out":

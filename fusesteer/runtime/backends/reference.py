@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..compat import layer_positions, merged_kwargs, positional_names
+from ..sites import hook_site
 from ..tables import SiteTable, affine
 
 
@@ -33,28 +34,9 @@ class ReferenceBackend:
                 return None
             patcher.add_hook(layer.register_forward_pre_hook(route_pre, with_kwargs=True))
         for (layer_idx, site), table in handle.tables.items():
-            layer = parts.layers[layer_idx]
             check = handle.checker(layer_idx, site)
-            if site == "layer.out":
-                def hook(mod, args, out, table=table, check=check):
-                    if isinstance(out, tuple):
-                        return (check(reference_apply(out[0], table, handle.router)),) + tuple(out[1:])
-                    return check(reference_apply(out, table, handle.router))
-                patcher.add_hook(layer.register_forward_hook(hook))
-            elif site == "mlp.out":
-                def hook(mod, args, out, table=table, check=check):
-                    return check(reference_apply(out, table, handle.router))
-                patcher.add_hook(layer.mlp.register_forward_hook(hook))
-            else:
-                mod = layer.self_attn.o_proj if site == "attn.o_proj.in" else layer.mlp.down_proj
-
-                def pre(mod, args, kwargs, table=table, check=check):
-                    if args:
-                        return (check(reference_apply(args[0], table, handle.router)),) + tuple(args[1:]), kwargs
-                    x = kwargs.pop("input")
-                    kwargs["input"] = check(reference_apply(x, table, handle.router))
-                    return args, kwargs
-                patcher.add_hook(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            patcher.add_hook(hook_site(parts.layers[layer_idx], site,
+                                       lambda x, table=table, check=check: check(reference_apply(x, table, handle.router))))
 
         def stack_pre(mod, args, kwargs):
             handle._begin_forward()

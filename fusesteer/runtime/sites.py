@@ -1,0 +1,82 @@
+"""The site registry: one record per steerable activation of a decoder layer.
+
+Everything that needs to know where a site is reads it here: its width (which model-shape field), the HF module
+it lives at (``path`` inside the decoder layer; an input site is that module's input, an output site its
+output), its place in the layer's computation (``order``, the order maps compose and fold in), and the linear
+it folds into. Adding a site is one record here plus, for the fused backends, where their layer skeleton
+applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PlanError
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    order: int  # position in the layer's computation
+    width: str  # the ModelSpec field that gives its width
+    where: str  # "input" (of the module at path) or "output"
+    path: str  # module inside a decoder layer ("" = the layer itself)
+    fold_linear: str  # the linear a static map folds into
+    fold: str  # "columns" (scale the linear's input columns) or "rows+bias" (its output rows, bias += b)
+
+
+_RECORDS = (
+    Site("attn.o_proj.in", 0, "attn_width", "input", "self_attn.o_proj", "self_attn.o_proj", "columns"),
+    Site("mlp.down_proj.in", 1, "intermediate_size", "input", "mlp.down_proj", "mlp.down_proj", "columns"),
+    Site("mlp.out", 2, "hidden_size", "output", "mlp", "mlp.down_proj", "rows+bias"),
+    Site("layer.out", 3, "hidden_size", "output", "", "mlp.down_proj", "rows+bias"),
+)
+REGISTRY = {s.name: s for s in _RECORDS}
+#: site names in the order the docs list them
+SITES = ("layer.out", "attn.o_proj.in", "mlp.down_proj.in", "mlp.out")
+assert set(SITES) == set(REGISTRY)
+
+
+def site(name: str) -> Site:
+    rec = REGISTRY.get(name) if isinstance(name, str) else None
+    if rec is None:
+        raise PlanError(f"unknown site {name!r}; expected one of {', '.join(SITES)}")
+    return rec
+
+
+def in_layer_order(names) -> list[str]:
+    return sorted(names, key=lambda n: site(n).order)
+
+
+def module_at(layer, path: str):
+    mod = layer
+    for part in filter(None, path.split(".")):
+        mod = getattr(mod, part)
+    return mod
+
+
+def hook_site(layer, name: str, fn):
+    """Register a hook that calls ``fn(x)`` with the site's activation; a tensor it returns replaces x.
+    Returns the hook handle."""
+    rec = site(name)
+    mod = module_at(layer, rec.path)
+    if rec.where == "output":
+        def post(m, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            y = fn(x)
+            if y is None:
+                return None
+            return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+        return mod.register_forward_hook(post)
+
+    def pre(m, args, kwargs):
+        if args:
+            y = fn(args[0])
+            return None if y is None else ((y,) + tuple(args[1:]), kwargs)
+        y = fn(kwargs["input"])
+        if y is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["input"] = y
+        return args, kwargs
+    return mod.register_forward_pre_hook(pre, with_kwargs=True)
