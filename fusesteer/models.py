@@ -260,6 +260,11 @@ def _strip_gguf_quantizer(model) -> None:
 def _convert(name: str, info: dict, target: Path, progress: bool) -> dict:
     """Dequantize the GGUF of ``name`` into ``target`` atomically; returns the marker written."""
     from tqdm.auto import tqdm
+
+    from .extras import require
+
+    for module in ("gguf", "accelerate"):  # transformers reads GGUF through them
+        require(module, "gguf", f"converting the embedded model {name!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, __version__ as tf_version
 
     models_dir = target.parent

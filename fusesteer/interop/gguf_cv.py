@@ -47,6 +47,7 @@ not used for the mapping. The file holds no model shape: without a model/spec th
 
 from __future__ import annotations
 
+
 import logging
 import math
 import os
@@ -58,6 +59,12 @@ import torch
 
 from ..errors import PlanError
 from ..runtime.plan import ModelSpec, SteeringPlan
+from ..extras import require
+
+
+def _gguf():
+    return require("gguf", "gguf", "reading and writing GGUF control vectors")
+
 
 log = logging.getLogger("fusesteer")
 
@@ -125,7 +132,7 @@ def _check_range(layer_range) -> tuple[int, int] | None:
 
 def _field_value(reader, key: str, path: str):
     """(present, value, type names) of a GGUF key-value field."""
-    from gguf import GGUFValueType
+    GGUFValueType = _gguf().GGUFValueType
 
     f = reader.fields.get(key)
     if f is None:
@@ -145,7 +152,7 @@ _INT_TYPES = {"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "
 
 
 def _open_reader(path: str):
-    from gguf import GGUFReader
+    GGUFReader = _gguf().GGUFReader
 
     try:
         size = os.path.getsize(path)
@@ -204,7 +211,7 @@ def inspect_control_vector(path: str | os.PathLike) -> tuple[dict, dict[int, np.
 
         if not reader.tensors:
             raise ControlVectorError(f"{path}: the file holds no direction tensors")
-        from gguf import GGMLQuantizationType
+        GGMLQuantizationType = _gguf().GGMLQuantizationType
 
         dirs: dict[int, np.ndarray] = {}
         names: dict[int, str] = {}
@@ -417,7 +424,7 @@ def write_control_vector(plan: SteeringPlan, path: str | os.PathLike, model_hint
     :class:`ControlVectorError` naming the entry that cannot be expressed (other sites, gains, gating,
     layer 0 unless ``allow_layer0``). The file is written to a temporary name and renamed into place.
     """
-    import gguf
+    gguf = _gguf()
 
     dirs = control_vector_directions(plan, allow_layer0=allow_layer0)
     if model_hint is None:

@@ -25,6 +25,8 @@ per structure value and ``handle.update()`` for each strength (values change in 
 
 from __future__ import annotations
 
+from ..extras import require
+
 import hashlib
 import json
 import math
@@ -502,7 +504,7 @@ class SweepResult:
         return "\n".join(lines) + "\n"
 
     def heatmap(self, path: str | Path, title: str | None = None) -> None:
-        import matplotlib
+        matplotlib = require("matplotlib", "methods", "the AUSteer sweep heatmap")
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ...extras import require
 from .prompts import FusionError
 
 log = logging.getLogger("fusesteer")
@@ -26,10 +27,7 @@ log = logging.getLogger("fusesteer")
 # Optuna studies
 # --------------------------------------------------------------------------------------------
 def _optuna():
-    try:
-        import optuna
-    except ImportError as e:  # pragma: no cover
-        raise FusionError(f"the per-prompt search needs optuna ({e}); pip install optuna") from None
+    optuna = require("optuna", "methods", "the per-prompt Fusion Steering search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
