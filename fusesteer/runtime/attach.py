@@ -24,7 +24,7 @@ def _get_backend(name: str, model):
         from .backends.reference import ReferenceBackend
         return ReferenceBackend()
     if name == "torch":
-        from .backends.fused import TorchBackend
+        from .backends.torch import TorchBackend
         return TorchBackend()
     if name == "triton":
         try:

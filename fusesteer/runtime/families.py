@@ -38,6 +38,32 @@ class Family:
         return "post_feedforward_layernorm" if self.sandwich else None
 
 
+@dataclass(frozen=True)
+class LayerModules:
+    """The HF submodules of one decoder layer that the fused layer skeleton calls, found by the family adapter."""
+
+    attn: nn.Module
+    mlp: nn.Module
+    in_norm: nn.Module
+    ffn_norm: nn.Module
+    post_attn: nn.Module | None  # Gemma's sandwich norms, else None
+    post_ffn: nn.Module | None
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    act: object
+
+
+def layer_modules(family: "Family", layer: nn.Module) -> LayerModules:
+    mlp = layer.mlp
+    return LayerModules(
+        attn=layer.self_attn, mlp=mlp, in_norm=getattr(layer, family.pre_attn_norm),
+        ffn_norm=getattr(layer, family.pre_ffn_norm),
+        post_attn=getattr(layer, family.post_attn_norm) if family.post_attn_norm else None,
+        post_ffn=getattr(layer, family.post_ffn_norm) if family.post_ffn_norm else None,
+        gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj, act=mlp.act_fn)
+
+
 LLAMA = Family("llama", sandwich=False, rms="llama", act="silu")
 QWEN2 = Family("qwen2", sandwich=False, rms="llama", act="silu")
 QWEN3 = Family("qwen3", sandwich=False, rms="llama", act="silu")

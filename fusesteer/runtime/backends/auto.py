@@ -49,7 +49,7 @@ def _fused_backend(handle):
             return "triton", TritonBackend()
         except ImportError:
             pass
-    from .fused import TorchBackend
+    from .torch import TorchBackend
     return "torch", TorchBackend()
 
 

@@ -23,7 +23,9 @@ import torch
 
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..tables import SiteTable
-from .fused import patch_o_proj, routed_forward, tables_by_layer
+from ..families import layer_modules
+from .skeleton import layer_forward
+from .torch import patch_o_proj, routed_forward, tables_by_layer
 
 
 def _norm_eps(norm) -> float:
@@ -129,7 +131,7 @@ class TritonBackend:
                     A, B, sl = slots.args(t, x.numel() // x.shape[-1], x.device)
                     return x if A is None else affine_map(x, A, B, sl)
                 patch_o_proj(handle, li, layer, t_attn, o_op)
-            next_norm = layers[li + 1].input_layernorm if li + 1 < len(layers) else parts.final_norm
+            next_norm = (getattr(layers[li + 1], fam.pre_attn_norm) if li + 1 < len(layers) else parts.final_norm)
             patcher.set_forward(layer, self._layer_forward(handle, li, layer, maps, next_norm, stash, slots,
                                                            gemma, act))
 
@@ -155,52 +157,56 @@ class TritonBackend:
         patcher.set_forward(base, stack_forward)
 
     def _layer_forward(self, handle, li, layer, maps, next_norm, stash, slots, gemma, act):
-        fam = handle.parts.family
-        attn, mlp = layer.self_attn, layer.mlp
-        in_norm = getattr(layer, fam.pre_attn_norm)
-        ffn_norm = getattr(layer, fam.pre_ffn_norm)
-        post_attn = getattr(layer, fam.post_attn_norm) if fam.post_attn_norm else None
-        post_ffn = getattr(layer, fam.post_ffn_norm) if fam.post_ffn_norm else None
-        eps = _norm_eps(ffn_norm)
-        for n in (in_norm, next_norm, post_attn, post_ffn):
-            if n is not None and abs(_norm_eps(n) - eps) > 0:
+        ops = TritonOps(handle, li, layer, layer_modules(handle.parts.family, layer), maps, next_norm, stash,
+                        slots, gemma, act)
+        return routed_forward(handle, layer, layer_forward(ops))
+
+
+class TritonOps:
+    """The Triton ops of the layer skeleton: every add fuses with the norm after it and the map at its site;
+    the GLU fuses with the mlp.down_proj.in map; the block's last add also computes the *next* layer's input
+    norm, carried to it through the stash."""
+
+    def __init__(self, handle, li, layer, modules, maps, next_norm, stash, slots, gemma, act):
+        m = self.modules = modules
+        self.layer, self.stash, self.slots, self.gemma, self.act = layer, stash, slots, gemma, act
+        self.eps = _norm_eps(m.ffn_norm)
+        for n in (m.in_norm, next_norm, m.post_attn, m.post_ffn):
+            if n is not None and abs(_norm_eps(n) - self.eps) > 0:
                 raise ValueError(f"layer {li}: RMSNorm eps differ between norms; the fused kernel uses one eps")
-        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        t_down = maps.get("mlp.down_proj.in")
-        t_mout = maps.get("mlp.out")
-        t_out = maps.get("layer.out")
-        c_down = handle.checker(li, "mlp.down_proj.in")
-        c_mout = handle.checker(li, "mlp.out")
-        c_out = handle.checker(li, "layer.out")
-        w_ffn = ffn_norm.weight
-        w_next = next_norm.weight
-        w_post_attn = post_attn.weight if post_attn is not None else None
-        w_post_ffn = post_ffn.weight if post_ffn is not None else None
+        self.t_down, self.t_mout, self.t_out = (maps.get(s) for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
+        self.c_down, self.c_mout, self.c_out = (handle.checker(li, s)
+                                                for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
+        self.w_ffn, self.w_next = m.ffn_norm.weight, next_norm.weight
+        self.w_post_attn = m.post_attn.weight if m.post_attn is not None else None
+        self.w_post_ffn = m.post_ffn.weight if m.post_ffn is not None else None
 
-        def forward(hidden_states, **kwargs):
-            x = hidden_states
-            normed = stash.take(x, layer)
-            if normed is None:
-                normed = in_norm(x)
-            h, _ = attn(hidden_states=normed, **kwargs)
-            rows = x.numel() // x.shape[-1]
-            # mid-block: (post-attn norm) + add + pre-FFN norm, one pass
-            s_mid, n2 = add_map_rmsnorm(x, h, w_ffn, eps, gemma=gemma, delta_norm_w=w_post_attn)
-            g, u = gate(n2), up(n2)
-            A, B, sl = slots.args(t_down, rows, x.device)
-            m = glu_map(g, u, A, B, sl, act)
-            if A is not None:
-                m = c_down(m)
-            d = down(m)
-            A, B, sl = slots.args(t_mout, rows, x.device)
-            if A is not None:
-                d = c_mout(affine_map(d, A, B, sl))
-            # end of block: (post-FFN norm) + add + layer.out map + next norm, one pass
-            A, B, sl = slots.args(t_out, rows, x.device)
-            s, n_next = add_map_rmsnorm(s_mid, d, w_next, eps, A, B, sl, gemma=gemma, delta_norm_w=w_post_ffn)
-            if A is not None:
-                s = c_out(s)
-            stash.put(s, n_next, layer)
-            return s
+    def attn_input(self, x):
+        normed = self.stash.take(x, self.layer)
+        return normed if normed is not None else self.modules.in_norm(x)
 
-        return routed_forward(handle, layer, forward)
+    def mid(self, x, h):  # (post-attn norm) + add + pre-FFN norm, one pass
+        return add_map_rmsnorm(x, h, self.w_ffn, self.eps, gemma=self.gemma, delta_norm_w=self.w_post_attn)
+
+    def mlp(self, n2):
+        m = self.modules
+        rows = n2.numel() // n2.shape[-1]
+        A, B, sl = self.slots.args(self.t_down, rows, n2.device)
+        g = glu_map(m.gate(n2), m.up(n2), A, B, sl, self.act)
+        if A is not None:
+            g = self.c_down(g)
+        d = m.down(g)
+        A, B, sl = self.slots.args(self.t_mout, rows, n2.device)
+        if A is not None:
+            d = self.c_mout(affine_map(d, A, B, sl))
+        return d
+
+    def end(self, s_mid, d):  # (post-FFN norm) + add + layer.out map + next norm, one pass
+        rows = s_mid.numel() // s_mid.shape[-1]
+        A, B, sl = self.slots.args(self.t_out, rows, s_mid.device)
+        s, n_next = add_map_rmsnorm(s_mid, d, self.w_next, self.eps, A, B, sl, gemma=self.gemma,
+                                    delta_norm_w=self.w_post_ffn)
+        if A is not None:
+            s = self.c_out(s)
+        self.stash.put(s, n_next, self.layer)
+        return s

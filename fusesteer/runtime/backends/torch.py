@@ -1,7 +1,7 @@
 """The `torch` backend: patched decoder-layer forwards with the maps inlined (no Python hooks).
 
-One class-agnostic layer skeleton, parameterised by the family adapter (pre-norm Llama/Qwen layout or
-Gemma's sandwich norms). It calls the HF submodules (norms, attention, gate/up/down projections, act_fn),
+The layer skeleton of :mod:`.skeleton` with torch ops (:class:`TorchOps`), parameterised by the family adapter
+(pre-norm Llama/Qwen layout or Gemma's sandwich norms). It calls the HF submodules (norms, attention, gate/up/down projections, act_fn),
 so attention variants, KV caches, quantized linears and output recording keep working, and applies the
 maps where the sites are: o_proj input, GLU activation (down_proj input), MLP output, layer output.
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..compat import layer_positions, merged_kwargs, positional_names
+from ..families import layer_modules
 from ..tables import SiteTable, affine
+from .skeleton import layer_forward
 
 
 def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
@@ -66,51 +68,52 @@ def routed_forward(handle, layer, forward):
     return wrapped
 
 
+class TorchOps:
+    """The torch ops of the layer skeleton: HF submodules in HF's order, maps inlined where the sites are."""
+
+    def __init__(self, handle, layer_idx: int, modules, maps: dict, apply):
+        self.modules, self.apply, self.router = modules, apply, handle.router
+        self.t_down, self.t_mout, self.t_out = (maps.get(s) for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
+        self.c_down, self.c_mout, self.c_out = (handle.checker(layer_idx, s)
+                                                for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
+
+    def attn_input(self, x):
+        return self.modules.in_norm(x)
+
+    def mid(self, x, h):
+        m = self.modules
+        if m.post_attn is not None:
+            h = m.post_attn(h)
+        s = x + h
+        return s, m.ffn_norm(s)
+
+    def mlp(self, n):
+        m = self.modules
+        if self.t_down is not None:
+            g = m.act(m.gate(n)) * m.up(n)
+            d = m.down(self.c_down(self.apply(g, self.t_down, self.router)))
+        else:
+            d = m.mlp(n)
+        if self.t_mout is not None:
+            d = self.c_mout(self.apply(d, self.t_mout, self.router))
+        return d
+
+    def end(self, s, d):
+        if self.modules.post_ffn is not None:
+            d = self.modules.post_ffn(d)
+        s = s + d
+        if self.t_out is not None:
+            s = self.c_out(self.apply(s, self.t_out, self.router))
+        return s
+
+
 class TorchBackend:
     name = "torch"
     apply = staticmethod(torch_apply)
 
     def make_layer_forward(self, handle, layer_idx: int, layer, maps: dict):
-        fam = handle.parts.family
-        attn, mlp = layer.self_attn, layer.mlp
-        in_norm = getattr(layer, fam.pre_attn_norm)
-        ffn_norm = getattr(layer, fam.pre_ffn_norm)
-        post_attn = getattr(layer, fam.post_attn_norm) if fam.post_attn_norm else None
-        post_ffn = getattr(layer, fam.post_ffn_norm) if fam.post_ffn_norm else None
-        gate, up, down, act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        t_down = maps.get("mlp.down_proj.in")
-        t_mout = maps.get("mlp.out")
-        t_out = maps.get("layer.out")
-        router = handle.router
-        apply = self.apply
-        c_down = handle.checker(layer_idx, "mlp.down_proj.in")
-        c_mout = handle.checker(layer_idx, "mlp.out")
-        c_out = handle.checker(layer_idx, "layer.out")
-
-        def forward(hidden_states, **kwargs):
-            residual = hidden_states
-            h = in_norm(hidden_states)
-            h, _ = attn(hidden_states=h, **kwargs)
-            if post_attn is not None:
-                h = post_attn(h)
-            h = residual + h
-            residual = h
-            h = ffn_norm(h)
-            if t_down is not None:
-                m = act(gate(h)) * up(h)
-                h = down(c_down(apply(m, t_down, router)))
-            else:
-                h = mlp(h)
-            if t_mout is not None:
-                h = c_mout(apply(h, t_mout, router))
-            if post_ffn is not None:
-                h = post_ffn(h)
-            h = residual + h
-            if t_out is not None:
-                h = c_out(apply(h, t_out, router))
-            return h
-
-        return routed_forward(handle, layer, forward)
+        ops = TorchOps(handle, layer_idx, layer_modules(handle.parts.family, layer), maps, self.apply)
+        return routed_forward(handle, layer, layer_forward(ops))
 
     def install(self, handle) -> None:
         parts, patcher = handle.parts, handle.patcher
