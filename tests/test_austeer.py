@@ -490,3 +490,48 @@ def test_cli_errors_are_clear(model_dir, tmp_path, capsys):
     rc = cli.main(["austeer", "build", "--model", str(model_dir), "--dataset", "strategyqa", "--pairs", "4",
                    "--k", "100000", "-o", str(tmp_path / "p.safetensors"), "--quiet"])
     assert rc == 2 and "exceeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["caa", "iti", "random", "actdiff", "fixed_vector", "fixed_strength"])
+def test_cli_baseline_build_matches_python_api(model_dir, tmp_path, capsys, method):
+    """`fusesteer baseline build` writes the plan the Python API builds from the same pairs."""
+    from fusesteer.methods import baselines as B
+    from fusesteer.methods.pairs import make_pairs
+    from fusesteer.evaluate.tasks import load_dataset
+    from fusesteer.models import load
+
+    out = tmp_path / f"{method}.safetensors"
+    rc = cli.main(["baseline", "build", "--method", method, "--model", str(model_dir), "--dataset", "strategyqa",
+                   "--pairs", "10", "--site", "ffn", "--layer", "1", "--scale", "3", "--heads", "2", "--k", "4",
+                   "--alpha", "2", "-o", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    got = SteeringPlan.load(out)
+    model, tk = load(str(model_dir))
+    prs = make_pairs(load_dataset("strategyqa"), negatives="random", seed=0, limit=10)
+    if method == "caa":
+        want = B.caa_layer_plan(got.spec, 1, B.caa_vectors(model, tk, prs)[1], 3.0)
+    elif method == "iti":
+        loc = A.localize(model, tk, prs, "head", extra={"iti": B.HeadStats(model.config.num_attention_heads)})
+        want = B.iti_plan(loc.extra["iti"], got.spec, 2, 2.0)
+    else:
+        want = B.ABLATIONS[method](A.localize(model, tk, prs, "ffn"), 4, 2.0)
+    assert len(got.entries) == len(want.entries) > 0
+    for e, w in zip(got.entries, want.entries):
+        assert (e.layer, e.site) == (w.layer, w.site)
+        for x, y in ((e.a, w.a), (e.b, w.b), (e.dims, w.dims)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.allclose(torch.as_tensor(x).float(), torch.as_tensor(y).float(), atol=1e-5)
+
+
+def test_cli_baseline_sweep(model_dir, tmp_path, capsys):
+    rc = cli.main(["baseline", "sweep", "--method", "caa", "--model", str(model_dir), "--dataset", "strategyqa",
+                   "--val", "6", "--pairs", "8", "--layer", "0", "1", "--scale", "1", "4", "--out",
+                   str(tmp_path / "caa"), "--save-best", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "caa" / "results.json").read_text())
+    assert data["rows"] == [0, 1] and data["cols"] == [1.0, 4.0] and data["row_name"] == "layer"
+    assert SteeringPlan.load(tmp_path / "caa" / "best_plan.safetensors").metadata["method"] == "caa"
+    rc = cli.main(["baseline", "build", "--method", "caa", "--model", str(model_dir), "--dataset", "strategyqa",
+                   "--pairs", "4", "--layer", "99", "-o", str(tmp_path / "x.safetensors"), "--quiet"])
+    assert rc == 2 and "out of range" in capsys.readouterr().err

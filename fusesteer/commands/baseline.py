@@ -1,0 +1,182 @@
+"""`fusesteer baseline build|sweep`: the baselines AUSteer is compared with, from the same contrastive pairs.
+
+Methods (each a plan in the same runtime and evaluation harness as AUSteer):
+
+    caa             mean layer.out difference at the last token, added at one layer   (grid: --layer x --scale)
+    iti             ITI-style shifts of the K most separating heads on attn.o_proj.in (grid: --heads x --alpha)
+    random          k random AUs at --site, AUSteer's adaptive gains                 (grid: --k x --alpha)
+    actdiff         top-k AUs by |mean activation difference|, adaptive gains         (grid: --k x --alpha)
+    fixed_vector    AUSteer's top-k AUs, a fixed shift b = alpha * mean m             (grid: --k x --alpha)
+    fixed_strength  AUSteer's top-k AUs, gamma = +-alpha regardless of r              (grid: --k x --alpha)
+
+Records are used in file order, as by `fusesteer austeer` (sweep: validation = records 0..val-1, pairs after).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .austeer import _check_positive, _common, _load_model, _pairs_from
+
+METHODS = ("caa", "iti", "random", "actdiff", "fixed_vector", "fixed_strength")
+_GRID = {"caa": ("layer", "scale"), "iti": ("heads", "alpha")}
+
+
+def register(sub, fmt):
+    p = sub.add_parser("baseline", formatter_class=fmt, help="baselines (CAA, ITI, AUSteer ablations): build, sweep",
+                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+                       epilog="examples:\n"
+                              "  fusesteer baseline build --method caa --dataset strategyqa --layer 12 --scale 4 "
+                              "-o caa.safetensors\n"
+                              "  fusesteer baseline sweep --method iti --dataset truthfulqa_mc --val 30 --heads 4 "
+                              "16 --alpha 1 5 15 --out iti/")
+    s = p.add_subparsers(dest="baseline_cmd", metavar="ACTION")
+    s.required = True
+    b = s.add_parser("build", formatter_class=fmt, help="build one baseline plan",
+                     description="Stream contrastive pairs through the model once and write one baseline plan.",
+                     epilog="examples:\n"
+                            "  fusesteer baseline build --method caa --dataset strategyqa --layer 12 --scale 4 "
+                            "-o caa.safetensors\n"
+                            "  fusesteer baseline build --method fixed_strength --site ffn --k 20 --alpha 5 "
+                            "--dataset strategyqa -o fs.safetensors")
+    _common(b, 300)
+    b.add_argument("--method", required=True, choices=METHODS)
+    b.add_argument("--offset", type=int, default=0, help="first record used for pairs (file order)")
+    b.add_argument("--layer", type=int, default=None, help="caa: the layer (default: 40%% of the depth)")
+    b.add_argument("--scale", type=float, default=4.0, help="caa: the multiplier of the mean difference")
+    b.add_argument("--heads", type=int, default=16, help="iti: number of heads K")
+    b.add_argument("--k", type=int, default=20, help="AUSteer ablations: number of AUs")
+    b.add_argument("--alpha", type=float, default=5.0, help="iti and AUSteer ablations: strength")
+    b.add_argument("-o", "--output", required=True, help="plan file to write (.safetensors)")
+    b.set_defaults(func=run_build)
+
+    w = s.add_parser("sweep", formatter_class=fmt, help="validation sweep of a baseline's two parameters",
+                     description="Localize once on the pairs, then evaluate the method's grid on the first --val "
+                                 "records (one attach per row value, in-place updates per column value). Writes "
+                                 "results.json, results.md and heatmap.png to --out.",
+                     epilog="example:\n"
+                            "  fusesteer baseline sweep --method caa --dataset strategyqa --val 60 --layer 6 12 18 "
+                            "--scale 1 4 8 --out caa/")
+    _common(w, 300)
+    w.add_argument("--method", required=True, choices=METHODS)
+    w.add_argument("--val", type=int, default=60, help="validation records (the first N of the file)")
+    w.add_argument("--eval-dataset", default=None,
+                   help="validation dataset when pairs come from --pairs-file (default: --dataset)")
+    w.add_argument("--layer", type=int, nargs="+", default=None, help="caa rows (default: 20/40/60%% depth)")
+    w.add_argument("--scale", type=float, nargs="+", default=[1, 2, 4, 8], help="caa columns")
+    w.add_argument("--heads", type=int, nargs="+", default=[4, 16, 48], help="iti rows")
+    w.add_argument("--k", type=int, nargs="+", default=[5, 20, 100], help="ablation rows")
+    w.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 15], help="iti and ablation columns")
+    w.add_argument("--backend", default="torch", choices=["torch", "triton", "reference"])
+    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--save-best", action="store_true", help="also write the best plan to OUT/best_plan.safetensors")
+    w.set_defaults(func=run_sweep)
+
+
+def _localize(args, model, tok, prs, prov):
+    """(plan_fn(row, col), n_units_total) of the method, from one pass over the pairs."""
+    from ..errors import FuseSteerError
+    from ..methods import austeer as A, baselines as B
+
+    spec_heads = model.config.num_attention_heads
+    if args.method == "caa":
+        loc = A.localize(model, tok, prs, "layer.out", batch_size=args.batch_size, provenance=prov,
+                         progress=not args.quiet)
+        vecs = loc.stats.mean_m.float()  # mean layer.out difference at the last token (CAA)
+        return (lambda layer, scale: B.caa_layer_plan(loc.spec, int(layer), vecs[int(layer)], scale, prov)), loc
+    if args.method == "iti":
+        loc = A.localize(model, tok, prs, "head", batch_size=args.batch_size, provenance=prov,
+                         extra={"iti": B.HeadStats(spec_heads)}, progress=not args.quiet)
+        hs = loc.extra["iti"]
+        return (lambda K, alpha: B.iti_plan(hs, loc.spec, int(K), alpha, prov)), loc
+    loc = A.localize(model, tok, prs, args.site, batch_size=args.batch_size, provenance=prov,
+                     progress=not args.quiet)
+    fn = B.ABLATIONS[args.method]
+    total = loc.stats.shape[0] * loc.stats.shape[1]
+
+    def plan(k, alpha):
+        if int(k) > total:
+            raise FuseSteerError(f"--k {k} exceeds the {total} AUs of site {loc.site}")
+        return fn(loc, int(k), alpha)
+    return plan, loc
+
+
+def _check_layers(layers, n):
+    from ..errors import FuseSteerError
+
+    for layer in layers:
+        if not 0 <= layer < n:
+            raise FuseSteerError(f"--layer {layer} is out of range: the model has layers 0..{n - 1}")
+
+
+def run_build(args):
+    from ..errors import FuseSteerError
+
+    if args.offset < 0:
+        raise FuseSteerError(f"--offset must be >= 0, got {args.offset}")
+    _check_positive("k", args.k)
+    _check_positive("heads", args.heads)
+    prs, prov = _pairs_from(args, args.offset)
+    model, tok = _load_model(args)
+    n = model.config.num_hidden_layers
+    plan_fn, loc = _localize(args, model, tok, prs, prov)
+    if args.method == "caa":
+        layer = round(0.4 * n) if args.layer is None else args.layer
+        _check_layers([layer], n)
+        plan = plan_fn(layer, args.scale)
+    elif args.method == "iti":
+        plan = plan_fn(args.heads, args.alpha)
+    else:
+        plan = plan_fn(args.k, args.alpha)
+    plan.metadata["model"] = str(args.model)
+    plan.save(args.output)
+    print(f"{args.method} plan: {len(plan.entries)} entries from {loc.n_pairs} pairs ({loc.seconds:.1f}s) -> "
+          f"{args.output}")
+    return 0
+
+
+def run_sweep(args):
+    from pathlib import Path
+
+    from ..errors import FuseSteerError
+    from ..evaluate import tasks
+    from ..methods import austeer as A
+
+    _check_positive("val", args.val)
+    eval_ds = args.eval_dataset or args.dataset
+    if not eval_ds:
+        raise FuseSteerError("with --pairs-file, give the validation data with --eval-dataset NAME|PATH")
+    records = tasks.load_dataset(eval_ds)
+    if args.val >= len(records) and not args.pairs_file:
+        raise FuseSteerError(f"--val {args.val} leaves no records of {eval_ds} ({len(records)}) for pairs")
+    for a in args.alpha + args.scale:
+        if a != a or a in (float("inf"), float("-inf")):
+            raise FuseSteerError(f"grid values must be finite, got {a}")
+    prs, prov = _pairs_from(args, args.val)
+    model, tok = _load_model(args)
+    n = model.config.num_hidden_layers
+    row_name, col_name = _GRID.get(args.method, ("k", "alpha"))
+    if args.method == "caa":
+        rows = args.layer or sorted({round(f * n) for f in (0.2, 0.4, 0.6)})
+        _check_layers(rows, n)
+        cols = args.scale
+    elif args.method == "iti":
+        rows, cols = args.heads, args.alpha
+    else:
+        rows, cols = args.k, args.alpha
+    if row_name != "layer":
+        for r in rows:
+            _check_positive(row_name, r)
+    plan_fn, loc = _localize(args, model, tok, prs, prov)
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    res = A.sweep(model, tok, records[:args.val], rows, cols, plan_fn, method=args.method, row_name=row_name,
+                  col_name=col_name, backend=args.backend, batch_size=args.batch_size, log=log)
+    res.info = {"model": str(args.model), "method": args.method, "pairs": prov,
+                "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": args.val}}
+    paths = res.write(args.out, title=f"{args.method} on {eval_ds}")
+    if args.save_best:
+        best = res.best
+        plan_fn(best[row_name], best[col_name]).save(Path(args.out) / "best_plan.safetensors")
+    print(res.markdown())
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
