@@ -61,7 +61,7 @@ def run(args) -> int:
     _check(args)
     dev = _device(args.device)
     threads = torch.get_num_threads()
-    # full run: 2 threads as in DESIGN §5; quick: 1 (tiny models gain nothing from threads, and on a shared,
+    # full run: 2 threads; quick: 1 (tiny models gain nothing from threads, and on a shared,
     # oversubscribed box OpenMP spin-waiting makes 2 threads many times slower)
     torch.set_num_threads(args.threads or (1 if args.quick else 2))
     try:

@@ -1,4 +1,4 @@
-"""Side-by-side step timing (the method of DESIGN §5).
+"""Side-by-side step timing.
 
 Whole-generate timings wander ±10-15% on shared VMs. Instead: prefill once, then time one decode step at a
 time on a fixed KV cache (cropped back after each step), interleave the arms step by step (A B C A B C ...),

@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
                    help="output folder (default: bench/results, or bench/results/quick with --quick)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 2 for the full run as in DESIGN §5; unchanged with --quick)")
+                   help="torch CPU threads (default: 2 for the full run; unchanged with --quick)")
     p.add_argument("--cycles", type=int, default=None, help="decode timing cycles (default: quick 6, full 300)")
     p.add_argument("--prefill-cycles", type=int, default=None, help="prefill timing cycles (default: quick 5, full 60)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up cycles (default: quick 1, full 10)")
@@ -54,7 +54,7 @@ def add_arguments(p) -> None:
                    help="latency phases")
     p.add_argument("--protocol", choices=("attach", "copies"), default="attach",
                    help="latency: 'attach' = one model, each arm attached/detached around its timed step "
-                        "(DESIGN §5); 'copies' = one deep copy of the model per arm, arm applied once (no set-up "
+                        "; 'copies' = one deep copy of the model per arm, arm applied once (no set-up "
                         "churn next to the timed step; one model copy per arm in memory)")
     p.add_argument("--compiled", action="store_true",
                    help="latency: also time static-cache torch.compile(fullgraph) decode steps: compiled steered vs "

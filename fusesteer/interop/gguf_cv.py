@@ -31,7 +31,7 @@ reading the sources (no measurement needed, the code paths are short):
   ``ControlModule`` wraps ``model.model.layers[i]`` and adds ``coeff * direction`` to its output, and
   ``export_gguf`` writes ``direction.{i}`` verbatim with ``layer_count = len(directions)``.
   So repeng's ``direction.N`` is also "added to layer N's output": the three agree, and it is the mapping
-  implemented here. (DESIGN §5's "fit on hidden_states[N+1], added to layer N's output" is the same
+  implemented here. ("fit on hidden_states[N+1], added to layer N's output" is the same
   statement: ``hidden_states[N+1]`` *is* layer N's output. One wrinkle that affects only how repeng *fits*
   the last layer, not how anything applies it: in transformers 5.x ``hidden_states[L]`` is taken after the
   final norm, so repeng's ``direction.{L-1}`` is fit post-norm yet added pre-norm, like everywhere else.)

@@ -2,7 +2,7 @@
 
 `capture_last_token` yields the activation of the last real token of every sequence, batch by batch,
 so callers can stream statistics over thousands of prompts without holding them all.
-`capture_mean_over_span` averages a site over a token span per sequence (Fusion Steering).
+`capture_span_mean` averages a site over a token span per sequence (Fusion Steering).
 """
 
 from __future__ import annotations
