@@ -9,6 +9,7 @@ import torch
 
 from ..errors import AttachError, NonFiniteActivationError, PlanError
 from .families import layer_device, model_parts
+from .backends.base import InstallContext
 from .patching import Patcher
 from .plan import SITES, ModelSpec, SteeringPlan
 from .tables import Router, build_tables, host_tables, plan_keys
@@ -126,7 +127,7 @@ class SteeringHandle:
         try:
             self.patcher.set_attr(self.model, _HANDLE_ATTR, self)
             self._wrap_generate()
-            self.backend.install(self)
+            self.backend.install(InstallContext(self))
         except BaseException:
             self.patcher.restore()
             raise
@@ -206,8 +207,7 @@ class SteeringHandle:
 
     def _before_route(self, ids) -> None:
         """Let the backend refuse (fold) or adapt to (auto) a routing before it takes effect."""
-        if hasattr(self.backend, "on_route"):
-            self.backend.on_route(self, ids)
+        self.backend.on_route(self, ids)
 
     def route_all(self, name: str | None) -> "SteeringHandle":
         """Every row uses the same plan (or None) whatever the batch size."""
@@ -238,7 +238,7 @@ class SteeringHandle:
             raise AttachError(f"add_plan: expected a non-empty plan name, got {name!r}")
         if name in self._ids:
             raise AttachError(f"add_plan: a plan named {name!r} is attached already; use update()")
-        if getattr(self.backend, "static", False):
+        if self.backend.static:
             raise AttachError(f"backend {self.backend_name!r} bakes values into weights; detach and attach again")
         plan = self._bound(name, plan)
         missing = sorted(plan_keys([plan]) - self.keys)
@@ -285,7 +285,7 @@ class SteeringHandle:
         if name not in self._ids:
             raise AttachError(f"unknown plan {name!r}; attached plans: {self.plan_names}")
         plan = self._bound(name, plan)
-        if getattr(self.backend, "static", False):
+        if self.backend.static:
             raise AttachError(f"backend {self.backend_name!r} bakes values into weights; detach and attach again")
         new_plans = dict(self.plans)
         new_plans[name] = plan
@@ -296,8 +296,7 @@ class SteeringHandle:
                               f"to change where the plan acts")
         self._write_tables(new_plans)
         self.plans = new_plans
-        if hasattr(self.backend, "on_update"):
-            self.backend.on_update(self)
+        self.backend.on_update(self)
 
     def _write_tables(self, plans: Mapping[str, SteeringPlan]) -> None:
         new = host_tables(self._by_id(plans), self.spec, sorted(self.keys), self.capacity)

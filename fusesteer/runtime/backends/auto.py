@@ -22,23 +22,11 @@ import logging
 import torch
 
 from ..patching import Patcher
+from .base import Backend, InstallContext
 from ..sites import in_layer_order
 from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 
 log = logging.getLogger("fusesteer")
-
-
-class _SubsetHandle:
-    """The handle as seen by the fused backend: everything forwarded, except the tables it runs and the
-    patcher its changes go to."""
-
-    def __init__(self, handle, tables: dict, patcher: Patcher):
-        object.__setattr__(self, "_handle", handle)
-        object.__setattr__(self, "tables", tables)
-        object.__setattr__(self, "patcher", patcher)
-
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_handle"), name)
 
 
 def _fused_backend(handle):
@@ -61,7 +49,7 @@ _ROUTED = Refusal("per-row routing", "handle.route() asked for unsteered rows, a
                                      "row", "")
 
 
-class AutoBackend:
+class AutoBackend(Backend):
     name = "auto"
     static = False  # update() works: values are refolded
 
@@ -74,7 +62,8 @@ class AutoBackend:
         self._patcher = Patcher()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def install(self, handle) -> None:
+    def install(self, ctx) -> None:
+        handle = ctx.handle
         handle.patcher.add_undo(self._restore)  # first: a failure below, or detach, restores all of it
         self._install(handle, logging.INFO)
 
@@ -92,7 +81,7 @@ class AutoBackend:
         self.result = apply_folds(handle, fold_keys, patcher=self._patcher) if fold_keys else None
         if fused_keys:
             self.fused_name, self.fused = _fused_backend(handle)
-            self._sub = _SubsetHandle(handle, {k: handle.tables[k] for k in fused_keys}, self._patcher)
+            self._sub = InstallContext(handle, {k: handle.tables[k] for k in fused_keys}, self._patcher)
             self.fused.install(self._sub)
         else:
             self.fused_name = None

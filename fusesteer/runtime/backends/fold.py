@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from ...errors import AttachError, NonFiniteActivationError
 from ..sites import module_at
+from .base import Backend
 from ..sites import site as site_record
 from ..tables import slot_of
 
@@ -431,13 +432,14 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-class FoldBackend:
+class FoldBackend(Backend):
     """Folds a single, ungated plan into the weights; refuses (AttachError) anything that does not fold."""
 
     name = "fold"
     static = True
 
-    def install(self, handle) -> None:
+    def install(self, ctx) -> None:
+        handle = ctx.handle
         reasons = fold_reasons(handle)
         refusals = [r for r in reasons.values() if r is not None]
         if refusals:

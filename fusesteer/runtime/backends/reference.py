@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import Backend
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import hook_site
 from ..tables import SiteTable, affine
@@ -20,30 +21,30 @@ def reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
     return y.reshape(shape)
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     name = "reference"
 
-    def install(self, handle) -> None:
-        parts, patcher = handle.parts, handle.patcher
-        for layer_idx in sorted({k[0] for k in handle.tables}):
+    def install(self, ctx) -> None:
+        parts, patcher = ctx.parts, ctx.patcher
+        for layer_idx in sorted({k[0] for k in ctx.tables}):
             layer = parts.layers[layer_idx]
 
             def route_pre(mod, args, kwargs, names=positional_names(type(layer).forward)):
-                handle.router.prepare(args[0] if args else kwargs["hidden_states"],
+                ctx.router.prepare(args[0] if args else kwargs["hidden_states"],
                                       layer_positions(merged_kwargs(names, args[1:], kwargs)))
                 return None
             patcher.add_hook(layer.register_forward_pre_hook(route_pre, with_kwargs=True))
-        for (layer_idx, site), table in handle.tables.items():
-            check = handle.checker(layer_idx, site)
+        for (layer_idx, site), table in ctx.tables.items():
+            check = ctx.checker(layer_idx, site)
             patcher.add_hook(hook_site(parts.layers[layer_idx], site,
-                                       lambda x, table=table, check=check: check(reference_apply(x, table, handle.router))))
+                                       lambda x, table=table, check=check: check(reference_apply(x, table, ctx.router))))
 
         def stack_pre(mod, args, kwargs):
-            handle._begin_forward()
+            ctx.begin_forward()
             return None
 
         def stack_post(mod, args, kwargs, out):
-            handle._end_forward()
+            ctx.end_forward()
             return None
 
         patcher.add_hook(parts.base.register_forward_pre_hook(stack_pre, with_kwargs=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import Backend
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..families import layer_modules
 from ..tables import SiteTable, affine
@@ -36,30 +37,30 @@ def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
     return y.reshape(shape)
 
 
-def tables_by_layer(handle) -> dict[int, dict]:
+def tables_by_layer(ctx) -> dict[int, dict]:
     """{layer: {site: SiteTable}} of the attached plans."""
     by_layer: dict[int, dict] = {}
-    for (layer_idx, site), table in handle.tables.items():
+    for (layer_idx, site), table in ctx.tables.items():
         by_layer.setdefault(layer_idx, {})[site] = table
     return by_layer
 
 
-def patch_o_proj(handle, layer_idx: int, layer, table, op) -> None:
+def patch_o_proj(ctx, layer_idx: int, layer, table, op) -> None:
     """Patch ``self_attn.o_proj`` so its input goes through ``op(x, table)`` (returns x or the mapped x)."""
     o_proj = layer.self_attn.o_proj
-    orig = handle.patcher.original_forward(o_proj)
-    check = handle.checker(layer_idx, "attn.o_proj.in")
+    orig = ctx.patcher.original_forward(o_proj)
+    check = ctx.checker(layer_idx, "attn.o_proj.in")
 
     def o_forward(x, *a, **k):
         y = op(x, table)
         return orig(check(y) if y is not x else x, *a, **k)
-    handle.patcher.set_forward(o_proj, o_forward)
+    ctx.patcher.set_forward(o_proj, o_forward)
 
 
-def routed_forward(handle, layer, forward):
+def routed_forward(ctx, layer, forward):
     """Wrap a layer forward so this forward's slots are computed (once) from the positions it receives."""
     names = positional_names(type(layer).forward)
-    router = handle.router
+    router = ctx.router
 
     def wrapped(hidden_states, *args, **kwargs):
         kwargs = merged_kwargs(names, args, kwargs)
@@ -71,10 +72,10 @@ def routed_forward(handle, layer, forward):
 class TorchOps:
     """The torch ops of the layer skeleton: HF submodules in HF's order, maps inlined where the sites are."""
 
-    def __init__(self, handle, layer_idx: int, modules, maps: dict, apply):
-        self.modules, self.apply, self.router = modules, apply, handle.router
+    def __init__(self, ctx, layer_idx: int, modules, maps: dict, apply):
+        self.modules, self.apply, self.router = modules, apply, ctx.router
         self.t_down, self.t_mout, self.t_out = (maps.get(s) for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
-        self.c_down, self.c_mout, self.c_out = (handle.checker(layer_idx, s)
+        self.c_down, self.c_mout, self.c_out = (ctx.checker(layer_idx, s)
                                                 for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
 
     def attn_input(self, x):
@@ -107,38 +108,38 @@ class TorchOps:
         return s
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
     apply = staticmethod(torch_apply)
 
-    def make_layer_forward(self, handle, layer_idx: int, layer, maps: dict):
-        ops = TorchOps(handle, layer_idx, layer_modules(handle.parts.family, layer), maps, self.apply)
-        return routed_forward(handle, layer, layer_forward(ops))
+    def make_layer_forward(self, ctx, layer_idx: int, layer, maps: dict):
+        ops = TorchOps(ctx, layer_idx, layer_modules(ctx.parts.family, layer), maps, self.apply)
+        return routed_forward(ctx, layer, layer_forward(ops))
 
-    def install(self, handle) -> None:
-        parts, patcher = handle.parts, handle.patcher
-        router = handle.router
+    def install(self, ctx) -> None:
+        parts, patcher = ctx.parts, ctx.patcher
+        router = ctx.router
         apply = self.apply
-        for layer_idx, maps in sorted(tables_by_layer(handle).items()):
+        for layer_idx, maps in sorted(tables_by_layer(ctx).items()):
             layer = parts.layers[layer_idx]
             t_attn = maps.get("attn.o_proj.in")
             if t_attn is not None:
-                patch_o_proj(handle, layer_idx, layer, t_attn, lambda x, t: apply(x, t, router))
+                patch_o_proj(ctx, layer_idx, layer, t_attn, lambda x, t: apply(x, t, router))
             if any(s in maps for s in ("mlp.down_proj.in", "mlp.out", "layer.out")):
-                patcher.set_forward(layer, self.make_layer_forward(handle, layer_idx, layer, maps))
+                patcher.set_forward(layer, self.make_layer_forward(ctx, layer_idx, layer, maps))
             else:  # only o_proj is patched: the layer still routes this forward from its positions
-                patcher.set_forward(layer, routed_forward(handle, layer, patcher.original_forward(layer)))
-        self._install_stack(handle)
+                patcher.set_forward(layer, routed_forward(ctx, layer, patcher.original_forward(layer)))
+        self._install_stack(ctx)
 
-    def _install_stack(self, handle) -> None:
-        base, patcher = handle.parts.base, handle.patcher
+    def _install_stack(self, ctx) -> None:
+        base, patcher = ctx.parts.base, ctx.patcher
         orig = patcher.original_forward(base)
 
         def stack_forward(*args, **kwargs):
-            handle._begin_forward()
+            ctx.begin_forward()
             try:
                 return orig(*args, **kwargs)
             finally:
-                handle._end_forward()
+                ctx.end_forward()
 
         patcher.set_forward(base, stack_forward)

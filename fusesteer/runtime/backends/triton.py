@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import Backend
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..tables import SiteTable
 from ..families import layer_modules
@@ -106,20 +107,19 @@ class _SlotCache:
         return table.A, table.B, self.router.on(device)[0]
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     name = "triton"
 
-    def install(self, handle) -> None:
-        parts, patcher = handle.parts, handle.patcher
-        if not handle.tables:  # nothing to steer: leave the model untouched (bit-exact)
+    def install(self, ctx) -> None:
+        parts, patcher = ctx.parts, ctx.patcher
+        if not ctx.tables:  # nothing to steer: leave the model untouched (bit-exact)
             return
         fam = parts.family
         gemma = fam.rms == "gemma"
-        router = handle.router
+        router = ctx.router
         stash = _Stash()
         slots = _SlotCache(router)
-        handle._triton_stash = stash
-        by_layer = tables_by_layer(handle)
+        by_layer = tables_by_layer(ctx)
         layers = parts.layers
         act = fam.act
 
@@ -130,9 +130,9 @@ class TritonBackend:
                 def o_op(x, t):
                     A, B, sl = slots.args(t, x.numel() // x.shape[-1], x.device)
                     return x if A is None else affine_map(x, A, B, sl)
-                patch_o_proj(handle, li, layer, t_attn, o_op)
+                patch_o_proj(ctx, li, layer, t_attn, o_op)
             next_norm = (getattr(layers[li + 1], fam.pre_attn_norm) if li + 1 < len(layers) else parts.final_norm)
-            patcher.set_forward(layer, self._layer_forward(handle, li, layer, maps, next_norm, stash, slots,
+            patcher.set_forward(layer, self._layer_forward(ctx, li, layer, maps, next_norm, stash, slots,
                                                            gemma, act))
 
         final = parts.final_norm
@@ -147,19 +147,19 @@ class TritonBackend:
         orig_base = patcher.original_forward(base)
 
         def stack_forward(*args, **kwargs):
-            handle._begin_forward()
+            ctx.begin_forward()
             stash.clear()
             try:
                 return orig_base(*args, **kwargs)
             finally:
                 stash.clear()
-                handle._end_forward()
+                ctx.end_forward()
         patcher.set_forward(base, stack_forward)
 
-    def _layer_forward(self, handle, li, layer, maps, next_norm, stash, slots, gemma, act):
-        ops = TritonOps(handle, li, layer, layer_modules(handle.parts.family, layer), maps, next_norm, stash,
+    def _layer_forward(self, ctx, li, layer, maps, next_norm, stash, slots, gemma, act):
+        ops = TritonOps(ctx, li, layer, layer_modules(ctx.parts.family, layer), maps, next_norm, stash,
                         slots, gemma, act)
-        return routed_forward(handle, layer, layer_forward(ops))
+        return routed_forward(ctx, layer, layer_forward(ops))
 
 
 class TritonOps:
@@ -167,7 +167,7 @@ class TritonOps:
     the GLU fuses with the mlp.down_proj.in map; the block's last add also computes the *next* layer's input
     norm, carried to it through the stash."""
 
-    def __init__(self, handle, li, layer, modules, maps, next_norm, stash, slots, gemma, act):
+    def __init__(self, ctx, li, layer, modules, maps, next_norm, stash, slots, gemma, act):
         m = self.modules = modules
         self.layer, self.stash, self.slots, self.gemma, self.act = layer, stash, slots, gemma, act
         self.eps = _norm_eps(m.ffn_norm)
@@ -175,7 +175,7 @@ class TritonOps:
             if n is not None and abs(_norm_eps(n) - self.eps) > 0:
                 raise ValueError(f"layer {li}: RMSNorm eps differ between norms; the fused kernel uses one eps")
         self.t_down, self.t_mout, self.t_out = (maps.get(s) for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
-        self.c_down, self.c_mout, self.c_out = (handle.checker(li, s)
+        self.c_down, self.c_mout, self.c_out = (ctx.checker(li, s)
                                                 for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
         self.w_ffn, self.w_next = m.ffn_norm.weight, next_norm.weight
         self.w_post_attn = m.post_attn.weight if m.post_attn is not None else None

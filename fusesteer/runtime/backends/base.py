@@ -1,0 +1,49 @@
+"""What every backend is, and what it installs against.
+
+A backend installs its patches (forwards, hooks, folded weights) through an :class:`InstallContext`: the model's
+parts, the tables it runs (all of the handle's, or the subset ``auto`` did not fold), the patcher its changes go
+to (restored on detach), the router and the per-forward lifecycle of the handle. It may refuse or adapt to a
+routing (``on_route``) and react to values changed in place (``on_update``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class InstallContext:
+    handle: object  # the SteeringHandle
+    tables: dict = None  # {(layer, site): SiteTable} this backend runs
+    patcher: object = None
+    parts: object = field(init=False)
+    router: object = field(init=False)
+
+    def __post_init__(self):
+        h = self.handle
+        self.tables = h.tables if self.tables is None else self.tables
+        self.patcher = h.patcher if self.patcher is None else self.patcher
+        self.parts, self.router = h.parts, h.router
+
+    def checker(self, layer: int, site: str):
+        return self.handle.checker(layer, site)
+
+    def begin_forward(self) -> None:
+        self.handle._begin_forward()
+
+    def end_forward(self) -> None:
+        self.handle._end_forward()
+
+
+class Backend:
+    name = "backend"
+    static = False  # True: values live in the weights, so update()/add_plan() need a new attach
+
+    def install(self, ctx: InstallContext) -> None:
+        raise NotImplementedError
+
+    def on_route(self, handle, ids) -> None:
+        """Called before a routing takes effect: raise to refuse it, or re-plan."""
+
+    def on_update(self, handle) -> None:
+        """Called after the handle's tables got new values in place."""
