@@ -143,6 +143,31 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+class Launch:
+    """One kernel launch exactly as a host wrapper issues it: the kernel (the plain Python function that
+    :func:`build_kernel` wraps), the grid, the positional arguments, the constexpr meta-parameters and
+    ``num_warps``.
+
+    Each kernel file has one ``*_launch`` function that turns the wrapper's tensors into a ``Launch``; the
+    wrapper runs it and the ahead-of-time compile check (``python -m bench aot``) builds the same
+    ``Launch`` from meta tensors and compiles it for sm_80/90/100, so the checked binaries are the ones
+    the runtime launches (same BLOCK sizes, constexprs, num_warps and argument dtypes).
+    """
+
+    __slots__ = ("fn", "grid", "args", "constexprs", "num_warps")
+
+    def __init__(self, fn: Callable, grid: tuple, args: tuple, constexprs: dict, num_warps: int):
+        self.fn, self.grid, self.args = fn, grid, args
+        self.constexprs, self.num_warps = constexprs, num_warps
+
+    def run(self) -> None:
+        build_kernel(self.fn)[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
 def row_num_warps(block: int) -> int:
     """Warps for one-row-per-program reductions (ignored by the interpreter)."""
     if block <= 1024:
