@@ -5,8 +5,9 @@ A *variant* is a dict: ``kernel`` (add_rmsnorm | glu | affine), ``dtype`` (fp32 
 (80 | 90 | 100), ``width``, ``map`` (none | uniform | per-row), ``family`` (llama | gemma: RMSNorm
 convention and Gemma post-norm for add_rmsnorm, silu / gelu_tanh for glu; None for affine), and optionally
 ``inject`` (``spill``: launch with 1 warp; ``unaligned``: compile without the alignment / divisibility
-specialization) and ``bf16_store`` (``plain``: the bf16 output stored with ``.to(tl.bfloat16)`` instead of
-the kernels' bit-level round-to-nearest-even; used by the bf16-store check).
+specialization) and ``bf16_store`` (``bits``: the bf16 output written as int16 bit patterns rounded to
+nearest-even in the kernel, the path the launch takes only under the Triton interpreter; used by the
+bf16-store check, which compares it with the GPU path's ``.to(tl.bfloat16)`` store).
 
 How a variant becomes a binary, exactly as a real launch would:
 
@@ -115,12 +116,16 @@ def call_site_launch(v: dict):
         raise VariantError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if v.get("inject") == "spill":
         launch.num_warps = 1
-    if v.get("bf16_store") == "plain":
+    if v.get("bf16_store") == "bits":
+        # the interpreter's store path (int16 bit patterns rounded in the kernel), compiled for the GPU
         if v["dtype"] != "bf16":
-            raise VariantError(f"{describe(v)}: bf16_store=plain needs dtype bf16")
-        launch.args = tuple(meta(*t.shape, dtype=torch.bfloat16) if isinstance(t, torch.Tensor)
-                            and t.dtype == torch.int16 else t for t in launch.args)
-        launch.constexprs = dict(launch.constexprs, OUT_BF16=False)
+            raise VariantError(f"{describe(v)}: bf16_store=bits needs dtype bf16")
+        import inspect
+
+        params = list(inspect.signature(launch.fn).parameters)
+        outs = {params.index(n) for n, kind in REQUIRED_ROWS[kernel].items() if kind == "store"}
+        launch.args = tuple(t.view(torch.int16) if i in outs else t for i, t in enumerate(launch.args))
+        launch.constexprs = dict(launch.constexprs, OUT_BF16=True)
     return launch
 
 
@@ -231,14 +236,15 @@ def compile_variant(v: dict, cache_dir: str | None = None, sass: bool = False) -
     key = _cache_key(src, target, options, sass)
     facts = _MEMO.get(key)
     path = Path(cache_dir) / f"{key}.json" if cache_dir else None
-    cached = facts is not None
+    source = "same binary as an earlier variant"
     if facts is None and path is not None and path.is_file():
         try:
             facts = json.loads(path.read_text())
-            cached = True
+            source = "disk cache"
         except (OSError, ValueError):
             facts = None
     if facts is None:
+        source = "compiled"
         try:
             facts = binary_facts(src, target, options, jf.__name__, arg_names, sass=sass)
         except VariantError as e:
@@ -256,7 +262,7 @@ def compile_variant(v: dict, cache_dir: str | None = None, sass: bool = False) -
     divisible = sorted(n for i, n in enumerate(src.signature)
                        if any(a[0] == "tt.divisibility" for a in src.attrs.get((i,), [])))
     return {
-        "variant": v, "binary": key[:16], "cached": cached, "name": jf.__name__,
+        "variant": v, "binary": key[:16], "source": source, "name": jf.__name__,
         "num_warps": launch.num_warps, "grid": [str(g) for g in launch.grid],
         "constexprs": {k: (int(c) if isinstance(c, bool) else c) for k, c in launch.constexprs.items()},
         "signature": {n: t for n, t in src.signature.items() if t != "constexpr"},

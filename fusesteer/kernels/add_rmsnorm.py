@@ -64,7 +64,7 @@ if C.HAVE_TRITON:
             s = a * s + b
             s = tl.where(ok, s, float("nan"))
         if OUT_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
             sb = s.to(tl.uint32, bitcast=True)
             sb = sb + 0x7FFF + ((sb >> 16) & 1)
             so = tl.where(s != s, 0x7FC0, sb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -79,7 +79,7 @@ if C.HAVE_TRITON:
             rstd = tl.rsqrt(tl.sum(s * s, axis=0) / W + eps)
             n = s * rstd * w
             if OUT_BF16:
-                # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+                # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
                 nb = n.to(tl.uint32, bitcast=True)
                 nb = nb + 0x7FFF + ((nb >> 16) & 1)
                 no = tl.where(n != n, 0x7FC0, nb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -123,10 +123,11 @@ def add_map_rmsnorm_reference(
     return s.to(residual.dtype).reshape(residual.shape), normed
 
 
-def add_rmsnorm_launch(r2, d2, s, n, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w) -> C.Launch:
-    """The launch of :func:`_add_rmsnorm_kernel` for contiguous [M, W] ``r2``/``d2`` and the outputs ``s``
-    and ``n`` (None without a norm): one program per row holding the whole row (BLOCK = next power of two
-    of W), :func:`fusesteer.kernels._common.row_num_warps` warps."""
+def add_rmsnorm_launch(r2, d2, s, n, norm_w, eps, a_tab, b_tab, slot, gemma,
+                       delta_norm_w) -> C.Launch:
+    """The launch of :func:`_add_rmsnorm_kernel` for contiguous [M, W] ``r2``/``d2`` and the
+    outputs ``s`` and ``n`` (None without a norm): one program per row holding the whole row
+    (BLOCK = next power of two of W), :func:`fusesteer.kernels._common.row_num_warps` warps."""
     M, W = r2.shape
     block = C.next_pow2(W)
     has_norm = norm_w is not None
@@ -136,16 +137,17 @@ def add_rmsnorm_launch(r2, d2, s, n, norm_w, eps, a_tab, b_tab, slot, gemma, del
         sl = slot.reshape(-1).contiguous()
     else:  # unused pointers (dead code under the constexpr flags)
         a, b, sl, S = r2, r2, r2, 1
+    s_arg = C.store_arg(s)
     return C.Launch(
         _add_rmsnorm_kernel, (M,),
-        (r2, d2, C.store_arg(s),
-         C.store_arg(n if has_norm else s),
+        (r2, d2, s_arg,
+         C.store_arg(n) if has_norm else s_arg,
          norm_w.contiguous() if has_norm else r2,
          delta_norm_w.contiguous() if delta_norm_w is not None else r2,
          a, b, sl,
          W, S, float(eps)),
         dict(BLOCK=block, HAS_MAP=has_map, HAS_NORM=has_norm, HAS_DNORM=delta_norm_w is not None,
-             GEMMA=bool(gemma), OUT_BF16=s.dtype == torch.bfloat16),
+             GEMMA=bool(gemma), OUT_BF16=s_arg.dtype == torch.int16),
         num_warps=C.row_num_warps(block),
     )
 

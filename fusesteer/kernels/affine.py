@@ -41,7 +41,7 @@ if C.HAVE_TRITON:
         y = a * x + b
         y = tl.where(ok, y, float("nan"))
         if OUT_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
             yb = y.to(tl.uint32, bitcast=True)
             yb = yb + 0x7FFF + ((yb >> 16) & 1)
             yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -65,15 +65,17 @@ def affine_map_reference(
 
 
 def affine_launch(x2: torch.Tensor, y: torch.Tensor, a_tab, b_tab, slot) -> C.Launch:
-    """The launch of :func:`_affine_kernel` for a contiguous [M, W] input ``x2`` and its output ``y``:
-    a (row, column block) grid with blocks of at most ``MAX_ELEMENTWISE_BLOCK`` columns, 4 warps."""
+    """The launch of :func:`_affine_kernel` for a contiguous [M, W] input ``x2`` and its output
+    ``y``: a (row, column block) grid with blocks of at most ``MAX_ELEMENTWISE_BLOCK`` columns,
+    4 warps."""
     M, W = x2.shape
     block = min(C.next_pow2(W), C.MAX_ELEMENTWISE_BLOCK)
+    y_arg = C.store_arg(y)
     return C.Launch(
         _affine_kernel, (M, C.cdiv(W, block)),
-        (x2, C.store_arg(y), a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(),
+        (x2, y_arg, a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(),
          W, a_tab.shape[0]),
-        dict(BLOCK_W=block, OUT_BF16=y.dtype == torch.bfloat16), num_warps=4,
+        dict(BLOCK_W=block, OUT_BF16=y_arg.dtype == torch.int16), num_warps=4,
     )
 
 

@@ -52,7 +52,7 @@ if C.HAVE_TRITON:
             y = a * y + b
             y = tl.where(ok, y, float("nan"))
         if OUT_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
             yb = y.to(tl.uint32, bitcast=True)
             yb = yb + 0x7FFF + ((yb >> 16) & 1)
             yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -91,9 +91,10 @@ def glu_map_reference(
     return y.to(gate.dtype).reshape(gate.shape)
 
 
-def glu_launch(g2: torch.Tensor, u2: torch.Tensor, y: torch.Tensor, a_tab, b_tab, slot, act: str) -> C.Launch:
-    """The launch of :func:`_glu_kernel` for contiguous [M, W] ``g2``/``u2`` and the output ``y``: a
-    (row, column block) grid with blocks of at most ``MAX_ELEMENTWISE_BLOCK`` columns, 4 warps."""
+def glu_launch(g2: torch.Tensor, u2: torch.Tensor, y: torch.Tensor, a_tab, b_tab, slot,
+               act: str) -> C.Launch:
+    """The launch of :func:`_glu_kernel` for contiguous [M, W] ``g2``/``u2`` and the output ``y``:
+    a (row, column block) grid with blocks of at most ``MAX_ELEMENTWISE_BLOCK`` columns, 4 warps."""
     M, W = g2.shape
     block = min(C.next_pow2(W), C.MAX_ELEMENTWISE_BLOCK)
     has_map = a_tab is not None
@@ -102,10 +103,12 @@ def glu_launch(g2: torch.Tensor, u2: torch.Tensor, y: torch.Tensor, a_tab, b_tab
         s = slot.reshape(-1).contiguous()
     else:  # unused pointers (dead code under HAS_MAP=False)
         a, b, s, S = g2, g2, g2, 1
+    y_arg = C.store_arg(y)
     return C.Launch(
         _glu_kernel, (M, C.cdiv(W, block)),
-        (g2, u2, C.store_arg(y), a, b, s, W, S),
-        dict(BLOCK_W=block, ACT=ACTS.index(act), HAS_MAP=has_map, OUT_BF16=y.dtype == torch.bfloat16),
+        (g2, u2, y_arg, a, b, s, W, S),
+        dict(BLOCK_W=block, ACT=ACTS.index(act), HAS_MAP=has_map,
+             OUT_BF16=y_arg.dtype == torch.int16),
         num_warps=4,
     )
 
