@@ -103,6 +103,17 @@ class Arch:
 
 LLAMA3_8B = Arch("Llama-3-8B", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
                  vocab=128256)
+SMOLLM2_135M = Arch("SmolLM2-135M", hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64,
+                    vocab=49152)
+GEMMA3_270M = Arch("Gemma-3-270M", hidden=640, intermediate=2048, layers=18, heads=4, kv_heads=1, head_dim=256,
+                   vocab=262144)
+ARCHS = {"llama-3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M, "gemma3-270m": GEMMA3_270M}
+
+
+def predicted_ratio(arch: Arch, batch: int, plans: int) -> float:
+    """Predicted steered / vanilla decode-step bytes (see the module docstring)."""
+    vanilla = arch.step_weight_bytes()
+    return (vanilla + steered_added_bytes(arch, batch, plans)["step"]) / vanilla
 
 
 def steered_added_bytes(arch: Arch, batch: int, plans: int, act_bytes: int = 2) -> dict:

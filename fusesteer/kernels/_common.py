@@ -170,15 +170,22 @@ class Launch:
         kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
 
-def row_num_warps(block: int) -> int:
-    """Warps for one-row-per-program reductions (ignored by the interpreter)."""
+def row_num_warps(block: int, elem_bytes: int = 2) -> int:
+    """Warps for one-row-per-program reductions (ignored by the interpreter): 4 up to 1024
+    columns, 8 up to 4096, 16 up to 16384, else 32; float32 rows get at least one warp per 256
+    columns (8 elements = two 128-bit vectors per thread): with 16 elements per thread ptxas
+    spilled on sm_80 at 4096 columns (``python -m bench aot``)."""
     if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    if block <= 16384:
-        return 16
-    return 32
+        w = 4
+    elif block <= 4096:
+        w = 8
+    elif block <= 16384:
+        w = 16
+    else:
+        w = 32
+    if elem_bytes >= 4:
+        w = max(w, block // 256)
+    return min(32, w)
 
 
 # --------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def add_rmsnorm_launch(r2, d2, s, n, norm_w, eps, a_tab, b_tab, slot, gemma,
          W, S, float(eps)),
         dict(BLOCK=block, HAS_MAP=has_map, HAS_NORM=has_norm, HAS_DNORM=delta_norm_w is not None,
              GEMMA=bool(gemma), OUT_BF16=s_arg.dtype == torch.int16),
-        num_warps=C.row_num_warps(block),
+        num_warps=C.row_num_warps(block, r2.element_size()),
     )
 
 
