@@ -277,8 +277,8 @@ def evaluate(res: dict) -> dict:
     if not aligned:
         why = f"row not aligned: W = {v['width']} is not divisible by 16"
     elif not gated["row"]:
-        why = (f"narrow tile: {elems * _elem_bits('row', v['dtype']) / 8:g} bytes of the row per thread "
-               f"(BLOCK {block}, {res['num_warps']} warps), < 16")
+        why = (f"narrow tile: {elems:g} elements ({elems * _elem_bits('row', v['dtype']) / 8:g} B) of the row per "
+               f"thread (BLOCK {block}, {res['num_warps']} warps), < 16 B")
     return {**base, "num_warps": res["num_warps"], "regs": res["regs"], "spill_bytes": spill,
             "shared_bytes": res["static_shared_bytes"] + res["dynamic_shared_bytes"],
             "load_bits": lo("row", "load"), "store_bits": lo("row", "store"), "bytes_per_row": b["per_row"],

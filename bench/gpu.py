@@ -44,7 +44,7 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 SCENARIOS = (("blend+gains", 1), ("blend+gains", 8), ("per-row", 8))
 #: rough seconds per step on an H100-class GPU (for the budget check and the dry-run listing)
 ESTIMATES = {"environment": 5, "kernel parity": 60, "kernel bandwidth": 40, "load": 15, "model parity": 5,
-             "eager": 15, "compiled": 60}
+             "eager": 15, "compiled": 50}
 
 
 @dataclass
@@ -61,6 +61,7 @@ class GPUConfig:
     compile_backend: str = "inductor"
     kernel_mode: str = "triton"
     kernel_cases: int | None = None  # first N parity cases (smoke tests); None = all
+    scenarios: tuple = SCENARIOS
     bandwidth: bool = True
     dry_run: bool = False
     progress: bool = True
@@ -162,61 +163,75 @@ def eager_ratio(model, plan, rows, ids, backend: str, cycles: int, warmup: int, 
         h.detach()
 
 
-def compiled_ratio(model, plan, plan2, rows, ids, backend: str, mode: str | None, compile_backend: str,
-                   cycles: int, warmup: int, progress: bool = False) -> dict:
-    """Static cache + ``torch.compile``: vanilla vs steered decode steps, then the zero-recompile check."""
+def compiled_step(m, ids, mode: str | None, compile_backend: str) -> dict:
+    """A static-cache decode step of ``m`` under ``torch.compile`` (prefilled, compiled and, with
+    ``mode="reduce-overhead"``, recorded as a CUDA graph): {"step", "rewind", "compile"}."""
     from transformers import StaticCache
-
-    from fusesteer.timing import paired_steps
 
     from .latency import _dynamo_counts, rewind_static_cache
 
     dev = ids.device
     B, T = ids.shape
+    cache = StaticCache(config=m.config, max_cache_len=T + 8)
+    with torch.no_grad():
+        o = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(T, device=dev),
+              position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
+    nxt = o.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([T], device=dev)
+    compiled = torch.compile(m.forward, dynamic=False, backend=compile_backend, **({"mode": mode} if mode else {}))
+    graphs = mode == "reduce-overhead"
+
+    def step():
+        if graphs:  # a new iteration for cudagraph trees: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            return compiled(input_ids=nxt, past_key_values=cache, cache_position=pos,
+                            position_ids=pos.expand(B, 1), use_cache=True).logits
+
+    def rewind():  # outside the timed call: the next step writes the same cache slot again
+        rewind_static_cache(cache, T)
+
+    c0, t0 = _dynamo_counts(), time.perf_counter()
+    for _ in range(3):  # compile + (CUDA graphs) warm-up and record
+        step()
+        rewind()
+    c1 = _dynamo_counts()
+    return {"step": step, "rewind": rewind,
+            "compile": {**{k: c1[k] - c0[k] for k in c1}, "compile_s": round(time.perf_counter() - t0, 1)}}
+
+
+def compiled_ratio(model, plan, plan2, rows, ids, backend: str, mode: str | None, compile_backend: str,
+                   cycles: int, warmup: int, progress: bool = False, vanilla: dict | None = None) -> dict:
+    """Static cache + ``torch.compile``: vanilla vs steered decode steps, then the zero-recompile check:
+    ``handle.update(plan2)`` must add no graph / frame / recompile and must change the logits. ``vanilla``:
+    a :func:`compiled_step` of the unsteered model at this batch to reuse (it is compiled once per batch)."""
+    from fusesteer.timing import paired_steps
+
+    from .latency import _dynamo_counts
+
     steered, h = attach_steered(model, plan, backend, rows)
     try:
-        fns, caches, graphs = {}, [], {}
+        van = vanilla or compiled_step(model, ids, mode, compile_backend)
+        ste = compiled_step(steered, ids, mode, compile_backend)
 
         def rewind():
-            for c in caches:
-                rewind_static_cache(c, T)
-
-        for name, m in (("vanilla", model), ("steered", steered)):
-            cache = StaticCache(config=m.config, max_cache_len=T + 8)
-            caches.append(cache)
-            with torch.no_grad():
-                o = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(T, device=dev),
-                      position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
-            nxt = o.logits[:, -1:].argmax(-1)
-            pos = torch.tensor([T], device=dev)
-            kw = {"mode": mode} if mode else {}
-            compiled = torch.compile(m.forward, dynamic=False, backend=compile_backend, **kw)
-
-            def step(compiled=compiled, nxt=nxt, pos=pos, cache=cache):
-                with torch.no_grad():
-                    return compiled(input_ids=nxt, past_key_values=cache, cache_position=pos,
-                                    position_ids=pos.expand(B, 1), use_cache=True).logits
-            fns[name] = step
-            c0 = _dynamo_counts()
-            t0 = time.perf_counter()
-            for _ in range(3):  # compile + (CUDA graphs) record
-                step()
-                rewind()
-            c1 = _dynamo_counts()
-            graphs[name] = {**{k: c1[k] - c0[k] for k in c1}, "compile_s": round(time.perf_counter() - t0, 1)}
-        res = paired_steps(fns, {"vanilla": None, "steered": None}, cycles=cycles, warmup=warmup, device=dev,
-                           after_step=rewind, progress=progress, desc="compiled decode steps")
+            van["rewind"]()
+            ste["rewind"]()
+        res = paired_steps({"vanilla": van["step"], "steered": ste["step"]}, {"vanilla": None, "steered": None},
+                           cycles=cycles, warmup=warmup, device=ids.device, after_step=rewind, progress=progress,
+                           desc="compiled decode steps")
         before = _dynamo_counts()
-        logits_before = fns["steered"]().float().clone()
-        rewind()
+        logits_before = ste["step"]().float().clone()
+        ste["rewind"]()
         _update(h, plan2)
         for _ in range(5):
-            logits_after = fns["steered"]().float().clone()
-            rewind()
+            logits_after = ste["step"]().float().clone()
+            ste["rewind"]()
         delta = {k: v - before[k] for k, v in _dynamo_counts().items()}
         changed = not torch.equal(logits_before, logits_after)
         ok = all(v == 0 for v in delta.values()) and changed
-        return {"timing": {n: r.summary() for n, r in res.items()}, "compile": graphs,
+        return {"timing": {n: r.summary() for n, r in res.items()},
+                "compile": {"vanilla": van["compile"] if vanilla is None else "reused", "steered": ste["compile"]},
                 "update_dynamo_delta": delta, "update_changed_logits": changed,
                 "zero_recompile": "pass" if ok else "FAIL",
                 "reason": "" if ok else ("handle.update() recompiled" if any(delta.values()) else
@@ -242,17 +257,20 @@ def steps(cfg: GPUConfig) -> list[dict]:
                     "what": f"{len(GK.bandwidth_cases())} cases x {GK.INNER} launches, CUDA events: GB/s, % of peak"})
     for m in cfg.models:
         out.append({"name": f"{m}: load", "estimate_s": ESTIMATES["load"], "what": f"{m} in {cfg.dtype} on {cfg.device}"})
-        for scen, B in SCENARIOS:
+    for m in cfg.models:
+        for scen, B in cfg.scenarios:
             label = f"{m}: {scen} batch {B}"
             out.append({"name": f"{label}: model parity", "estimate_s": ESTIMATES["model parity"],
                         "what": f"{cfg.backend} vs reference hooks, max |Δlogit| over a {cfg.prompt_len}-token prefill"})
             out.append({"name": f"{label}: eager", "estimate_s": ESTIMATES["eager"],
                         "what": f"{cfg.warmup} + {cfg.cycles} paired decode steps, vanilla vs {cfg.backend}"})
-            if cfg.compile_mode is not None or cfg.compile_backend != "inductor":
-                out.append({"name": f"{label}: CUDA graphs + zero-recompile", "estimate_s": ESTIMATES["compiled"],
-                            "what": f"StaticCache + torch.compile(mode={cfg.compile_mode!r}, backend="
-                                    f"{cfg.compile_backend!r}): {cfg.warmup} + {cfg.cycles} paired steps; then "
-                                    "handle.update(new values): 0 new graphs/frames/recompiles, logits changed"})
+    for m in cfg.models:
+        for scen, B in cfg.scenarios:
+            out.append({"name": f"{m}: {scen} batch {B}: CUDA graphs + zero-recompile",
+                        "estimate_s": ESTIMATES["compiled"],
+                        "what": f"StaticCache + torch.compile(mode={cfg.compile_mode!r}, backend={cfg.compile_backend!r})"
+                                f" (vanilla compiled once per batch): {cfg.warmup} + {cfg.cycles} paired steps; then "
+                                "handle.update(new values): 0 new graphs/frames/recompiles, logits changed"})
     out.append({"name": "write results", "estimate_s": 2, "what": "gpu-<device>.json + gpu-<device>.png"})
     return out
 
@@ -281,7 +299,7 @@ def dry_run(cfg: GPUConfig) -> dict:
             continue
         plans = scenario_plans(loaded.model)
         arms = []
-        for scen, B in SCENARIOS:
+        for scen, B in cfg.scenarios:
             p, p2 = plans[scen]
             rows = list(p) if isinstance(p, dict) else None
             for backend in (cfg.backend, "reference"):
@@ -360,6 +378,7 @@ def run_gpu(cfg: GPUConfig) -> dict:
                     f"{r['GB_per_s']:7.0f} GB/s = {100 * r['frac_peak']:.0f}% of peak ({bw['peak_source'].split()[0]})")
     elif cfg.bandwidth and dev.type != "cuda":
         result["kernel_bandwidth"] = {"skipped": "needs CUDA events on a GPU"}
+    loaded_models: dict = {}
     for name in cfg.models:
         if not budget.allows(f"{name}: load", ESTIMATES["load"]):
             continue
@@ -371,34 +390,53 @@ def run_gpu(cfg: GPUConfig) -> dict:
             entry["error"] = f"{type(e).__name__}: {e}"[:500]
             log(f"{name}: cannot load: {entry['error']}")
             continue
-        model = loaded.model
-        plans = scenario_plans(model)
         arch = RL.ARCHS.get(name)
-        for scen, B in SCENARIOS:
+        plans = scenario_plans(loaded.model)
+        work = []
+        for scen, B in cfg.scenarios:
             p, p2 = plans[scen]
             rows = list(p) if isinstance(p, dict) else None
-            ids = C.prompt_ids(loaded, B, cfg.prompt_len, dev)
             sc = {"scenario": scen, "batch": B, "plans": len(p) if rows else 1,
                   "predicted_ratio": RL.predicted_ratio(arch, B, len(p) if rows else 1) if arch else None}
             entry["scenarios"].append(sc)
-            label = f"{name} {scen} b{B}"
-            for part, fn in (
-                    ("model parity", lambda: model_parity(loaded, p, rows, ids, cfg.backend)),
-                    ("eager", lambda: eager_ratio(model, p, rows, ids, cfg.backend, cfg.cycles, cfg.warmup,
-                                                  cfg.progress)),
-                    ("compiled", lambda: compiled_ratio(model, p, p2, rows, ids, cfg.backend, cfg.compile_mode,
-                                                        cfg.compile_backend, cfg.cycles, cfg.warmup, cfg.progress))):
-                if not budget.allows(f"{label}: {part}", ESTIMATES[part]):
-                    sc[part] = {"skipped": "time budget"}
-                    continue
-                try:
-                    sc[part] = fn()
-                except Exception as e:  # noqa: BLE001 - reported per step
-                    sc[part] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                log(_fmt(label, part, sc[part]))
-        del model, loaded
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+            work.append((sc, p, p2, rows, C.prompt_ids(loaded, B, cfg.prompt_len, dev)))
+        loaded_models[name] = (loaded, work)
+
+    def attempt(label, part, sc, fn):
+        if not budget.allows(f"{label}: {part}", ESTIMATES[part]):
+            sc[part] = {"skipped": "time budget"}
+            return
+        try:
+            sc[part] = fn()
+        except Exception as e:  # noqa: BLE001 - reported per step
+            sc[part] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        log(_fmt(label, part, sc[part]))
+
+    # parity and eager timing for every model first, then the (slow to compile) CUDA-graph steps
+    for name, (loaded, work) in loaded_models.items():
+        for sc, p, p2, rows, ids in work:
+            label = f"{name} {sc['scenario']} b{sc['batch']}"
+            attempt(label, "model parity", sc, lambda: model_parity(loaded, p, rows, ids, cfg.backend))
+            attempt(label, "eager", sc, lambda: eager_ratio(loaded.model, p, rows, ids, cfg.backend, cfg.cycles,
+                                                             cfg.warmup, cfg.progress))
+    for name, (loaded, work) in loaded_models.items():
+        vanillas: dict = {}
+        for sc, p, p2, rows, ids in work:
+            label = f"{name} {sc['scenario']} b{sc['batch']}"
+
+            def compiled():
+                B = sc["batch"]
+                if B not in vanillas:
+                    vanillas[B] = compiled_step(loaded.model, ids, cfg.compile_mode, cfg.compile_backend)
+                r = compiled_ratio(loaded.model, p, p2, rows, ids, cfg.backend, cfg.compile_mode, cfg.compile_backend,
+                                   cfg.cycles, cfg.warmup, cfg.progress, vanilla=vanillas[B])
+                r["compile"]["vanilla"] = vanillas[B]["compile"]
+                return r
+            attempt(label, "compiled", sc, compiled)
+        vanillas.clear()
+    loaded_models.clear()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     result["skipped"] = budget.skipped
     result["seconds"] = round(budget.elapsed(), 1)
     result["ok"] = _ok(result)
