@@ -302,10 +302,11 @@ def dry_run(cfg: GPUConfig) -> dict:
         for scen, B in cfg.scenarios:
             p, p2 = plans[scen]
             rows = list(p) if isinstance(p, dict) else None
-            for backend in (cfg.backend, "reference"):
-                m, h = attach_steered(loaded.model, p, backend, rows)
+            for backend in (cfg.backend, "reference"):  # attach + detach (no forward: no copy needed)
+                h = fs.attach(loaded.model, p, backend=backend, check_finite=False)
+                if rows is not None:
+                    h.route(rows)
                 h.detach()
-                del m
             arms.append(f"{scen} b{B}: {len(p) if isinstance(p, dict) else 1} plan(s), "
                         f"{len(next(iter(p.values())).entries) if isinstance(p, dict) else len(p.entries)} entries")
         built["models"][name] = {"status": "built", "arms": arms,
