@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import select
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from . import roofline as RL
 from .aot_compile import DTYPES, KERNELS, POINTER_ROLES, REQUIRED_ROWS, describe
 
 AOT_JSON = "aot.json"
+JOB_TIMEOUT_S = 600  # one job = the widths of one (kernel, family, map, dtype, arch): seconds, normally
 AOT_MD = "aot.md"
 ARCHS = (80, 90, 100)
 FAMILIES = ("llama", "gemma")
@@ -165,11 +167,15 @@ def run_jobs(jobs: list[dict], n_workers: int, progress: bool = True, desc: str 
                         return
                     proc.stdin.write(json.dumps(job) + "\n")
                     proc.stdin.flush()
-                    line = proc.stdout.readline()
+                    ready, _, _ = select.select([proc.stdout], [], [], JOB_TIMEOUT_S)
+                    line = proc.stdout.readline() if ready else ""
                     msg = json.loads(line) if line.strip() else None
                     if msg is None or "fatal" in msg:
                         errf.seek(0)
                         tail = (msg or {}).get("fatal") or errf.read()[-1500:]
+                        if not ready:
+                            tail += f"\nno answer within {JOB_TIMEOUT_S} s (worker killed)"
+                            proc.kill()
                         with lock:
                             fatal.append(tail)
                             results.extend({"variant": v, "error": f"{describe(v)}: the compile worker died: "
@@ -406,7 +412,7 @@ def run_aot(cfg: AOTConfig) -> dict:
     summary["binaries_from_disk_cache"] = sum(r.get("source") == "disk cache" for r in main)
     summary["seconds"] = seconds
     summary["workers"] = n_workers
-    import triton
+    from importlib import metadata
 
     result = {
         "variants": rows,
@@ -418,13 +424,16 @@ def run_aot(cfg: AOTConfig) -> dict:
         "config": {"archs": [f"sm_{a}" for a in cfg.archs], "dtypes": list(cfg.dtypes), "kernels": list(cfg.kernels),
                    "widths": site_widths() if cfg.widths is None else list(cfg.widths), "inject": list(cfg.inject),
                    "models": [dict(zip(("name", "family", "hidden", "intermediate", "attn_width"), m)) for m in MODELS],
-                   "triton": triton.__version__},
+                   "triton": metadata.version("triton")},
     }
     if cfg.out is not None:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / (AOT_JSON + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
+        rest = json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1)
+        tmp.write_text('{"variants": [\n' + ",\n".join(json.dumps(v) for v in rows) + "\n],\n" + rest[1:].lstrip()
+                       + "\n")
+        json.loads(tmp.read_text())  # one variant per line, still one JSON document
         tmp.replace(out / AOT_JSON)
         (out / AOT_MD).write_text("\n".join(markdown(result)) + "\n")
     return result

@@ -140,10 +140,10 @@ def _triton_api():
         from triton.compiler import compile as triton_compile
         from triton.runtime.jit import JITFunction, create_function_from_signature
     except ImportError as e:  # pragma: no cover - depends on the triton version
-        raise VariantError(f"bench aot needs triton >= 3.4 with the NVIDIA backend ({e})") from None
+        raise VariantError(f"bench aot needs triton with its NVIDIA backend (tested with 3.9): {e}") from None
     if not hasattr(JITFunction, "_pack_args"):  # pragma: no cover
         raise VariantError(f"triton {triton.__version__}: JITFunction has no _pack_args; bench aot reads the "
-                           "launch specialization through Triton's own binder (triton >= 3.4)")
+                           "launch specialization through Triton's own binder (tested with triton 3.9)")
     return triton, GPUTarget, ASTSource, make_backend, triton_compile, create_function_from_signature
 
 

@@ -130,10 +130,14 @@ def ptxas_facts(log: str) -> dict:
 
 
 def cuobjdump_path() -> Path:
-    """The ``cuobjdump`` shipped in the triton wheel (``triton/backends/nvidia/bin``)."""
-    import triton
+    """The ``cuobjdump`` shipped in the triton wheel (``triton/backends/nvidia/bin``), found without importing
+    triton (an import decides interpreter vs compiler for Triton's own library functions)."""
+    import importlib.util
 
-    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        raise PTXAnalysisError("triton is not installed")
+    p = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not p.is_file():
         raise PTXAnalysisError(f"no cuobjdump in the triton wheel (looked for {p}); bench aot reads the cubin's "
                                "resource usage with it")

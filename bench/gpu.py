@@ -338,9 +338,9 @@ class _Budget:
 
 
 def _environment(device) -> dict:
-    import triton
+    from importlib import metadata
 
-    env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    env = {"torch": torch.__version__, "triton": metadata.version("triton"), "cuda": torch.version.cuda}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_gb=round(p.total_memory / 2 ** 30, 1),
