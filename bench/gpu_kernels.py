@@ -9,7 +9,8 @@ apart, and at most 1% (3% for tanh-GELU at fp16, whose torch reference loses ~1e
 elements 1 ulp off.
 
 Bandwidth: each kernel at Llama-3-8B widths (and the small models' widths) x 8 and 4096 rows, bf16 and fp32,
-timed with CUDA events over ``INNER`` back-to-back launches; GB/s = the roofline bytes
+timed with CUDA events over ``INNER`` back-to-back launches captured in one CUDA graph (device time; the eager
+time per call, host overhead included, is recorded too); GB/s = the roofline bytes
 (:func:`bench.roofline.call_bytes`) / time, and % of the peak from NVML (or a measured device-to-device copy
 when pynvml is missing, said so in the result).
 """
@@ -194,10 +195,51 @@ def case_bytes(case: dict) -> int:
     return RL.call_bytes(b, case["rows"], case["map"], PLANS)
 
 
-def run_bandwidth(cases: list[dict], device, inner: int = INNER, repeats: int = 5, progress: bool = True) -> dict:
-    """GB/s and % of peak per case (median of ``repeats`` timings of ``inner`` launches each)."""
+def _time_loop(call, inner: int, repeats: int) -> float:
+    """Median seconds per call of ``inner`` back-to-back eager calls (host launch overhead included)."""
     import statistics
 
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def _time_graph(call, inner: int, repeats: int) -> float:
+    """Median seconds per call of ``inner`` calls captured in one CUDA graph (device time, no host overhead)."""
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            call()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def run_bandwidth(cases: list[dict], device, inner: int = INNER, repeats: int = 5, progress: bool = True) -> dict:
+    """GB/s and % of peak per case: the median of ``repeats`` timings of ``inner`` launches captured in a
+    CUDA graph (device time; falls back to eager launches, said so per case), and the eager time per call."""
     from tqdm.auto import tqdm
 
     from fusesteer.kernels import kernel_mode
@@ -208,22 +250,21 @@ def run_bandwidth(cases: list[dict], device, inner: int = INNER, repeats: int = 
         fn, _ = _fns(case["kernel"])
         inp = make_inputs(case, device)
         rec = dict(case, bytes=case_bytes(case))
+
+        def call(fn=fn, case=case, inp=inp):
+            return _call(fn, case["kernel"], inp)
         try:
             with torch.inference_mode(), kernel_mode("triton"):
                 for _ in range(3):
-                    _call(fn, case["kernel"], inp)  # compile + warm up
+                    call()  # compile + warm up
                 torch.cuda.synchronize()
-                times = []
-                for _ in range(repeats):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(inner):
-                        _call(fn, case["kernel"], inp)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / 1e3 / inner)
-            sec = statistics.median(times)
-            rec.update(us_per_call=sec * 1e6, GB_per_s=rec["bytes"] / sec / 1e9, frac_peak=rec["bytes"] / sec / peak,
+                eager = _time_loop(call, inner, repeats)
+                try:
+                    sec, timer = _time_graph(call, inner, repeats), "CUDA graph of back-to-back launches"
+                except Exception as e:  # noqa: BLE001 - capture can fail on odd setups: use the eager timing
+                    sec, timer = eager, f"eager launches (CUDA graph capture failed: {type(e).__name__})"
+            rec.update(us_per_call=sec * 1e6, us_per_call_eager=eager * 1e6, timer=timer,
+                       GB_per_s=rec["bytes"] / sec / 1e9, frac_peak=rec["bytes"] / sec / peak,
                        roofline_us=rec["bytes"] / peak * 1e6)
         except Exception as e:  # noqa: BLE001 - reported per case
             rec.update(error=f"{type(e).__name__}: {e}"[:400])

@@ -79,7 +79,7 @@ def add_arguments(p) -> None:
     g.add_argument("--dry-run", action="store_true",
                    help="gpu: print every step and build what needs no GPU (plans, arms, kernel inputs); time nothing")
     g.add_argument("--budget", type=float, default=600.0,
-                   help="gpu: time budget in seconds; steps that would not fit are skipped and listed (default 600)")
+                   help="gpu: time budget in seconds; steps that would not fit are skipped and listed")
     p.add_argument("--no-progress", action="store_true", help="aot / gpu: no progress bars")
     p.add_argument("--progress", action="store_true", help="progress bars for the timing loops")
 
