@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import roofline as RL
-from .aot_compile import DTYPES, KERNELS, POINTER_ROLES, REQUIRED_ROWS, describe
+from .aot_compile import DTYPES, KERNELS, REQUIRED_ROWS, describe
 
 AOT_JSON = "aot.json"
 JOB_TIMEOUT_S = 600  # one job = the widths of one (kernel, family, map, dtype, arch): seconds, normally
@@ -396,7 +396,8 @@ def run_aot(cfg: AOTConfig) -> dict:
     if cfg.lazy_jit_check:
         jobs.append({"lazy_jit_check": True, "variants": []})
     log(f"bench aot: {len(variants)} kernel variants ({', '.join(cfg.kernels)}; {', '.join(cfg.dtypes)}; "
-        f"{', '.join(f'sm_{a}' for a in cfg.archs)}){' + ' + str(len(check)) + ' for the bf16-store check' if check else ''}"
+        f"{', '.join(f'sm_{a}' for a in cfg.archs)})"
+        f"{' + ' + str(len(check)) + ' for the bf16-store check' if check else ''}"
         f", {n_workers} worker processes, cache {cache_dir or 'off'}")
     results = run_jobs(jobs, n_workers, progress=cfg.progress)
     lazy = next((r["lazy_jit_check"] for r in results if "lazy_jit_check" in r), None)

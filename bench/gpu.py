@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,6 @@ class GPUConfig:
     progress: bool = True
     out: Path | None = None
     log: object = print
-    notes: list = field(default_factory=list)
 
 
 def device_tag(name: str) -> str:
@@ -256,19 +255,22 @@ def steps(cfg: GPUConfig) -> list[dict]:
         out.append({"name": "kernel bandwidth", "estimate_s": ESTIMATES["kernel bandwidth"],
                     "what": f"{len(GK.bandwidth_cases())} cases x {GK.INNER} launches, CUDA events: GB/s, % of peak"})
     for m in cfg.models:
-        out.append({"name": f"{m}: load", "estimate_s": ESTIMATES["load"], "what": f"{m} in {cfg.dtype} on {cfg.device}"})
+        out.append({"name": f"{m}: load", "estimate_s": ESTIMATES["load"],
+                    "what": f"{m} in {cfg.dtype} on {cfg.device}"})
     for m in cfg.models:
         for scen, B in cfg.scenarios:
             label = f"{m}: {scen} batch {B}"
             out.append({"name": f"{label}: model parity", "estimate_s": ESTIMATES["model parity"],
-                        "what": f"{cfg.backend} vs reference hooks, max |Δlogit| over a {cfg.prompt_len}-token prefill"})
+                        "what": f"{cfg.backend} vs reference hooks, max |Δlogit| over a {cfg.prompt_len}-token "
+                                "prefill"})
             out.append({"name": f"{label}: eager", "estimate_s": ESTIMATES["eager"],
                         "what": f"{cfg.warmup} + {cfg.cycles} paired decode steps, vanilla vs {cfg.backend}"})
     for m in cfg.models:
         for scen, B in cfg.scenarios:
             out.append({"name": f"{m}: {scen} batch {B}: CUDA graphs + zero-recompile",
                         "estimate_s": ESTIMATES["compiled"],
-                        "what": f"StaticCache + torch.compile(mode={cfg.compile_mode!r}, backend={cfg.compile_backend!r})"
+                        "what": f"StaticCache + torch.compile(mode={cfg.compile_mode!r}, "
+                                f"backend={cfg.compile_backend!r})"
                                 f" (vanilla compiled once per batch): {cfg.warmup} + {cfg.cycles} paired steps; then "
                                 "handle.update(new values): 0 new graphs/frames/recompiles, logits changed"})
     out.append({"name": "write results", "estimate_s": 2, "what": "gpu-<device>.json + gpu-<device>.png"})
@@ -315,7 +317,8 @@ def dry_run(cfg: GPUConfig) -> dict:
                                  if name in RL.ARCHS else None}
         log(f"  {name}: loaded on CPU, plans and {len(arms) * 2} steered arms built ({'; '.join(arms)})")
         del loaded
-    log(f"  built {built['kernel_cases']} kernel parity inputs on CPU, listed {built['bandwidth_cases']} bandwidth cases")
+    log(f"  built {built['kernel_cases']} kernel parity inputs on CPU, listed {built['bandwidth_cases']} "
+        "bandwidth cases")
     return {"dry_run": True, "steps": plan, "built": built}
 
 
@@ -355,8 +358,8 @@ def run_gpu(cfg: GPUConfig) -> dict:
     log = cfg.log
     dev = torch.device(cfg.device)
     budget = _Budget(cfg.budget_s, log)
-    result: dict = {"suite": "gpu", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
-                                               if k not in ("log", "notes")},
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "log"}
+    result: dict = {"suite": "gpu", "config": config,
                     "environment": _environment(dev), "kernel_parity": None, "kernel_bandwidth": None, "models": {}}
     env = result["environment"]
     log(f"bench gpu on {env.get('gpu', dev)} (capability {env.get('capability', '–')}), torch {env['torch']}, "
@@ -375,7 +378,8 @@ def run_gpu(cfg: GPUConfig) -> dict:
         result["kernel_bandwidth"] = bw
         for r in bw["cases"]:
             if r["rows"] == 4096 and "GB_per_s" in r:
-                log(f"  {r['kernel']:11s} {r['dtype']} {r['map']:7s} {r['rows']}x{r['width']}: {r['us_per_call']:8.1f} µs "
+                log(f"  {r['kernel']:11s} {r['dtype']} {r['map']:7s} {r['rows']}x{r['width']}: "
+                    f"{r['us_per_call']:8.1f} µs "
                     f"{r['GB_per_s']:7.0f} GB/s = {100 * r['frac_peak']:.0f}% of peak ({bw['peak_source'].split()[0]})")
     elif cfg.bandwidth and dev.type != "cuda":
         result["kernel_bandwidth"] = {"skipped": "needs CUDA events on a GPU"}

@@ -101,7 +101,8 @@ def _run(args, dev: torch.device) -> int:
     if args.suite in ("parity", "all"):
         print("parity vs the reference hooks:")
         cfg = ParityConfig(quick=args.quick, model=args.model, device=str(dev), families=tuple(args.families),
-                           dtypes=tuple(args.dtypes or DTYPES), arms=tuple(a for a in args.arms if a not in ("reference", "hook")),
+                           dtypes=tuple(args.dtypes or DTYPES),
+                           arms=tuple(a for a in args.arms if a not in ("reference", "hook")),
                            steps=args.steps, seed=args.seed, all_triton=args.all_triton)
         res = run_parity(cfg)
         R.write_json(out / R.PARITY_JSON, machine, res)

@@ -96,7 +96,8 @@ def test_sweep_compiles_what_the_runtime_launches(full_sweep):
     """Launch configs come from the kernel files' own *_launch functions (no second copy here)."""
     from fusesteer.kernels import _common as C
 
-    rows = {(v["kernel"], v["family"], v["map"], v["dtype"], v["arch"], v["width"]): v for v in full_sweep[0]["variants"]}
+    rows = {(v["kernel"], v["family"], v["map"], v["dtype"], v["arch"], v["width"]): v
+            for v in full_sweep[0]["variants"]}
     for dt, e in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
         for w in (576, 2304, 4096, 8192):
             v = rows[("add_rmsnorm", "llama", "per-row", dt, "sm_90", w)]

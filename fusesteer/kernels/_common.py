@@ -319,7 +319,7 @@ def store_arg(out: torch.Tensor) -> torch.Tensor:
     fp32 -> bf16 cast truncates, which would make interpreter results differ from both torch and
     the GPU. Compiled for a GPU the kernels store with ``.to(tl.bfloat16)`` (``cvt.rn.bf16.f32``:
     round-to-nearest-even, the same bits; NaN stays NaN): ``python -m bench aot`` compiled both,
-    and the bit-level rounding cost 38-192 extra SASS instructions per thread (+24-55%) and up to
+    and the bit-level rounding cost 38-192 extra SASS instructions per thread (+14-55%) and up to
     6 registers, for nothing, on sm_80/90/100.
     """
     if out.dtype == torch.bfloat16 and interpreter_enabled():
