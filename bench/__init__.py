@@ -1,11 +1,16 @@
-"""fusesteer benchmark suite: parity and latency, side by side with vanilla, hooks and peer libraries.
+"""fusesteer benchmark suite: parity and latency, side by side with vanilla, hooks and peer libraries; the
+kernels compiled for NVIDIA targets without a GPU; the one-command GPU run.
 
     python -m bench {parity,latency,all} [--quick] [--model smollm2-135m] [--out DIR] [--device cpu|cuda]
-    fusesteer bench ...            (the same command through the fusesteer CLI)
+    python -m bench aot [--out DIR]        (no GPU needed: compile every kernel variant for sm_80/90/100, gate)
+    python -m bench gpu [--dry-run]        (one NVIDIA GPU, <= 10 min; --dry-run anywhere)
+    fusesteer bench ...            (the same commands through the fusesteer CLI)
 
 Modules: :mod:`bench.parity` (every backend and the peers vs the reference hooks), :mod:`bench.latency`
 (interleaved paired step timing), :mod:`bench.report` (JSON, Markdown, plots), :mod:`bench.thresholds`
-(the parity thresholds shared with the tests), :mod:`bench.runner` (the command line).
+(the parity thresholds shared with the tests), :mod:`bench.aot` / :mod:`bench.aot_compile` / :mod:`bench.aot_ptx`
+(the AOT compile check), :mod:`bench.roofline` (the static roofline prediction), :mod:`bench.gpu` /
+:mod:`bench.gpu_kernels` (the GPU run), :mod:`bench.runner` (the command line).
 ``bench/test_kernels_bench.py`` holds the pytest-benchmark kernel microbenchmarks (CUDA only).
 
 On a machine without CUDA, importing this package turns the Triton interpreter on (``TRITON_INTERPRET=1``)

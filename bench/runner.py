@@ -1,7 +1,9 @@
-"""`python -m bench {parity,latency,all} ...` (and `fusesteer bench ...`): runs the suites and writes results.
+"""`python -m bench {parity,latency,all,aot,gpu} ...` (and `fusesteer bench ...`): runs the suites and writes
+results.
 
-Exit status: 0 when the parity gate passes (or only latency ran), 1 when the parity gate fails, 2 on a usage
-error (bad option, model that cannot load, CUDA requested without a GPU).
+Exit status: 0 when the gate of the suite passes (parity; aot: no spills, 128-bit access; gpu: kernel parity,
+model parity and zero recompiles) or only latency ran, 1 when it fails, 2 on a usage error (bad option, model
+that cannot load, CUDA requested without a GPU).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fusesteer.commands.bench import EPILOG, add_arguments
+from fusesteer.commands.bench import DTYPES, EPILOG, add_arguments
 from fusesteer.errors import FuseSteerError
 
 from . import common as C
@@ -26,7 +28,7 @@ from .parity import ParityConfig, run_parity
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="fusesteer parity and latency benchmarks")
+                                description="fusesteer parity, latency, AOT-compile and GPU benchmarks")
     add_arguments(p)
     return p
 
@@ -58,6 +60,19 @@ def _check(args) -> None:
 
 def run(args) -> int:
     """Run the suites selected by ``args`` (parsed with :func:`add_arguments`); returns the exit status."""
+    if args.suite == "aot":
+        from .aot import AOTError, cli as aot_cli
+
+        try:
+            return aot_cli(args)
+        except AOTError as e:
+            raise C.BenchError(str(e)) from None
+    if args.suite == "gpu":
+        from .gpu import cli as gpu_cli
+
+        if args.budget <= 0:
+            raise C.BenchError(f"--budget must be positive, got {args.budget}")
+        return gpu_cli(args)
     _check(args)
     dev = _device(args.device)
     threads = torch.get_num_threads()
@@ -86,7 +101,8 @@ def _run(args, dev: torch.device) -> int:
     if args.suite in ("parity", "all"):
         print("parity vs the reference hooks:")
         cfg = ParityConfig(quick=args.quick, model=args.model, device=str(dev), families=tuple(args.families),
-                           dtypes=tuple(args.dtypes), arms=tuple(a for a in args.arms if a not in ("reference", "hook")),
+                           dtypes=tuple(args.dtypes or DTYPES),
+                           arms=tuple(a for a in args.arms if a not in ("reference", "hook")),
                            steps=args.steps, seed=args.seed, all_triton=args.all_triton)
         res = run_parity(cfg)
         R.write_json(out / R.PARITY_JSON, machine, res)

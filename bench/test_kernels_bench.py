@@ -21,6 +21,8 @@ import functools
 import pytest
 import torch
 
+from bench.gpu_kernels import peak_bandwidth  # one definition, shared with `bench gpu`
+
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="kernel microbenchmarks need CUDA: on CPU the Triton kernels run only in the interpreter "
@@ -29,35 +31,6 @@ pytestmark = pytest.mark.skipif(
 INNER = 50  # kernel launches per timed call (one synchronize per call)
 SHAPES = [(1, 4096), (8, 4096), (256, 4096), (4096, 4096), (8, 14336)]  # (rows M = tokens, width W)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@functools.lru_cache(maxsize=1)
-def peak_bandwidth() -> tuple[float, str]:
-    """(bytes/s, source): NVML's theoretical peak if pynvml is available, else a measured D2D copy."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
-        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(h)
-        return 2.0 * clock_mhz * 1e6 * bus_bits / 8, "NVML theoretical (2 x memory clock x bus width)"
-    except Exception:  # noqa: BLE001 - fall back to a measurement
-        pass
-    n = 256 * 2 ** 20
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / 20
-    return 2.0 * n / sec, "measured device-to-device copy (read + write), not the theoretical peak"
 
 
 def _tables(W, S=3, seed=0):

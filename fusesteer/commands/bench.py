@@ -1,4 +1,4 @@
-"""`fusesteer bench`: the parity and latency suites of the repository's bench/ folder.
+"""`fusesteer bench`: the parity, latency, AOT-compile and GPU suites of the repository's bench/ folder.
 
 The suites live in ``bench/`` next to the ``fusesteer`` package (a source checkout); this verb defines the
 command-line options (shared with ``python -m bench``) and runs them.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import FuseSteerError
 
-SUITES = ("parity", "latency", "all")
+SUITES = ("parity", "latency", "all", "aot", "gpu")
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ARMS = ("torch", "triton", "fold", "auto", "reference", "hook", "steering-vectors", "repeng")
 FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
@@ -20,6 +20,11 @@ EPILOG = """examples:
   fusesteer bench parity --quick            # CI gate: tiny models of every family, exits 1 on a regression
   fusesteer bench all --model smollm2-135m  # full CPU run: parity + latency, results in bench/results/
   fusesteer bench latency --device cuda     # on a GPU: CUDA events, torch.compile + zero-recompile check
+  fusesteer bench aot --out DIR             # no GPU needed: compile every kernel for sm_80/90/100 and gate
+                                            # on spills and 128-bit access (exit 1 on a failure)
+  fusesteer bench gpu                       # one NVIDIA GPU, <= 10 min: kernel parity + GB/s, decode ratios
+                                            # eager and with CUDA graphs, zero-recompile check
+  fusesteer bench gpu --dry-run             # any machine: print and build every step of `bench gpu`
 """
 
 
@@ -39,7 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-cycles", type=int, default=None, help="prefill timing cycles (default: quick 5, full 60)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up cycles (default: quick 1, full 10)")
     p.add_argument("--steps", type=int, default=None, help="parity: greedy decode steps (default: quick 4, full 16)")
-    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="parity dtypes")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
+                   help="parity dtypes (default: all); aot: a subset of fp32 fp16 bf16 (default: those three)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                    help="parity --quick: tiny model families")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
@@ -64,6 +70,21 @@ def add_arguments(p) -> None:
                    help="parity --quick on CPU: run every Triton (interpreter) row, not just a few (slow)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("aot (compile for NVIDIA targets without a GPU)")
+    g.add_argument("--archs", nargs="+", type=int, choices=(80, 90, 100), default=[80, 90, 100],
+                   help="aot: compute capabilities to compile for")
+    g.add_argument("--jobs", type=int, default=None, help="aot: compile worker processes (default: min(4, CPUs))")
+    g.add_argument("--no-cache", action="store_true",
+                   help="aot: recompile every binary (default: reuse facts cached in $FUSESTEER_CACHE/aot)")
+    g.add_argument("--inject", nargs="+", choices=("spill", "unaligned"), default=None,
+                   help="aot: add a variant built to fail the gate (1 warp for an 8192-wide fp32 row; no "
+                        "alignment specialization) to show the gate bites")
+    g = p.add_argument_group("gpu (one NVIDIA GPU)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="gpu: print every step and build what needs no GPU (plans, arms, kernel inputs); time nothing")
+    g.add_argument("--budget", type=float, default=600.0,
+                   help="gpu: time budget in seconds; steps that would not fit are skipped and listed")
+    p.add_argument("--no-progress", action="store_true", help="aot / gpu: no progress bars")
     p.add_argument("--progress", action="store_true", help="progress bars for the timing loops")
 
 
@@ -85,10 +106,11 @@ def _import_bench():
 
 
 def register(sub, fmt):
-    p = sub.add_parser("bench", formatter_class=fmt, help="parity and latency benchmarks (bench/ suites)",
+    p = sub.add_parser("bench", formatter_class=fmt, help="parity, latency, AOT-compile and GPU benchmarks",
                        description="Parity of every backend and the peer libraries against the reference hooks, "
-                                   "and interleaved paired latency against vanilla; JSON, Markdown and PNG "
-                                   "results. Same as `python -m bench`.",
+                                   "interleaved paired latency against vanilla, the kernels compiled for "
+                                   "sm_80/90/100 without a GPU (aot), and the one-command GPU run (gpu); JSON, "
+                                   "Markdown and PNG results. Same as `python -m bench`.",
                        epilog=EPILOG)
     add_arguments(p)
     p.set_defaults(func=run)

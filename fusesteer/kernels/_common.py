@@ -143,15 +143,49 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def row_num_warps(block: int) -> int:
-    """Warps for one-row-per-program reductions (ignored by the interpreter)."""
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+class Launch:
+    """One kernel launch exactly as a host wrapper issues it: the kernel (the plain Python function
+    that :func:`build_kernel` wraps), the grid, the positional arguments, the constexpr
+    meta-parameters and ``num_warps``.
+
+    Each kernel file has one ``*_launch`` function that turns the wrapper's tensors into a
+    ``Launch``; the wrapper runs it and the ahead-of-time compile check (``python -m bench aot``)
+    builds the same ``Launch`` from meta tensors and compiles it for sm_80/90/100, so the checked
+    binaries are the ones the runtime launches (same BLOCK sizes, constexprs, num_warps, dtypes).
+    """
+
+    __slots__ = ("fn", "grid", "args", "constexprs", "num_warps")
+
+    def __init__(self, fn: Callable, grid: tuple, args: tuple, constexprs: dict,
+                 num_warps: int):
+        self.fn, self.grid, self.args = fn, grid, args
+        self.constexprs, self.num_warps = constexprs, num_warps
+
+    def run(self) -> None:
+        kernel = build_kernel(self.fn)
+        kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def row_num_warps(block: int, elem_bytes: int = 2) -> int:
+    """Warps for one-row-per-program reductions (ignored by the interpreter): 4 up to 1024
+    columns, 8 up to 4096, 16 up to 16384, else 32; float32 rows get at least one warp per 256
+    columns (8 elements = two 128-bit vectors per thread): with 16 elements per thread ptxas
+    spilled on sm_80 at 4096 columns (``python -m bench aot``)."""
     if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    if block <= 16384:
-        return 16
-    return 32
+        w = 4
+    elif block <= 4096:
+        w = 8
+    elif block <= 16384:
+        w = 16
+    else:
+        w = 32
+    if elem_bytes >= 4:
+        w = max(w, block // 256)
+    return min(32, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,15 +311,20 @@ def map_rows(a_tab: torch.Tensor, b_tab: torch.Tensor, slot: torch.Tensor):
 
 
 def store_arg(out: torch.Tensor) -> torch.Tensor:
-    """The pointer argument for an output tensor.
+    """The pointer argument for an output tensor; the kernels' ``OUT_BF16`` is
+    ``store_arg(out).dtype == torch.int16``.
 
-    bfloat16 outputs are written as int16 bit patterns that the kernels round from float32 to
-    nearest-even themselves (``OUT_BF16``): the Triton interpreter's own fp32 -> bf16 cast
-    truncates, which would make interpreter results differ from both torch and the GPU (where
-    the hand-rolled rounding is bit-identical to ``cvt.rn.bf16.f32``). The extra integer ops cost
-    nothing measurable in these memory-bound kernels.
+    Under the Triton interpreter, bfloat16 outputs are written as int16 bit patterns that the
+    kernels round from float32 to nearest-even themselves (``OUT_BF16``): the interpreter's own
+    fp32 -> bf16 cast truncates, which would make interpreter results differ from both torch and
+    the GPU. Compiled for a GPU the kernels store with ``.to(tl.bfloat16)`` (``cvt.rn.bf16.f32``:
+    round-to-nearest-even, the same bits; NaN stays NaN): ``python -m bench aot`` compiled both,
+    and the bit-level rounding cost 38-192 extra SASS instructions per thread (+14-55%) and up to
+    6 registers, for nothing, on sm_80/90/100.
     """
-    return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+    if out.dtype == torch.bfloat16 and interpreter_enabled():
+        return out.view(torch.int16)
+    return out
 
 
 def require_tensors(op: str, **named) -> None:

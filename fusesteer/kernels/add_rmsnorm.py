@@ -64,7 +64,7 @@ if C.HAVE_TRITON:
             s = a * s + b
             s = tl.where(ok, s, float("nan"))
         if OUT_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
             sb = s.to(tl.uint32, bitcast=True)
             sb = sb + 0x7FFF + ((sb >> 16) & 1)
             so = tl.where(s != s, 0x7FC0, sb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -79,7 +79,7 @@ if C.HAVE_TRITON:
             rstd = tl.rsqrt(tl.sum(s * s, axis=0) / W + eps)
             n = s * rstd * w
             if OUT_BF16:
-                # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+                # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
                 nb = n.to(tl.uint32, bitcast=True)
                 nb = nb + 0x7FFF + ((nb >> 16) & 1)
                 no = tl.where(n != n, 0x7FC0, nb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -123,40 +123,46 @@ def add_map_rmsnorm_reference(
     return s.to(residual.dtype).reshape(residual.shape), normed
 
 
-def _add_rmsnorm_triton(r2, d2, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w):
+def add_rmsnorm_launch(r2, d2, s, n, norm_w, eps, a_tab, b_tab, slot, gemma,
+                       delta_norm_w) -> C.Launch:
+    """The launch of :func:`_add_rmsnorm_kernel` for contiguous [M, W] ``r2``/``d2`` and the
+    outputs ``s`` and ``n`` (None without a norm): one program per row holding the whole row
+    (BLOCK = next power of two of W), :func:`fusesteer.kernels._common.row_num_warps` warps."""
     M, W = r2.shape
-    s = torch.empty_like(r2)
-    has_norm = norm_w is not None
-    n = torch.empty_like(r2) if has_norm else None
-    if M == 0:
-        return s, n
-    if W > C.MAX_ROW_WIDTH:
-        raise C.KernelInputError(
-            f"{OP}: rows of width {W} exceed the one-program-per-row limit {C.MAX_ROW_WIDTH}"
-        )
     block = C.next_pow2(W)
-    kernel = C.build_kernel(_add_rmsnorm_kernel)
+    has_norm = norm_w is not None
     has_map = a_tab is not None
     if has_map:
         a, b, S = a_tab.contiguous(), b_tab.contiguous(), a_tab.shape[0]
         sl = slot.reshape(-1).contiguous()
     else:  # unused pointers (dead code under the constexpr flags)
         a, b, sl, S = r2, r2, r2, 1
-    kernel[(M,)](
-        r2, d2, C.store_arg(s),
-        C.store_arg(n if has_norm else s),
-        norm_w.contiguous() if has_norm else r2,
-        delta_norm_w.contiguous() if delta_norm_w is not None else r2,
-        a, b, sl,
-        W, S, float(eps),
-        BLOCK=block,
-        HAS_MAP=has_map,
-        HAS_NORM=has_norm,
-        HAS_DNORM=delta_norm_w is not None,
-        GEMMA=bool(gemma),
-        OUT_BF16=s.dtype == torch.bfloat16,
-        num_warps=C.row_num_warps(block),
+    s_arg = C.store_arg(s)
+    return C.Launch(
+        _add_rmsnorm_kernel, (M,),
+        (r2, d2, s_arg,
+         C.store_arg(n) if has_norm else s_arg,
+         norm_w.contiguous() if has_norm else r2,
+         delta_norm_w.contiguous() if delta_norm_w is not None else r2,
+         a, b, sl,
+         W, S, float(eps)),
+        dict(BLOCK=block, HAS_MAP=has_map, HAS_NORM=has_norm, HAS_DNORM=delta_norm_w is not None,
+             GEMMA=bool(gemma), OUT_BF16=s_arg.dtype == torch.int16),
+        num_warps=C.row_num_warps(block, r2.element_size()),
     )
+
+
+def _add_rmsnorm_triton(r2, d2, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w):
+    M, W = r2.shape
+    s = torch.empty_like(r2)
+    n = torch.empty_like(r2) if norm_w is not None else None
+    if M == 0:
+        return s, n
+    if W > C.MAX_ROW_WIDTH:
+        raise C.KernelInputError(
+            f"{OP}: rows of width {W} exceed the one-program-per-row limit {C.MAX_ROW_WIDTH}"
+        )
+    add_rmsnorm_launch(r2, d2, s, n, norm_w, eps, a_tab, b_tab, slot, gemma, delta_norm_w).run()
     return s, n
 
 

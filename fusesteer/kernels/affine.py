@@ -17,7 +17,6 @@ import torch
 from . import _common as C
 
 if C.HAVE_TRITON:
-    import triton
     import triton.language as tl
 
     def _affine_kernel(
@@ -42,7 +41,7 @@ if C.HAVE_TRITON:
         y = a * x + b
         y = tl.where(ok, y, float("nan"))
         if OUT_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
             yb = y.to(tl.uint32, bitcast=True)
             yb = yb + 0x7FFF + ((yb >> 16) & 1)
             yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -65,20 +64,27 @@ def affine_map_reference(
     return y.to(x.dtype).reshape(x.shape)
 
 
+def affine_launch(x2: torch.Tensor, y: torch.Tensor, a_tab, b_tab, slot) -> C.Launch:
+    """The launch of :func:`_affine_kernel` for a contiguous [M, W] input ``x2`` and its output
+    ``y``: a (row, column block) grid with blocks of at most ``MAX_ELEMENTWISE_BLOCK`` columns,
+    4 warps."""
+    M, W = x2.shape
+    block = min(C.next_pow2(W), C.MAX_ELEMENTWISE_BLOCK)
+    y_arg = C.store_arg(y)
+    return C.Launch(
+        _affine_kernel, (M, C.cdiv(W, block)),
+        (x2, y_arg, a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(),
+         W, a_tab.shape[0]),
+        dict(BLOCK_W=block, OUT_BF16=y_arg.dtype == torch.int16), num_warps=4,
+    )
+
+
 def _affine_triton(x2: torch.Tensor, a_tab, b_tab, slot) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, W] input."""
-    M, W = x2.shape
     y = torch.empty_like(x2)
-    if M == 0:
+    if x2.shape[0] == 0:
         return y
-    block = min(C.next_pow2(W), C.MAX_ELEMENTWISE_BLOCK)
-    kernel = C.build_kernel(_affine_kernel)
-    grid = (M, triton.cdiv(W, block))
-    kernel[grid](
-        x2, C.store_arg(y), a_tab.contiguous(), b_tab.contiguous(), slot.reshape(-1).contiguous(),
-        W, a_tab.shape[0],
-        BLOCK_W=block, OUT_BF16=y.dtype == torch.bfloat16, num_warps=4,
-    )
+    affine_launch(x2, y, a_tab, b_tab, slot).run()
     return y
 
 

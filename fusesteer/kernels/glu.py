@@ -22,7 +22,6 @@ from . import _common as C
 ACTS = ("silu", "gelu_tanh")
 
 if C.HAVE_TRITON:
-    import triton
     import triton.language as tl
 
     def _glu_kernel(
@@ -53,7 +52,7 @@ if C.HAVE_TRITON:
             y = a * y + b
             y = tl.where(ok, y, float("nan"))
         if OUT_BF16:
-            # fp32 -> bf16 round-to-nearest-even on the bits (see _common.store_arg)
+            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
             yb = y.to(tl.uint32, bitcast=True)
             yb = yb + 0x7FFF + ((yb >> 16) & 1)
             yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
@@ -92,25 +91,33 @@ def glu_map_reference(
     return y.to(gate.dtype).reshape(gate.shape)
 
 
-def _glu_triton(g2, u2, a_tab, b_tab, slot, act: str) -> torch.Tensor:
+def glu_launch(g2: torch.Tensor, u2: torch.Tensor, y: torch.Tensor, a_tab, b_tab, slot,
+               act: str) -> C.Launch:
+    """The launch of :func:`_glu_kernel` for contiguous [M, W] ``g2``/``u2`` and the output ``y``:
+    a (row, column block) grid with blocks of at most ``MAX_ELEMENTWISE_BLOCK`` columns, 4 warps."""
     M, W = g2.shape
-    y = torch.empty_like(g2)
-    if M == 0:
-        return y
     block = min(C.next_pow2(W), C.MAX_ELEMENTWISE_BLOCK)
-    kernel = C.build_kernel(_glu_kernel)
     has_map = a_tab is not None
     if has_map:
         a, b, S = a_tab.contiguous(), b_tab.contiguous(), a_tab.shape[0]
         s = slot.reshape(-1).contiguous()
     else:  # unused pointers (dead code under HAS_MAP=False)
         a, b, s, S = g2, g2, g2, 1
-    kernel[(M, triton.cdiv(W, block))](
-        g2, u2, C.store_arg(y), a, b, s,
-        W, S,
-        BLOCK_W=block, ACT=ACTS.index(act), HAS_MAP=has_map,
-        OUT_BF16=y.dtype == torch.bfloat16, num_warps=4,
+    y_arg = C.store_arg(y)
+    return C.Launch(
+        _glu_kernel, (M, C.cdiv(W, block)),
+        (g2, u2, y_arg, a, b, s, W, S),
+        dict(BLOCK_W=block, ACT=ACTS.index(act), HAS_MAP=has_map,
+             OUT_BF16=y_arg.dtype == torch.int16),
+        num_warps=4,
     )
+
+
+def _glu_triton(g2, u2, a_tab, b_tab, slot, act: str) -> torch.Tensor:
+    y = torch.empty_like(g2)
+    if g2.shape[0] == 0:
+        return y
+    glu_launch(g2, u2, y, a_tab, b_tab, slot, act).run()
     return y
 
 

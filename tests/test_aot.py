@@ -1,0 +1,262 @@
+"""GPU readiness without a GPU: the AOT compile check (`python -m bench aot`), its gate, the static roofline
+and `python -m bench gpu --dry-run`.
+
+The full AOT sweep (every kernel variant for sm_80 / sm_90 / sm_100, 1152 variants, 360 distinct binaries)
+runs once per session in worker processes with a fresh cache: about 2 minutes on 2 cores. The gate's
+self-tests compile a handful of variants each (same cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+# Nothing here compiles in this process (the AOT workers run with TRITON_INTERPRET=0 of their own), but
+# Triton must not be imported with the interpreter off before the interpreter tests run (tests/test_kernels.py)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import aot as A  # noqa: E402
+from bench import aot_ptx as P  # noqa: E402
+from bench import roofline as RL  # noqa: E402
+
+REQUIRED = ("kernel", "dtype", "arch", "width", "num_warps", "regs", "spill_bytes", "shared_bytes", "load_bits",
+            "store_bits", "bytes_per_row")
+JOBS = max(1, min(2, os.cpu_count() or 1))
+
+
+def _have_nvidia_backend() -> bool:
+    try:
+        P.cuobjdump_path()
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+needs_backend = pytest.mark.skipif(not _have_nvidia_backend(), reason="triton's NVIDIA backend (ptxas, cuobjdump) "
+                                   "is not installed")
+
+
+@pytest.fixture(scope="session")
+def aot_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot-cache")
+
+
+@pytest.fixture(scope="session")
+def full_sweep(tmp_path_factory, aot_cache):
+    out = tmp_path_factory.mktemp("aot")
+    cfg = A.AOTConfig(out=out, jobs=JOBS, cache_dir=aot_cache, progress=False, log=lambda *a: None)
+    return A.run_aot(cfg), out
+
+
+# --------------------------------------------------------------------------------------------------
+# the real kernels pass
+# --------------------------------------------------------------------------------------------------
+@needs_backend
+def test_full_sweep_passes_the_gate(full_sweep):
+    r, out = full_sweep
+    doc = json.loads((out / A.AOT_JSON).read_text())
+    rows = doc["variants"]
+    n = len(A.enumerate_variants(A.AOTConfig()))
+    assert n == 1152 and len(rows) == n
+    bad = [(v["kernel"], v["dtype"], v["arch"], v["width"], v["map"], v["problems"]) for v in rows
+           if v["status"] != "pass"]
+    assert not bad, bad
+    assert doc["gate"] == "PASS" and r["summary"]["failed"] == 0
+    for v in rows:
+        assert all(k in v for k in REQUIRED)
+        assert v["spill_bytes"] == 0 and v["local_bytes"] == 0
+        assert 0 < v["regs"] <= 255
+        if v["width_gated"]:
+            assert v["load_bits"] == 128 and v["store_bits"] == 128, v
+            assert v["table_bits"] in (None, 128) and v["weight_bits"] in (None, 128), v
+    # every width of the supported models is aligned and gated except the tiny test models' 64 / 96
+    assert {v["width"] for v in rows if not v["width_gated"]} == {64, 96}
+    s = r["summary"]
+    assert s["binaries"] == 360 and s["spill_bytes_total"] == 0 and s["max_regs"] <= 128
+    assert s["min_load_bits_gated"] == s["min_store_bits_gated"] == 128
+    assert {k.split()[1] for k in s["per_kernel_arch"]} == {"sm_80", "sm_90", "sm_100"}
+    md = (out / A.AOT_MD).read_text()
+    assert "gate **PASS**" in md and "PREDICTION" in md and md.count("\n| ") > n
+
+
+@needs_backend
+def test_sweep_compiles_what_the_runtime_launches(full_sweep):
+    """Launch configs come from the kernel files' own *_launch functions (no second copy here)."""
+    from fusesteer.kernels import _common as C
+
+    rows = {(v["kernel"], v["family"], v["map"], v["dtype"], v["arch"], v["width"]): v
+            for v in full_sweep[0]["variants"]}
+    for dt, e in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+        for w in (576, 2304, 4096, 8192):
+            v = rows[("add_rmsnorm", "llama", "per-row", dt, "sm_90", w)]
+            assert v["num_warps"] == C.row_num_warps(C.next_pow2(w), e) and v["block"] == C.next_pow2(w)
+    assert rows[("glu", "gemma", "uniform", "bf16", "sm_80", 14336)]["block"] == C.MAX_ELEMENTWISE_BLOCK
+    assert rows[("affine", None, "per-row", "bf16", "sm_100", 1024)]["num_warps"] == 4
+    # the uniform map's S = 1 is specialized to a constexpr, as Triton does at launch; per-row S is not
+    assert rows[("affine", None, "uniform", "fp32", "sm_90", 4096)]["specialized_constants"] == ["S"]
+    assert rows[("affine", None, "per-row", "fp32", "sm_90", 4096)]["specialized_constants"] == []
+    assert "W" in rows[("glu", "llama", "none", "fp16", "sm_90", 1536)]["divisible_by_16"]
+
+
+@needs_backend
+def test_bf16_store_and_lazy_jit_checks(full_sweep):
+    r = full_sweep[0]
+    check = r["bf16_store_check"]
+    assert len(check) == 12 and not any("error" in b for b in check)
+    for b in check:
+        assert b["gpu_path_out_bf16"] == 0  # compiled for a GPU, the launch takes the plain cvt store
+        assert b["store_bits_cvt"] == b["store_bits_bits"] == 128 and b["spill_cvt"] == b["spill_bits"] == 0
+        assert b["sass_cvt"] < b["sass_bits"]  # the bit-level rounding is real work on a GPU
+    lz = r["lazy_jit_check"]
+    assert lz and len(lz["kernels"]) == 3
+    for k in lz["kernels"]:
+        assert k["lazy_type"] == "JITFunction" and k["same_cache_key"] and k["same_ptx"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the gate bites
+# --------------------------------------------------------------------------------------------------
+@needs_backend
+def test_gate_fails_on_a_spilling_and_a_32_bit_variant(tmp_path, aot_cache):
+    odd = {"kernel": "affine", "dtype": "bf16", "arch": 90, "width": 4100, "map": "uniform", "family": None}
+    cfg = A.AOTConfig(out=tmp_path, archs=(90,), kernels=("affine",), dtypes=("bf16",), widths=(4096,),
+                      inject=("spill", "unaligned"), extra_variants=[odd], jobs=JOBS, cache_dir=aot_cache,
+                      bf16_check=False, lazy_jit_check=False, progress=False, log=lambda *a: None)
+    r = A.run_aot(cfg)
+    assert r["gate"] == "FAIL"
+    by = {(v["kernel"], v["width"], v.get("inject")): v for v in r["variants"]}
+    spill = by[("add_rmsnorm", 8192, "spill")]
+    assert spill["status"] == "FAIL" and spill["num_warps"] == 1 and spill["spill_bytes"] > 0
+    assert any("spill" in p for p in spill["problems"])
+    narrow = by[("affine", 4096, "unaligned")]
+    assert narrow["status"] == "FAIL" and narrow["load_bits"] < 128 and narrow["store_bits"] < 128
+    assert any("expected 128-bit" in p for p in narrow["problems"])
+    # the same kernel with the launch's specialization passes ...
+    assert by[("affine", 4096, None)]["status"] == "pass" and by[("affine", 4096, None)]["load_bits"] == 128
+    # ... and a row that really is unaligned (W not divisible by 16) is narrow but not gated
+    o = by[("affine", 4100, None)]
+    assert o["status"] == "pass" and o["load_bits"] == 16 and not o["width_gated"]
+    assert "not divisible by 16" in o["not_gated_because"]
+
+
+@needs_backend
+def test_cli_exit_status(tmp_path, monkeypatch, capsys, aot_cache):
+    import bench
+
+    monkeypatch.setenv("FUSESTEER_CACHE", str(aot_cache.parent))
+    monkeypatch.setattr(A, "default_cache_dir", lambda: aot_cache)
+    monkeypatch.setattr(A, "MODELS", (("Llama-3-8B", "llama", 4096, 14336, 4096),))
+    rc = bench.main(["aot", "--out", str(tmp_path), "--archs", "90", "--dtypes", "bf16", "--inject", "spill",
+                     "--jobs", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "aot gate: FAIL" in out and "inject=spill" in out
+    assert json.loads((tmp_path / "aot.json").read_text())["gate"] == "FAIL"
+    rc = bench.main(["aot", "--out", str(tmp_path), "--archs", "90", "--dtypes", "bf16", "--jobs", "1",
+                     "--no-progress"])
+    assert rc == 0 and "aot gate: PASS" in capsys.readouterr().out
+    assert bench.main(["aot", "--dtypes", "int8", "--out", str(tmp_path)]) == 2
+    assert "bench aot compiles fp32" in capsys.readouterr().err
+
+
+def test_ptx_access_attribution():
+    ptx = """
+    .visible .entry k(.param .u64 k_param_0, .param .u64 k_param_1, .param .u64 k_param_2, .param .u32 k_param_3)
+    {
+    ld.param.b64 %rd1, [k_param_0];
+    ld.param.b64 %rd2, [k_param_1];
+    ld.param.b64 %rd3, [k_param_2];
+    ld.param.b32 %r1, [k_param_3];
+    mov.u32 %r2, %tid.x;
+    mul.wide.u32 %rd4, %r2, 16;
+    add.s64 %rd5, %rd1, %rd4;
+    @%p1 ld.global.v4.b32 { %r3, %r4, %r5, %r6 }, [ %rd5 + 0 ];
+    ld.global.b32 { %r7 }, [ %rd3 + 0 ];
+    mad.wide.s32 %rd6, %r7, %r1, %rd2;
+    ld.global.b16 { %rs1 }, [ %rd6 + 0 ];
+    st.global.v2.b32 [ %rd5 + 0 ], { %r3, %r4 };
+    }
+    """
+    acc = P.access_widths(ptx, ["x_ptr", "t_ptr", "slot_ptr", "W"])
+    got = [(a["kind"], a["bits"], [n for n in a["args"] if n.endswith("_ptr")]) for a in acc]
+    # the table load is addressed by a loaded slot: attributed to the table, not to the slot pointer
+    assert got == [("load", 128, ["x_ptr"]), ("load", 32, ["slot_ptr"]), ("load", 16, ["t_ptr"]),
+                   ("store", 64, ["x_ptr"])]
+    log = "    0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\nptxas info : Used 48 registers"
+    assert P.ptxas_facts(log) == {"stack_frame": 0, "spill_stores": 8, "spill_loads": 8, "regs": 48}
+
+
+# --------------------------------------------------------------------------------------------------
+# roofline (a prediction)
+# --------------------------------------------------------------------------------------------------
+def test_roofline_numbers():
+    b = RL.kernel_bytes("add_rmsnorm", "bf16", 4096, "uniform", "llama")
+    assert b == {"per_row": 4 * 4096 * 2, "fixed": 4096 * 2, "table": 2 * 4096 * 4}
+    assert RL.call_bytes(b, 1, "uniform") == 73728
+    assert RL.predicted_us(73728, 3.35) == pytest.approx(0.022, rel=1e-2)
+    assert RL.call_bytes(RL.kernel_bytes("affine", "fp32", 4096, "per-row"), 64, "per-row") == \
+        64 * 2 * 4096 * 4 + 8 * 2 * 4096 * 4
+    assert RL.LLAMA3_8B.step_weight_bytes() == pytest.approx(15.01e9, rel=1e-3)
+    rows = RL.decode_table()
+    assert [(d["batch"], d["plans"]) for d in rows] == [(1, 1), (8, 1), (8, 8), (64, 1), (64, 8)]
+    ratio = {(d["batch"], d["plans"]): d["predicted_ratio"] for d in rows}
+    assert all(1.0 < x < 1.01 for x in ratio.values())
+    assert ratio[(1, 1)] < ratio[(8, 1)] < ratio[(8, 8)] and ratio[(8, 1)] < ratio[(64, 1)] < ratio[(64, 8)]
+    assert rows[0]["predicted_ratio"] == pytest.approx(1 + 32 * (2 * 4 * (4096 + 14336 + 4096) + 2 * 4096 * 2)
+                                                       / RL.LLAMA3_8B.step_weight_bytes())
+    assert rows[0]["predicted_vanilla_us"]["H100"] == pytest.approx(15.01e9 / 3.35e12 * 1e6, rel=1e-3)
+    md = "\n".join(RL.markdown())
+    assert "PREDICTION" in md and "H200" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# bench gpu without a GPU
+# --------------------------------------------------------------------------------------------------
+def test_bench_gpu_dry_run_on_cpu(capsys):
+    import bench
+
+    assert bench.main(["gpu", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "bench gpu --dry-run" in out and "nothing is timed" in out
+    for step in ("kernel parity", "kernel bandwidth", "smollm2-135m: blend+gains batch 1: eager",
+                 "gemma3-270m: per-row batch 8: CUDA graphs + zero-recompile", "write results"):
+        assert step in out, step
+    assert "kernel parity inputs on CPU" in out
+
+
+def test_bench_gpu_without_cuda_is_a_usage_error(capsys):
+    import torch
+
+    import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert bench.main(["gpu"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+
+
+def test_bench_gpu_pipeline_smoke_on_cpu(tmp_path):
+    """The GPU run's own code end to end on CPU with stand-ins (tiny model, torch backend, kernels in torch
+    mode, torch.compile with the eager backend): results, the zero-recompile check, JSON and PNG."""
+    from bench.gpu import GPUConfig, run_gpu
+
+    cfg = GPUConfig(device="cpu", models=("tiny-llama",), dtype="fp32", backend="torch", compile_mode=None,
+                    compile_backend="eager", kernel_mode="torch", kernel_cases=4, bandwidth=False, cycles=5,
+                    warmup=1, scenarios=(("per-row", 8),), out=tmp_path, progress=False, log=lambda *a: None)
+    r = run_gpu(cfg)
+    assert r["ok"], r
+    (sc,) = r["models"]["tiny-llama"]["scenarios"]
+    assert sc["model parity"]["ok"] and sc["eager"]["steered"]["n"] == 5
+    assert sc["compiled"]["zero_recompile"] == "pass" and sc["compiled"]["update_changed_logits"]
+    assert (tmp_path / "gpu-cpu-smoke.json").is_file() and (tmp_path / "gpu-cpu-smoke.png").is_file()
