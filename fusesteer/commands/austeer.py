@@ -71,17 +71,37 @@ def register(sub, fmt):
                             "  fusesteer austeer sweep --model smollm2-135m --dataset strategyqa --val 60 "
                             "--pairs 300 --k 5 10 20 50 100 --alpha 1 5 10 20 50 100 --out sweep/")
     _common(w, 300)
+    sweep_arguments(w)
+    w.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50, 100])
+    w.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 10, 20, 50, 100])
+    w.add_argument("--method", default="logprob", choices=["logprob", "logits"], help="scoring of choices")
+    w.set_defaults(func=run_sweep)
+
+
+def sweep_arguments(w) -> None:
+    """The options every validation sweep shares (AUSteer and the baselines)."""
     w.add_argument("--val", type=int, default=60, help="validation records (the first N of the file)")
     w.add_argument("--eval-dataset", default=None,
                    help="validation dataset when pairs come from --pairs-file (default: --dataset)")
-    w.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50, 100])
-    w.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 10, 20, 50, 100])
     w.add_argument("--backend", default="torch", choices=["torch", "triton", "reference"],
                    help="runtime backend (must support in-place updates)")
-    w.add_argument("--method", default="logprob", choices=["logprob", "logits"], help="scoring of choices")
     w.add_argument("--out", required=True, help="output directory")
     w.add_argument("--save-best", action="store_true", help="also write the best plan to OUT/best_plan.safetensors")
-    w.set_defaults(func=run_sweep)
+
+
+def validation_records(args):
+    """(dataset name, the first --val records): the validation slice of a sweep."""
+    from ..errors import FuseSteerError
+    from ..evaluate import tasks
+
+    _check_positive("val", args.val)
+    eval_ds = args.eval_dataset or args.dataset
+    if not eval_ds:
+        raise FuseSteerError("with --pairs-file, give the validation data with --eval-dataset NAME|PATH")
+    records = tasks.load_dataset(eval_ds)
+    if args.val >= len(records) and not args.pairs_file:
+        raise FuseSteerError(f"--val {args.val} leaves no records of {eval_ds} ({len(records)}) for pairs")
+    return eval_ds, records[:args.val]
 
 
 def _check_positive(name, v):
@@ -156,22 +176,14 @@ def run_sweep(args):
     from pathlib import Path
 
     from ..errors import FuseSteerError
-    from ..evaluate import tasks
     from ..methods import austeer
 
-    _check_positive("val", args.val)
     for k in args.k:
         _check_positive("k", k)
     for a in args.alpha:
         if a < 0:
             raise FuseSteerError(f"--alpha values must be >= 0, got {a}")
-    eval_ds = args.eval_dataset or args.dataset
-    if not eval_ds:
-        raise FuseSteerError("with --pairs-file, give the validation data with --eval-dataset NAME|PATH")
-    records = tasks.load_dataset(eval_ds)
-    if args.val >= len(records) and not args.pairs_file:
-        raise FuseSteerError(f"--val {args.val} leaves no records of {eval_ds} ({len(records)}) for pairs")
-    val = records[:args.val]
+    eval_ds, val = validation_records(args)
     prs, prov = _pairs_from(args, args.val)
     model, tok = _load_model(args)
     loc = austeer.localize(model, tok, prs, args.site, batch_size=args.batch_size, provenance=prov,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from .austeer import _check_positive, _common, _load_model, _pairs_from
+from .austeer import _check_positive, _common, _load_model, _pairs_from, sweep_arguments, validation_records
 
 METHODS = ("caa", "iti", "random", "actdiff", "fixed_vector", "fixed_strength")
 _GRID = {"caa": ("layer", "scale"), "iti": ("heads", "alpha")}
@@ -58,18 +58,13 @@ def register(sub, fmt):
                             "  fusesteer baseline sweep --method caa --dataset strategyqa --val 60 --layer 6 12 18 "
                             "--scale 1 4 8 --out caa/")
     _common(w, 300)
+    sweep_arguments(w)
     w.add_argument("--method", required=True, choices=METHODS)
-    w.add_argument("--val", type=int, default=60, help="validation records (the first N of the file)")
-    w.add_argument("--eval-dataset", default=None,
-                   help="validation dataset when pairs come from --pairs-file (default: --dataset)")
     w.add_argument("--layer", type=int, nargs="+", default=None, help="caa rows (default: 20/40/60%% depth)")
     w.add_argument("--scale", type=float, nargs="+", default=[1, 2, 4, 8], help="caa columns")
     w.add_argument("--heads", type=int, nargs="+", default=[4, 16, 48], help="iti rows")
     w.add_argument("--k", type=int, nargs="+", default=[5, 20, 100], help="ablation rows")
     w.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 15], help="iti and ablation columns")
-    w.add_argument("--backend", default="torch", choices=["torch", "triton", "reference"])
-    w.add_argument("--out", required=True, help="output directory")
-    w.add_argument("--save-best", action="store_true", help="also write the best plan to OUT/best_plan.safetensors")
     w.set_defaults(func=run_sweep)
 
 
@@ -139,16 +134,9 @@ def run_sweep(args):
     from pathlib import Path
 
     from ..errors import FuseSteerError
-    from ..evaluate import tasks
     from ..methods import austeer as A
 
-    _check_positive("val", args.val)
-    eval_ds = args.eval_dataset or args.dataset
-    if not eval_ds:
-        raise FuseSteerError("with --pairs-file, give the validation data with --eval-dataset NAME|PATH")
-    records = tasks.load_dataset(eval_ds)
-    if args.val >= len(records) and not args.pairs_file:
-        raise FuseSteerError(f"--val {args.val} leaves no records of {eval_ds} ({len(records)}) for pairs")
+    eval_ds, val = validation_records(args)
     for a in args.alpha + args.scale:
         if a != a or a in (float("inf"), float("-inf")):
             raise FuseSteerError(f"grid values must be finite, got {a}")
@@ -169,7 +157,7 @@ def run_sweep(args):
             _check_positive(row_name, r)
     plan_fn, loc = _localize(args, model, tok, prs, prov)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    res = A.sweep(model, tok, records[:args.val], rows, cols, plan_fn, method=args.method, row_name=row_name,
+    res = A.sweep(model, tok, val, rows, cols, plan_fn, method=args.method, row_name=row_name,
                   col_name=col_name, backend=args.backend, batch_size=args.batch_size, log=log)
     res.info = {"model": str(args.model), "method": args.method, "pairs": prov,
                 "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": args.val}}
