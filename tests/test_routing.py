@@ -84,20 +84,20 @@ def _plans(model):
     return calm, bold
 
 
-def _check_against_oracle(model, backend, use_cache, lengths=(5, 8, 3)):
+def _check_against_oracle(model, backend, use_cache, lengths=(5, 8, 3), rows=("calm", None, "bold"), tol=1e-5):
     calm, bold = _plans(model)
+    plans = {"calm": calm, "bold": bold}
     ids, mask = _batch(model, list(lengths))
-    with fs.attach(model, {"calm": calm, "bold": bold}, backend=backend) as h:
-        h.route(["calm", None, "bold"])
+    with fs.attach(model, plans, backend=backend) as h:
+        h.route(list(rows))
         toks, logits = _generate(model, ids, mask, use_cache)
-    oracle = Oracle(model, [calm, None, bold], ids.shape[1], use_cache)
+    oracle = Oracle(model, [plans.get(r) for r in rows], ids.shape[1], use_cache)
     try:
         want_toks, want_logits = _generate(model, ids, mask, use_cache)
     finally:
         oracle.remove()
     assert torch.equal(toks, want_toks)
-    assert (logits - want_logits).abs().max() <= 1e-5
-    return toks
+    assert (logits - want_logits).abs().max() <= tol
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,19 +109,7 @@ def test_gating_per_row_left_padding_matches_oracle(tiny_models, family, backend
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_triton_gating_matches_oracle(tiny_models, family):
-    model = tiny_models(family)
-    calm, bold = _plans(model)
-    ids, mask = _batch(model, [4, 6])
-    with fs.attach(model, {"calm": calm, "bold": bold}, backend="triton") as h:
-        h.route(["calm", "bold"])
-        toks, logits = _generate(model, ids, mask, True)
-    oracle = Oracle(model, [calm, bold], ids.shape[1], True)
-    try:
-        want_toks, want_logits = _generate(model, ids, mask, True)
-    finally:
-        oracle.remove()
-    assert torch.equal(toks, want_toks)
-    assert (logits - want_logits).abs().max() <= 1e-4
+    _check_against_oracle(tiny_models(family), "triton", True, lengths=(4, 6), rows=("calm", "bold"), tol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
