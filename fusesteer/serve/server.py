@@ -1,0 +1,88 @@
+"""Assemble and run a server: model + plan registry + steering runtime + engine + HTTP app on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .app import ServerConfig, create_app
+from .engine import Engine
+from .metrics import Metrics
+from .registry import DEFAULT_MAX_PLAN_BYTES, PlanRegistry
+from .steer import Steerer
+
+log = logging.getLogger("fusesteer.serve")
+
+
+class Server:
+    """Everything one ``fusesteer serve`` runs. ``start()`` serves on a background thread (tests, benchmarks);
+    ``run()`` serves in the foreground (the CLI)."""
+
+    def __init__(self, model, tokenizer, model_name: str, plans_dir=None, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: str | None = None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 512,
+                 max_model_len: int | None = None, backend: str = "auto", plan_slots: int | None = None,
+                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 4096):
+        from ..runtime.plan import ModelSpec
+
+        if max_batch < 1 or max_queue < 0 or max_tokens < 1:
+            raise ValueError("max_batch and max_tokens must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.host, self.port = host, port
+        self.metrics = Metrics()
+        self.registry = PlanRegistry(ModelSpec.from_model(model), max_plan_bytes=max_plan_bytes)
+        if plans_dir is not None:
+            recs = self.registry.load_dir(plans_dir)
+            log.info("loaded %d plan(s) from %s", sum(r.plan is not None for r in recs), plans_dir)
+        ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.config = ServerConfig(model_name=model_name, max_tokens=max_tokens,
+                                   max_model_len=min(ctx, max_model_len or ctx), api_key=api_key)
+        slots = plan_slots if plan_slots is not None else max_batch + 8
+        self.steerer = Steerer(model, backend=backend, capacity=max(slots, max_batch))
+        self.engine = Engine(model, self.steerer, self.metrics, max_batch=max_batch, max_queue=max_queue,
+                             max_prefill_tokens=max_prefill_tokens)
+        self.app = create_app(self.engine, self.registry, tokenizer, self.config, self.metrics)
+        self._uv = None
+        self._thread = None
+
+    def _uvicorn(self):
+        import uvicorn
+
+        cfg = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
+                             timeout_graceful_shutdown=2, lifespan="off")
+        return uvicorn.Server(cfg)
+
+    def start(self, timeout: float = 30.0) -> "Server":
+        """Serve on a background thread; returns once listening (``self.port`` is the bound port)."""
+        self.engine.start()
+        self._uv = self._uvicorn()
+        self._thread = threading.Thread(target=self._uv.run, name="fusesteer-http", daemon=True)
+        self._thread.start()
+        t0 = time.monotonic()
+        while not self._uv.started:
+            if not self._thread.is_alive() or time.monotonic() - t0 > timeout:
+                self.engine.stop()
+                raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
+            time.sleep(0.02)
+        self.port = self._uv.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._uv is not None:
+            self._uv.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.engine.stop()
+        self.steerer.close()
+
+    def run(self) -> None:
+        self.engine.start()
+        try:
+            self._uvicorn().run()
+        finally:
+            self.engine.stop()
+            self.steerer.close()
