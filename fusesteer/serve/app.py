@@ -133,7 +133,8 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
         except SteeringSpecError as e:
             raise bad(str(e), param=e.param, code=e.code) from None
         req = GenRequest(prompt_ids=ids, max_tokens=params.max_tokens, sink=sink, steering=steering,
-                         temperature=params.temperature, top_p=params.top_p, seed=params.seed, eos_ids=eos,
+                         temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                         eos_ids=frozenset() if params.ignore_eos else eos,
                          endpoint=endpoint)
         return req, params
 

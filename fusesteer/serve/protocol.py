@@ -83,6 +83,7 @@ class GenParams:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    ignore_eos: bool = False
     steering: Any = None
 
 
@@ -124,6 +125,9 @@ def parse_common(body: dict, limit_tokens: int, chat: bool) -> GenParams:
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool):
         raise bad("'return_token_ids' must be true or false", param="return_token_ids")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("'ignore_eos' must be true or false", param="ignore_eos")
     seed = _int(body, "seed")
     return GenParams(
         max_tokens=mt,
@@ -131,7 +135,7 @@ def parse_common(body: dict, limit_tokens: int, chat: bool) -> GenParams:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=None if seed is None else seed % (2 ** 63),
         stop=stops, stream=stream, include_usage=bool(so.get("include_usage", False)),
-        return_token_ids=rti, steering=body.get("steering"))
+        return_token_ids=rti, ignore_eos=ignore_eos, steering=body.get("steering"))
 
 
 def parse_prompt(body: dict, vocab_size: int) -> tuple[str | None, list[int] | None]:
