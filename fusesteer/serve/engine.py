@@ -25,7 +25,6 @@ import os
 import logging
 import threading
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,15 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PlanError
+from ..runtime.compat import with_cache
 from .metrics import Metrics
 from .registry import Steering, effective_plan
 from .steer import CapacityFull, Steerer
 
 log = logging.getLogger("fusesteer.serve")
-
-# transformers 5.2x renames the forward's `past_key_values` to `cache` with a FutureWarning on every call; the
-# old name is the one every supported version takes
-warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated.*", category=FutureWarning)
 
 _ids = itertools.count(1)
 
@@ -338,8 +334,8 @@ class Engine:
 
     def _forward(self, rows: list[_Row], input_ids, mask, pos, cache, phase: str):
         self.steerer.prepare([r.key for r in rows], [r.prompt_len for r in rows], phase)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(**with_cache(self.model, cache, input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                                      use_cache=True, logits_to_keep=1))
         return out.logits[:, -1, :].float()
 
     def _sample_rows(self, rows: list[_Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:

@@ -86,6 +86,7 @@ class Steerer:
                     victim = next((k for k in self.held if k not in keep), None)
                     if victim is None:
                         raise CapacityFull(f"all {self.capacity} plan slots are in use")
+                    self.handle.route([None])  # the last forward's routing may still name it
                     self.handle.remove_plan(victim)
                     del self.held[victim]
                 try:
