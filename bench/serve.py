@@ -166,7 +166,25 @@ def _pool(arms: list[dict]) -> list[dict]:
         out.append({"clients": c, "arm": arm, "rounds": len(xs), "requests": sum(a["requests"] for a in xs),
                     "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
                     "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
-                    "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99)})
+                    "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+                    "forward_share_of_step": _mean([a.get("forward_share_of_step") for a in xs])})
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 3) if xs else None
+
+
+def _engine_seconds(url: str) -> dict:
+    """{"step": s, "forward": s} from the server's /metrics (engine thread time so far)."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("fusesteer_engine_seconds_total{"):
+            part = line.split('part="', 1)[1].split('"', 1)[0]
+            out[part] = float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -269,8 +287,13 @@ def main(argv=None) -> int:
                     arms = [False, True]
                     order.shuffle(arms)  # paired rounds in random order: machine drift hits both arms alike
                     for steered in arms:
+                        e0 = _engine_seconds(srv.url)
                         a = asyncio.run(_arm(srv.url, args.model, c, args.requests, args.max_tokens, steered,
                                              args.arm_time_cap, None))
+                        e1 = _engine_seconds(srv.url)
+                        step, fwd = e1["step"] - e0["step"], e1["forward"] - e0["forward"]
+                        a["engine_busy_share"] = round(step / a["wall_s"], 3)  # engine thread busy / wall
+                        a["forward_share_of_step"] = round(fwd / step, 3) if step else None
                         a["round"] = rnd
                         a["load_average_1m"] = os.getloadavg()[0]
                         res["arms"].append(a)

@@ -373,3 +373,11 @@ def test_cli_verb_has_help():
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
     assert e.value.code == 0
+
+
+def test_sampling_is_seeded(env):
+    c = env["client"]
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.9)
+    a = c.completions.create(seed=1234, **kw).choices[0].text
+    b = c.completions.create(seed=1234, **kw).choices[0].text
+    assert a == b and len(a) > 0

@@ -182,8 +182,8 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
         shape = Shape(chat=chat, model=config.model_name)
         text = TextStream(tokenizer, params.stop)
 
-        def cancel():
-            req.cancel()
+        def cancel(reason="cancelled"):
+            req.cancel(reason)
             engine.wake()
 
         # wait for the first event before answering, so failures at the prompt get a real status code
@@ -208,7 +208,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                         parts.append(text.push(ev[1]))
                         if text.stopped:
                             finish = "stop"
-                            cancel()
+                            cancel("stop")
                             break
                     elif ev[0] == "finish":
                         finish = ev[1]
@@ -232,7 +232,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                         if text.stopped:
                             yield sse(shape.chunk(delta, first=not opened))
                             yield sse(shape.chunk(None, "stop"))
-                            cancel()
+                            cancel("stop")
                             break
                         if delta or not opened:
                             yield sse(shape.chunk(delta, first=not opened))

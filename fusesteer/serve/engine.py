@@ -73,7 +73,11 @@ class GenRequest:
     t_last: float | None = None
     finish_reason: str | None = None
 
-    def cancel(self) -> None:
+    cancel_reason: str = "cancelled"
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop generating (client gone: "cancelled"; a stop string was seen: "stop"). Any thread."""
+        self.cancel_reason = reason
         self.cancelled = True
 
 
@@ -102,9 +106,12 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _cache_from(kv) -> object:
+    """A DynamicCache holding these per-layer tensors (no copy: each layer is created empty, then given them)."""
     c = _new_cache()
     for i, (k, v) in enumerate(kv):
-        c.update(k, v, i)
+        c.update(k[:, :, :0], v[:, :, :0], i)
+        layer = c.layers[i]
+        layer.keys, layer.values = k, v
     return c
 
 
@@ -301,7 +308,7 @@ class Engine:
                 req = self._waiting[0]
                 if req.cancelled:
                     self._waiting.popleft()
-                    self._finish(req, "cancelled")
+                    self._finish(req, req.cancel_reason)
                     continue
                 n = len(req.prompt_ids)
                 if cand and (len(cand) + 1) * max(longest, n) > self.max_prefill_tokens:
@@ -334,9 +341,12 @@ class Engine:
 
     def _forward(self, rows: list[_Row], input_ids, mask, pos, cache, phase: str):
         self.steerer.prepare([r.key for r in rows], [r.prompt_len for r in rows], phase)
+        t0 = time.perf_counter()
         out = self.model(**with_cache(self.model, cache, input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                       use_cache=True, logits_to_keep=1))
-        return out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float()
+        self.metrics.add_time("forward", time.perf_counter() - t0)
+        return logits
 
     def _sample_rows(self, rows: list[_Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:
         """Sample one token per row; returns per-row 'finished' (incl. failed)."""
@@ -361,7 +371,12 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        # 1. cancelled rows leave now
+        # 1. cancelled requests leave now (rows and queue)
+        with self._cv:
+            if any(r.cancelled for r in self._waiting):
+                for r in [r for r in self._waiting if r.cancelled]:
+                    self._finish(r, r.cancel_reason)
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
         if any(r.req.cancelled for r in self._rows):
             self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled])
         # 2-4. admit + prefill + merge
@@ -387,6 +402,7 @@ class Engine:
         if not self._rows:
             self.steerer.release_unused(set(), self.idle_plan_cache)
         dt = time.perf_counter() - t0
+        self.metrics.add_time("step", dt)
         self.step_time_ema = 0.9 * self.step_time_ema + 0.1 * dt
 
     def _prefill(self, new: list[_Row]) -> None:
@@ -421,7 +437,7 @@ class Engine:
         for i in idx:
             r = self._rows[i]
             if not r.req.done:
-                self._finish(r.req, "cancelled")
+                self._finish(r.req, r.req.cancel_reason)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         rows = [self._rows[i] for i in keep]
         kv, self._mask = select_rows(_kv(self._cache), self._mask, keep, [r.n_cached for r in rows])

@@ -43,6 +43,11 @@ class Metrics:
         self.gauges: dict[str, float] = {"active_requests": 0, "queued_requests": 0, "plans_loaded": 0,
                                          "plans_attached": 0}
         self.steps = 0
+        self.seconds: dict[str, float] = {"step": 0.0, "forward": 0.0}
+
+    def add_time(self, what: str, s: float) -> None:
+        with self._lock:
+            self.seconds[what] = self.seconds.get(what, 0.0) + s
 
     def count_request(self, endpoint: str, plan: str, status: str) -> None:
         with self._lock:
@@ -91,6 +96,11 @@ class Metrics:
             for g, v in sorted(self.gauges.items()):
                 out += [f"# HELP fusesteer_{g} {helps.get(g, g)}", f"# TYPE fusesteer_{g} gauge",
                         f"fusesteer_{g} {v:g}"]
+            out += ["# HELP fusesteer_engine_seconds_total Engine thread time: whole steps, and model forwards "
+                    "within them (the rest is scheduling, KV bookkeeping and sampling).",
+                    "# TYPE fusesteer_engine_seconds_total counter"]
+            for what, v in sorted(self.seconds.items()):
+                out.append(f'fusesteer_engine_seconds_total{{part="{_esc(what)}"}} {v:.6f}')
             for name, h, help_ in (
                     ("fusesteer_batch_size", self.batch, "Rows in each decode forward."),
                     ("fusesteer_time_to_first_token_seconds", self.ttft, "Arrival to first generated token."),
