@@ -64,11 +64,11 @@ class ServerProc:
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
         self.cmd = [sys.executable, "-m", "fusesteer.cli", "serve", "--model", model, "--plans", plans,
                     "--host", HOST, "--port", str(self.port), "--max-batch", str(max_batch),
                     "--max-queue", "1024", "--max-tokens", str(max_tokens), "--backend", backend]
+        if threads:
+            self.cmd += ["--threads", str(threads)]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--arm-time-cap", type=float, default=180.0, help="no new requests after this many seconds")
     p.add_argument("--sequential-clients", type=int, default=8)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--threads", type=int, default=None, help="OMP threads of the server process")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server process")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve"))
     p.add_argument("--quick", action="store_true", help="1 and 2 clients, 1 request, 8 tokens (a smoke run)")
     args = p.parse_args(argv)

@@ -41,6 +41,7 @@ def register(sub, fmt):
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=run)
 
 
@@ -61,6 +62,10 @@ def run(args) -> int:
             raise FuseSteerError(f"--{name.replace('_', '-')} must be positive")
     if args.max_queue < 0:
         raise FuseSteerError("--max-queue must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FuseSteerError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logging.getLogger("fusesteer.serve").setLevel(logging.INFO)
     model, tok = models.load(args.model, dtype=args.dtype, device=device)
