@@ -103,11 +103,12 @@ class ServerProc:
         self.log.close()
 
 
-async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_tokens: int) -> dict:
+async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_tokens: int,
+               scale: float | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     if plan is not None:
-        body["steering"] = {"plan": plan}
+        body["steering"] = {"plan": plan} if scale is None else {"plan": plan, "scale": scale}
     t0 = time.perf_counter()
     stamps, n = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -174,6 +175,16 @@ def _pool(arms: list[dict]) -> list[dict]:
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return round(sum(xs) / len(xs), 3) if xs else None
+
+
+async def _first_use(url: str, model: str) -> dict:
+    """TTFT of a steering the plan table does not hold yet (add_plan on the request path) vs the same again."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        cold = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
+        warm = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
+    return {"cold_ttft_s": round(cold["stamps"][0] - cold["t0"], 4), "warm_ttft_s": round(warm["stamps"][0] - warm["t0"], 4)}
 
 
 def _engine_seconds(url: str) -> dict:
@@ -298,6 +309,8 @@ def main(argv=None) -> int:
                         a["load_average_1m"] = os.getloadavg()[0]
                         res["arms"].append(a)
                         print(json.dumps({k: v for k, v in a.items() if not k.startswith("_")}), flush=True)
+            res["first_use_of_a_new_steering"] = asyncio.run(_first_use(srv.url, args.model))
+            print(json.dumps(res["first_use_of_a_new_steering"]), flush=True)
         finally:
             srv.stop()
         seq_srv = ServerProc(args.model, plans_dir, 1, args.max_tokens, args.backend, args.threads,

@@ -62,8 +62,8 @@ def env(tmp_path_factory):
     other = fs.SteeringPlan.for_model(fs.models.tiny("llama"))
     other.add(layer=0, site="layer.out", b=torch.ones(64))
     other.save(d / "othermodel.safetensors")  # for another model: listed as unusable, requests get a 400
-    srv = Server(model, tok, MODEL, plans_dir=d, port=0, backend="torch", max_batch=16, max_tokens=64,
-                 max_model_len=160).start()
+    srv = Server(model, tok, MODEL, plans_dir=d, port=0, backend="torch", max_batch=12, plan_slots=12,
+                 max_tokens=64, max_model_len=160).start()
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
     yield {"srv": srv, "client": client, "tok": tok, "ref": ref, "plans": plans, "model": model}
     srv.stop()
@@ -381,3 +381,21 @@ def test_sampling_is_seeded(env):
     a = c.completions.create(seed=1234, **kw).choices[0].text
     b = c.completions.create(seed=1234, **kw).choices[0].text
     assert a == b and len(a) > 0
+
+
+def test_a_broken_step_fails_its_requests_and_the_server_goes_on(tiny):
+    eng = tiny.engine
+    hdr = {"Authorization": "Bearer sekrit"}
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+
+    def broken(*a, **k):
+        raise RuntimeError("injected failure")
+
+    eng._forward = broken
+    try:
+        r = httpx.post(tiny.url + "/v1/completions", json=body, headers=hdr, timeout=30)
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+    finally:
+        del eng._forward
+    r = httpx.post(tiny.url + "/v1/completions", json=body, headers=hdr, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

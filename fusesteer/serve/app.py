@@ -25,7 +25,7 @@ from .engine import Engine, GenRequest, QueueFull
 from .metrics import Metrics
 from .protocol import (SSE_DONE, APIError, GenParams, Shape, TextStream, bad, parse_common, parse_json, parse_messages,
                        parse_prompt, sse)
-from .registry import PlanRegistry, SteeringSpecError, parse_steering
+from .registry import PlanRegistry, Steering, SteeringSpecError, parse_steering
 
 log = logging.getLogger("fusesteer.serve")
 
@@ -315,6 +315,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
         except PlanError as e:
             raise bad(f"plan {name!r} rejected: {e}", param="file", code="invalid_plan") from None
         metrics.set_gauge("plans_loaded", len(registry))
+        engine.preload(Steering(((rec, 1.0),)))  # into a free table slot between two forwards
         return JSONResponse(rec.describe(), status_code=201)
 
     @app.delete("/v1/steering/plans/{name}")

@@ -179,6 +179,8 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._rows: list[_Row] = []
+        self._preload: list[Steering] = []
+        self._admitting: list[_Row] = []  # admitted, not yet merged into the batch (failed too if a step breaks)
         self._cache = None  # DynamicCache of the running rows (left-padded, all rows end at the last column)
         self._mask = None
         self._stop = False
@@ -215,6 +217,23 @@ class Engine:
             self._cv.notify_all()
         self._gauges()
 
+    def preload(self, steering: Steering) -> None:
+        """Put a plan into the plan table at the next step boundary (so its first request does not pay for it)."""
+        with self._cv:
+            self._preload.append(steering)
+            self._cv.notify_all()
+
+    def _do_preloads(self) -> None:
+        with self._cv:
+            todo, self._preload = self._preload, []
+        for st in todo:
+            if st.key is None or self.steerer.has(st.key):
+                continue
+            try:
+                self.steerer.ensure({st.key: effective_plan(st)}, self._in_use())
+            except (CapacityFull, PlanError) as e:  # best effort: the first request adds it otherwise
+                log.info("preloading %s skipped: %s", st.label, e)
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
@@ -232,18 +251,20 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stop and not self._waiting and not self._rows:
+                    while not self._stop and not self._waiting and not self._rows and not self._preload:
                         self._cv.wait(0.5)
                     if self._stop:
                         return
                 try:
+                    if self._preload:
+                        self._do_preloads()
                     self._step()
                 except Exception as e:  # noqa: BLE001 - one broken step must not take the server down
                     log.exception("engine step failed")
-                    for r in self._rows:
+                    for r in self._rows + self._admitting:
                         self._fail(r.req, 500, f"internal error in the generation step: {type(e).__name__}: {e}",
                                    "internal_error")
-                    self._rows, self._cache, self._mask = [], None, None
+                    self._rows, self._admitting, self._cache, self._mask = [], [], None, None
                 self._gauges()
 
     def _gauges(self) -> None:
@@ -371,6 +392,8 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
+        if not self._rows and not self._waiting:
+            return
         # 1. cancelled requests leave now (rows and queue)
         with self._cv:
             if any(r.cancelled for r in self._waiting):
@@ -380,9 +403,10 @@ class Engine:
         if any(r.req.cancelled for r in self._rows):
             self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled])
         # 2-4. admit + prefill + merge
-        new = self._admit()
+        new = self._admitting = self._admit()
         if new:
             self._prefill(new)
+        self._admitting = []
         # 5. one decode step for every row
         if self._rows:
             rows = self._rows

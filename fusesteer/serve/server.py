@@ -39,11 +39,32 @@ class Server:
                                    max_model_len=min(ctx, max_model_len or ctx), api_key=api_key)
         slots = plan_slots if plan_slots is not None else max_batch + 8
         self.steerer = Steerer(model, backend=backend, capacity=max(slots, max_batch))
+        self._preload_registry(slots)
         self.engine = Engine(model, self.steerer, self.metrics, max_batch=max_batch, max_queue=max_queue,
                              max_prefill_tokens=max_prefill_tokens)
         self.app = create_app(self.engine, self.registry, tokenizer, self.config, self.metrics)
         self._uv = None
         self._thread = None
+
+    def _preload_registry(self, slots: int) -> None:
+        """Write the folder's plans (scale 1) into the plan table before serving, as many as there are slots: a
+        request naming one of them then starts without waiting for add_plan."""
+        from .registry import Steering, effective_plan
+
+        t0 = time.perf_counter()
+        n = 0
+        for name in self.registry.names()[:slots]:
+            rec = self.registry.get(name)
+            if rec is None or rec.plan is None:
+                continue
+            st = Steering(((rec, 1.0),))
+            try:
+                self.steerer.ensure({st.key: effective_plan(st)}, set())
+                n += 1
+            except Exception as e:  # noqa: BLE001 - best effort
+                log.warning("could not preload plan %r: %s", name, e)
+        if n:
+            log.info("preloaded %d plan(s) into the plan table in %.1f s", n, time.perf_counter() - t0)
 
     def _uvicorn(self):
         import uvicorn
