@@ -20,9 +20,9 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import fusesteer as fs  # noqa: E402
-from fusesteer.interop.gguf_cv import write_control_vector  # noqa: E402
-from fusesteer.serve.server import Server  # noqa: E402
+import fusesteer as fs
+from fusesteer.interop.gguf_cv import write_control_vector
+from fusesteer.serve.server import Server
 
 MODEL = "smollm2-135m"
 N_TOK = 12

@@ -23,8 +23,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import PlanError
 from .engine import Engine, GenRequest, QueueFull
 from .metrics import Metrics
-from .protocol import (SSE_DONE, APIError, GenParams, Shape, TextStream, bad, parse_common, parse_json, parse_messages,
-                       parse_prompt, sse)
+from .protocol import (
+    SSE_DONE,
+    APIError,
+    GenParams,
+    Shape,
+    TextStream,
+    bad,
+    parse_common,
+    parse_json,
+    parse_messages,
+    parse_prompt,
+    sse,
+)
 from .registry import PlanRegistry, Steering, SteeringSpecError, parse_steering
 
 log = logging.getLogger("fusesteer.serve")

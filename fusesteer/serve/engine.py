@@ -21,16 +21,15 @@ used; see the README's "Server" section for why.
 from __future__ import annotations
 
 import itertools
-import os
 import logging
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import PlanError
 from ..runtime.compat import with_cache
@@ -189,7 +188,7 @@ class Engine:
         self.step_time_ema = 0.05
 
     # ---- public (any thread) ---------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="fusesteer-engine", daemon=True)
         self._thread.start()
         return self
@@ -259,7 +258,7 @@ class Engine:
                     if self._preload:
                         self._do_preloads()
                     self._step()
-                except Exception as e:  # noqa: BLE001 - one broken step must not take the server down
+                except Exception as e:
                     log.exception("engine step failed")
                     for r in self._rows + self._admitting:
                         self._fail(r.req, 500, f"internal error in the generation step: {type(e).__name__}: {e}",
@@ -276,7 +275,7 @@ class Engine:
     def _emit(self, req: GenRequest, ev: tuple) -> None:
         try:
             req.sink(ev)
-        except Exception:  # noqa: BLE001 - a broken consumer must not break the engine
+        except Exception:
             log.exception("request %s: event sink failed", req.id)
             req.cancelled = True
 

@@ -73,7 +73,7 @@ class Server:
                              timeout_graceful_shutdown=2, lifespan="off")
         return uvicorn.Server(cfg)
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 30.0) -> Server:
         """Serve on a background thread; returns once listening (``self.port`` is the bound port)."""
         self.engine.start()
         self._uv = self._uvicorn()

@@ -100,7 +100,7 @@ class Steerer:
         plans.update(missing)
         self._reattach(plans)
 
-    def _reattach(self, plans: "OrderedDict[str, SteeringPlan]") -> None:
+    def _reattach(self, plans: OrderedDict[str, SteeringPlan]) -> None:
         if self.handle is not None:
             self.handle.detach()
             self.handle = None
