@@ -317,7 +317,7 @@ def tiny(env):
     tok = env["tok"]
     model = fs.models.tiny("llama", vocab_size=len(tok), max_position_embeddings=4096)
     srv = Server(model, tok, "tiny", port=0, backend="torch", api_key="sekrit", max_batch=1, max_queue=1,
-                 max_tokens=3000).start()
+                 max_tokens=3000, max_plan_bytes=1 << 16).start()
     yield srv
     srv.stop()
 
@@ -399,3 +399,34 @@ def test_a_broken_step_fails_its_requests_and_the_server_goes_on(tiny):
         del eng._forward
     r = httpx.post(tiny.url + "/v1/completions", json=body, headers=hdr, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_non_streaming_client_that_goes_away_frees_its_row(tiny):
+    eng = tiny.engine
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekrit"}, timeout=0.5)
+    t0 = time.monotonic()
+    while eng.active and time.monotonic() - t0 < 5:
+        time.sleep(0.02)
+    assert eng.active == 0, "the abandoned request kept its row"
+
+
+def test_upload_size_cap_and_gguf_upload(tiny, env):
+    hdr = {"Authorization": "Bearer sekrit"}
+    up = httpx.post(tiny.url + "/v1/steering/plans", params={"name": "huge"}, content=b"\x00" * (1 << 17), headers=hdr)
+    assert up.status_code == 413 and up.json()["error"]["code"] == "plan_too_large"
+    # a GGUF control vector upload on the main server, used, listed as gguf, deleted
+    import os
+    import tempfile
+
+    srv = env["srv"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "v.gguf")
+        write_control_vector(env["plans"]["vec0"], path)
+        blob = open(path, "rb").read()
+    up = httpx.post(srv.url + "/v1/steering/plans", params={"name": "cvup"}, content=blob)
+    assert up.status_code == 201 and up.json()["format"] == "gguf", up.text
+    r = _complete(env["client"], PROMPTS[6], {"plan": "cvup", "scale": 0.5}, n=8)
+    assert _token_ids(r) == alone(env, env["tok"](PROMPTS[6])["input_ids"], env["plans"]["vec0"].scaled(0.5), 8)
+    assert httpx.delete(srv.url + "/v1/steering/plans/cvup").status_code == 200

@@ -150,13 +150,20 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
         return req, params
 
     async def _next(q: asyncio.Queue, request: Request, req: GenRequest):
-        """Next engine event; cancels the request if the client went away meanwhile."""
+        """Next engine event; raises _ClientGone if the client went away (checked at least every
+        DISCONNECT_POLL_S, also while events keep coming)."""
+        now = time.monotonic()
+        if now - req.disconnect_checked_at >= DISCONNECT_POLL_S:
+            req.disconnect_checked_at = now
+            if await request.is_disconnected():
+                raise _ClientGone()
         get = asyncio.ensure_future(q.get())
         try:
             while True:
                 done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
                 if done:
                     return get.result()
+                req.disconnect_checked_at = time.monotonic()
                 if await request.is_disconnected():
                     raise _ClientGone()
         finally:

@@ -71,6 +71,7 @@ class GenRequest:
     t_first: float | None = None
     t_last: float | None = None
     finish_reason: str | None = None
+    disconnect_checked_at: float = 0.0  # HTTP layer: when it last asked whether the client is still there
 
     cancel_reason: str = "cancelled"
 
