@@ -385,7 +385,8 @@ def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton"
     dev = ids.device
     B, T = ids.shape
     steered = copy.deepcopy(model)
-    handle = fs.attach(steered, plan, backend=backend)
+    # plan2 may act at other (layer, site) pairs: patch those up front, so update() only writes values
+    handle = fs.attach(steered, plan, backend=backend, sites=sorted({(e.layer, e.site) for e in plan2.entries}))
     try:
         fns, caches = {}, []
         graphs = {}
