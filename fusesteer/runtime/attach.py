@@ -12,7 +12,7 @@ from .families import layer_device, model_parts
 from .backends.base import InstallContext
 from .patching import Patcher
 from .plan import SITES, ModelSpec, SteeringPlan
-from .tables import Router, build_tables, host_tables, plan_keys
+from .tables import Router, build_tables, plan_keys
 
 log = logging.getLogger("fusesteer")
 
@@ -254,10 +254,11 @@ class SteeringHandle:
         self.plans[name] = plan
         self.plan_names = sorted(self._ids, key=self._ids.get)
         try:
-            self._write_tables(self.plans)
+            self._write_plan(free, plan)
         except BaseException:
             del self._ids[name], self.plans[name]
             self.plan_names = sorted(self._ids, key=self._ids.get)
+            self._write_plan(free, None)
             raise
         return free
 
@@ -273,7 +274,7 @@ class SteeringHandle:
             self.router.set_rows(self.router.host_rows)
         del self._ids[name], self.plans[name]
         self.plan_names = sorted(self._ids, key=self._ids.get)
-        self._write_tables(self.plans)
+        self._write_plan(pid, None)
 
     # ---- values ----------------------------------------------------------------------------------
     def update(self, name_or_plan, plan: SteeringPlan | None = None) -> None:
@@ -294,14 +295,15 @@ class SteeringHandle:
             raise AttachError(f"update() can only change values at the (layer, site) pairs this handle patches; "
                               f"{outside[0]} is not one of them: detach and attach again (or attach with sites=...) "
                               f"to change where the plan acts")
-        self._write_tables(new_plans)
+        self._write_plan(self._ids[name], plan)
         self.plans = new_plans
         self.backend.on_update(self)
 
-    def _write_tables(self, plans: Mapping[str, SteeringPlan]) -> None:
-        new = host_tables(self._by_id(plans), self.spec, sorted(self.keys), self.capacity)
-        for k, (A, B) in new.items():
-            self.tables[k].write(A, B)
+    def _write_plan(self, plan_id: int, plan: SteeringPlan | None) -> None:
+        """Only the rows of one plan id (add_plan / remove_plan): the other plans' rows are not touched."""
+        maps = plan.phase_maps(self.spec) if plan is not None else {}
+        for k, table in self.tables.items():
+            table.write_plan(plan_id, maps.get(k))
 
     # ---- per-forward -----------------------------------------------------------------------------
     def _begin_forward(self) -> None:

@@ -76,11 +76,20 @@ class SiteTable:
     def n_slots(self) -> int:
         return self.A.shape[0]
 
-    def write(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """New values in place (host tensors [S, W]); the row flags follow."""
-        self.A.copy_(A)
-        self.B.copy_(B)
-        self.identity_rows[:], self.additive_rows[:], self.phase_free[:] = _row_flags(A, B)
+    def write_plan(self, plan_id: int, maps: dict | None) -> None:
+        """The two rows of one plan in place: ``maps`` = {phase: (a, b)} dense fp32, or None (identity)."""
+        for ph in PHASES:
+            s = slot_of(plan_id, ph == "generated")
+            if maps is None:
+                a, b = torch.ones(self.A.shape[1]), torch.zeros(self.A.shape[1])
+            else:
+                a, b = maps[ph]
+            self.A[s].copy_(a)
+            self.B[s].copy_(b)
+            self.identity_rows[s] = bool((a == 1).all() and (b == 0).all())
+            self.additive_rows[s] = bool((a == 1).all())
+        self.phase_free[plan_id] = maps is None or (torch.equal(maps["prompt"][0], maps["generated"][0])
+                                                    and torch.equal(maps["prompt"][1], maps["generated"][1]))
 
 
 def _row_flags(A: torch.Tensor, B: torch.Tensor):
