@@ -61,8 +61,7 @@ def _first_of_each_class(layers) -> dict[int, type]:
 
 
 def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
-    """(args, kwargs) of the wanted layers' calls on a short probe of the whole decoder stack (never aborted
-    half way: transformers may wrap layer forwards for the duration of a call and restore them after it)."""
+    """(args, kwargs) of the wanted layers' calls on a short probe of the decoder stack."""
     got: dict[int, tuple] = {}
     handles = []
 
@@ -74,10 +73,15 @@ def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
         handles.append(parts.layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
     vocab = parts.model.get_input_embeddings().weight.shape[0]
     ids = (torch.arange(1, PROBE_TOKENS + 1, device=device) % vocab).unsqueeze(0)
+    layers = parts.base.layers
     try:
+        # only the layers up to the last one needed run: the stack is given a shorter list for this call
+        # (restored below), not stopped half way by an exception through transformers' code
+        parts.base.layers = torch.nn.ModuleList(list(layers)[: max(wanted) + 1])
         with torch.no_grad():
             parts.base(input_ids=ids, use_cache=False)
     finally:
+        parts.base.layers = layers
         for h in handles:
             h.remove()
     return got
