@@ -71,7 +71,7 @@ KEY_FS_SPEC = "fusesteer.model_fingerprint"
 
 MAX_LAYER = 100_000  # sanity bound on direction.N when no model is known
 MAX_CV_BYTES = 2 * 1024 * 1024 * 1024
-_DIRECTION_RE = re.compile(r"^direction\.([0-9]{1,9})$")
+_DIRECTION_RE = re.compile(r"direction\.([0-9]{1,9})")  # used with fullmatch: no trailing newline
 
 
 class ControlVectorError(PlanError):
@@ -210,7 +210,7 @@ def inspect_control_vector(path: str | os.PathLike) -> tuple[dict, dict[int, np.
         names: dict[int, str] = {}
         width = None
         for t in reader.tensors:
-            m = _DIRECTION_RE.match(t.name)
+            m = _DIRECTION_RE.fullmatch(t.name)
             if m is None:
                 raise ControlVectorError(f"{path}: tensor {t.name!r} is not named 'direction.<layer>' "
                                          "(<layer> a 0-based decoder layer number)")

@@ -333,6 +333,20 @@ def _prepare(f: _LinearFold, check_finite: bool) -> dict:
     return dict(cols=cols, rows=rows, new_cols=new_cols, new_rows=new_rows, new_bias=new_bias, full=full)
 
 
+def _layout(t) -> tuple | None:
+    return None if t is None else (t.dtype, t.device, tuple(t.shape))
+
+
+def _check_layout(name: str, t, was: tuple) -> None:
+    now = _layout(t)
+    if now != was:
+        shown = "gone" if now is None else f"{now[0]} on {now[1]} with shape {list(now[2])}"
+        raise AttachError(
+            f"cannot restore {name} exactly: it is now {shown}, but was {was[0]} on {was[1]} with shape "
+            f"{list(was[2])} when the plan was folded into it (it was changed behind fusesteer's back, e.g. "
+            f"through .data). Put it back as it was and call detach() again")
+
+
 def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
     mod = f.module
     W = mod.weight
@@ -362,8 +376,15 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
             info["bias"] = "changed"
     kept_idx = [t for t in (cols, rows) if t is not None]
 
-    def undo(mod=mod, W=W, saved_full=saved_full, saved_cols=saved_cols, saved_rows=saved_rows,
-             saved_bias=saved_bias, cols=cols, rows=rows, created=created, had_bias_key=had_bias_key):
+    def undo(mod=mod, saved_full=saved_full, saved_cols=saved_cols, saved_rows=saved_rows,
+             saved_bias=saved_bias, cols=cols, rows=rows, created=created, had_bias_key=had_bias_key,
+             was=_layout(W)):
+        # the parameters as they are now (not as captured), checked before anything is written: a failure
+        # leaves this step whole for a retry
+        W = mod.weight
+        _check_layout(f.name + ".weight", W, was)
+        if saved_bias is not None:
+            _check_layout(f.name + ".bias", mod.bias, _layout(saved_bias))
         with torch.inference_mode(False), torch.no_grad():
             if created:
                 if had_bias_key:

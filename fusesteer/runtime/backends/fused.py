@@ -1,10 +1,16 @@
-"""The `torch` backend: patched decoder-layer forwards with the maps inlined (no Python hooks).
+"""The `torch` backend: the maps inlined into the forwards of the modules around each site (no Python hooks).
 
-One class-agnostic layer skeleton, parameterised by the family adapter (pre-norm Llama/Qwen layout or
-Gemma's sandwich norms). It calls the HF submodules (norms, attention, gate/up/down projections, act_fn),
-so attention variants, KV caches, quantized linears and output recording keep working, and applies the
-maps where the sites are: o_proj input, GLU activation (down_proj input), MLP output, layer output.
+Every map wraps the forward that is already installed on a module (the class forward, or whatever another
+library put on the instance, accelerate's hook wrapper included) instead of re-implementing anything, so the
+layer computes exactly what it computes unsteered, and a wrapper or hook set by another library keeps
+running where the ``reference`` hooks would see it:
 
+* ``attn.o_proj.in`` / ``mlp.down_proj.in``: the input of ``o_proj`` / ``down_proj`` is mapped, then their
+  installed forward runs;
+* ``mlp.out``: the output of the MLP's installed forward is mapped;
+* ``layer.out``: the output of the decoder layer's installed forward is mapped.
+
+Each steered decoder layer's forward also computes this forward's slots from the positions it receives.
 The per-site op is :func:`torch_apply`: identity slots are skipped (bit-exact no-op), additive-only slots
 use one add, others one fused ``addcmul``, always in fp32 and rounded once to the activation dtype.
 """
@@ -42,16 +48,30 @@ def tables_by_layer(handle) -> dict[int, dict]:
     return by_layer
 
 
-def patch_o_proj(handle, layer_idx: int, layer, table, op) -> None:
-    """Patch ``self_attn.o_proj`` so its input goes through ``op(x, table)`` (returns x or the mapped x)."""
-    o_proj = layer.self_attn.o_proj
-    orig = handle.patcher.original_forward(o_proj)
-    check = handle.checker(layer_idx, "attn.o_proj.in")
+def patch_input(handle, layer_idx: int, module, site: str, table, op) -> None:
+    """Patch ``module`` (o_proj or down_proj) so its input goes through ``op(x, table)`` (x or the mapped x)."""
+    orig = handle.patcher.original_forward(module)
+    check = handle.checker(layer_idx, site)
 
-    def o_forward(x, *a, **k):
+    def forward(x, *a, **k):
         y = op(x, table)
         return orig(check(y) if y is not x else x, *a, **k)
-    handle.patcher.set_forward(o_proj, o_forward)
+    handle.patcher.set_forward(module, forward)
+
+
+def patch_o_proj(handle, layer_idx: int, layer, table, op) -> None:
+    """Patch ``self_attn.o_proj`` so its input goes through ``op(x, table)``."""
+    patch_input(handle, layer_idx, layer.self_attn.o_proj, "attn.o_proj.in", table, op)
+
+
+def mapped_output(forward, table, op, check):
+    """``forward`` with its output (a tensor, or a tuple whose first item is the hidden states) mapped."""
+    def mapped(*a, **k):
+        out = forward(*a, **k)
+        if isinstance(out, tuple):
+            return (check(op(out[0], table)),) + tuple(out[1:])
+        return check(op(out, table))
+    return mapped
 
 
 def routed_forward(handle, layer, forward):
@@ -70,61 +90,27 @@ class TorchBackend:
     name = "torch"
     apply = staticmethod(torch_apply)
 
-    def make_layer_forward(self, handle, layer_idx: int, layer, maps: dict):
-        fam = handle.parts.family
-        attn, mlp = layer.self_attn, layer.mlp
-        in_norm = getattr(layer, fam.pre_attn_norm)
-        ffn_norm = getattr(layer, fam.pre_ffn_norm)
-        post_attn = getattr(layer, fam.post_attn_norm) if fam.post_attn_norm else None
-        post_ffn = getattr(layer, fam.post_ffn_norm) if fam.post_ffn_norm else None
-        gate, up, down, act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        t_down = maps.get("mlp.down_proj.in")
-        t_mout = maps.get("mlp.out")
-        t_out = maps.get("layer.out")
-        router = handle.router
-        apply = self.apply
-        c_down = handle.checker(layer_idx, "mlp.down_proj.in")
-        c_mout = handle.checker(layer_idx, "mlp.out")
-        c_out = handle.checker(layer_idx, "layer.out")
-
-        def forward(hidden_states, **kwargs):
-            residual = hidden_states
-            h = in_norm(hidden_states)
-            h, _ = attn(hidden_states=h, **kwargs)
-            if post_attn is not None:
-                h = post_attn(h)
-            h = residual + h
-            residual = h
-            h = ffn_norm(h)
-            if t_down is not None:
-                m = act(gate(h)) * up(h)
-                h = down(c_down(apply(m, t_down, router)))
-            else:
-                h = mlp(h)
-            if t_mout is not None:
-                h = c_mout(apply(h, t_mout, router))
-            if post_ffn is not None:
-                h = post_ffn(h)
-            h = residual + h
-            if t_out is not None:
-                h = c_out(apply(h, t_out, router))
-            return h
-
-        return routed_forward(handle, layer, forward)
-
     def install(self, handle) -> None:
         parts, patcher = handle.parts, handle.patcher
         router = handle.router
         apply = self.apply
+
+        def op(x, t):
+            return apply(x, t, router)
         for layer_idx, maps in sorted(tables_by_layer(handle).items()):
             layer = parts.layers[layer_idx]
-            t_attn = maps.get("attn.o_proj.in")
-            if t_attn is not None:
-                patch_o_proj(handle, layer_idx, layer, t_attn, lambda x, t: apply(x, t, router))
-            if any(s in maps for s in ("mlp.down_proj.in", "mlp.out", "layer.out")):
-                patcher.set_forward(layer, self.make_layer_forward(handle, layer_idx, layer, maps))
-            else:  # only o_proj is patched: the layer still routes this forward from its positions
-                patcher.set_forward(layer, routed_forward(handle, layer, patcher.original_forward(layer)))
+            for site, module in (("attn.o_proj.in", layer.self_attn.o_proj),
+                                 ("mlp.down_proj.in", layer.mlp.down_proj)):
+                if site in maps:
+                    patch_input(handle, layer_idx, module, site, maps[site], op)
+            if "mlp.out" in maps:
+                mlp = layer.mlp
+                patcher.set_forward(mlp, mapped_output(patcher.original_forward(mlp), maps["mlp.out"], op,
+                                                       handle.checker(layer_idx, "mlp.out")))
+            forward = patcher.original_forward(layer)
+            if "layer.out" in maps:
+                forward = mapped_output(forward, maps["layer.out"], op, handle.checker(layer_idx, "layer.out"))
+            patcher.set_forward(layer, routed_forward(handle, layer, forward))
         self._install_stack(handle)
 
     def _install_stack(self, handle) -> None:
@@ -134,8 +120,11 @@ class TorchBackend:
         def stack_forward(*args, **kwargs):
             handle._begin_forward()
             try:
-                return orig(*args, **kwargs)
-            finally:
-                handle._end_forward()
+                out = orig(*args, **kwargs)
+            except BaseException:
+                handle._end_forward(failed=True)
+                raise
+            handle._end_forward()
+            return out
 
         patcher.set_forward(base, stack_forward)

@@ -61,7 +61,7 @@ class ReferenceBackend:
             return None
 
         def stack_post(mod, args, kwargs, out):
-            handle._end_forward()
+            handle._end_forward(failed=out is None)  # always_call: out is None when the forward raised
             return None
 
         patcher.add_hook(parts.base.register_forward_pre_hook(stack_pre, with_kwargs=True))

@@ -12,7 +12,11 @@ Every layer is patched (not only the steered ones) so the residual stream is car
 
 A layer returns the real residual tensor ``s`` (so output_hidden_states and foreign readers see the right
 values) and stashes ``rmsnorm(s)`` for the next consumer, which uses it only if it receives that very tensor
-unmodified (identity and version counter checked); otherwise it recomputes the norm with the HF module.
+unmodified (identity and version counter checked) and nothing sits on that norm module (an instance-level
+forward or hooks of another library); otherwise it recomputes the norm with the HF module. The MLP and the
+mid-block norms are never called as modules, so attach refuses a model where another library has put a
+forward wrapper or hooks on them (the ``torch`` backend keeps those), and so does a forward that finds hooks
+added there later.
 Maps are read from the persistent plan tables by per-token slot index, so changing values never recompiles.
 On CPU without ``TRITON_INTERPRET=1`` the ops fall back to their torch references (same math).
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import AttachError
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
+from ..patching import foreign_forward
 from ..tables import SiteTable
 from .fused import patch_o_proj, routed_forward, tables_by_layer
 
@@ -64,7 +70,8 @@ class _Stash:
             return
         self.s, self.version, self.normed, self.producer = s, self._ver(s), normed, producer
 
-    def take(self, x, consumer):
+    def take(self, x, consumer, norm):
+        """The carried norm of ``x`` for ``consumer``, whose norm module is ``norm``; None: compute it."""
         if torch.compiler.is_compiling() or self.s is None or x is not self.s:
             return None
         n, producer, version = self.normed, self.producer, self.version
@@ -72,6 +79,8 @@ class _Stash:
         if self._ver(x) != version:
             return None
         if version == -2 and _hooks_between(producer, consumer):
+            return None
+        if foreign_forward(norm, skipped=True) is not None:  # another library's wrapper/hooks on the norm
             return None
         return n
 
@@ -112,6 +121,7 @@ class TritonBackend:
         if not handle.tables:  # nothing to steer: leave the model untouched (bit-exact)
             return
         fam = parts.family
+        self._refuse_bypassed(parts)
         gemma = fam.rms == "gemma"
         router = handle.router
         stash = _Stash()
@@ -137,7 +147,7 @@ class TritonBackend:
         orig_final = patcher.original_forward(final)
 
         def final_forward(x, *a, **k):
-            n = stash.take(x, final)
+            n = stash.take(x, final, final)
             return n if n is not None else orig_final(x, *a, **k)
         patcher.set_forward(final, final_forward)
 
@@ -148,11 +158,34 @@ class TritonBackend:
             handle._begin_forward()
             stash.clear()
             try:
-                return orig_base(*args, **kwargs)
-            finally:
+                out = orig_base(*args, **kwargs)
+            except BaseException:
                 stash.clear()
-                handle._end_forward()
+                handle._end_forward(failed=True)
+                raise
+            stash.clear()
+            handle._end_forward()
+            return out
         patcher.set_forward(base, stack_forward)
+
+    @staticmethod
+    def _skipped(parts, li: int) -> list:
+        """(name, module) of the modules of layer ``li`` whose work the fused layer does without calling them."""
+        fam, layer = parts.family, parts.layers[li]
+        names = ["mlp", fam.pre_ffn_norm] + [n for n in (fam.post_attn_norm, fam.post_ffn_norm) if n]
+        return [(f"model.layers.{li}.{n}", getattr(layer, n)) for n in names]
+
+    def _refuse_bypassed(self, parts) -> None:
+        for li, layer in enumerate(parts.layers):
+            for name, mod, skipped in [(f"model.layers.{li}", layer, False)] + [
+                    (n, m, True) for n, m in self._skipped(parts, li)]:
+                what = foreign_forward(mod, skipped=skipped)
+                if what is not None:
+                    raise AttachError(
+                        f"{name} has {what} installed by another library, which the 'triton' backend would "
+                        f"bypass (it fuses {'that layer' if not skipped else 'that module'} into its own kernels): "
+                        f"attach with backend='torch', which wraps what is installed, or 'reference' (hooks), or "
+                        f"remove it first")
 
     def _layer_forward(self, handle, li, layer, maps, next_norm, stash, slots, gemma, act):
         fam = handle.parts.family
@@ -177,9 +210,14 @@ class TritonBackend:
         w_post_attn = post_attn.weight if post_attn is not None else None
         w_post_ffn = post_ffn.weight if post_ffn is not None else None
 
+        skipped = [m for _n, m in self._skipped(handle.parts, li)]
+
         def forward(hidden_states, **kwargs):
+            if not torch.compiler.is_compiling() and any(
+                    m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in skipped):
+                self._refuse_bypassed(handle.parts)
             x = hidden_states
-            normed = stash.take(x, layer)
+            normed = stash.take(x, layer, in_norm)
             if normed is None:
                 normed = in_norm(x)
             h, _ = attn(hidden_states=normed, **kwargs)
