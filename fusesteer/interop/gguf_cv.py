@@ -441,8 +441,9 @@ def write_control_vector(plan: SteeringPlan, path: str | os.PathLike, model_hint
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
-    except OSError as e:
-        raise ControlVectorError(f"cannot write control vector file {path!r}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, or the gguf writer's own errors: one message, no file left
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise ControlVectorError(f"cannot write control vector file {path!r}: {why}") from None
     finally:
         if os.path.exists(tmp):
             try:

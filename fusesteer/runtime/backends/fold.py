@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import AttachError, NonFiniteActivationError
+from ..patching import foreign_forward
 from ..tables import slot_of
 
 log = logging.getLogger("fusesteer")
@@ -117,6 +118,26 @@ def _linear_problem(name: str, mod: nn.Module, shared: _SharedIndex) -> Refusal 
     return None
 
 
+def _path_problem(parts, layer: int, site: str) -> Refusal | None:
+    """A forward wrapper (or output hooks) of another library on the modules a folded map would move across:
+    folded into the linear, the map would apply on the other side of what that library does."""
+    lay = parts.layers[layer]
+    down = ("mlp.down_proj", lay.mlp.down_proj, True)
+    path = {"attn.o_proj.in": [("self_attn.o_proj", lay.self_attn.o_proj, False)],
+            "mlp.down_proj.in": [("mlp.down_proj", lay.mlp.down_proj, False)],
+            "mlp.out": [down, ("mlp", lay.mlp, True)],
+            "layer.out": [down, ("mlp", lay.mlp, True), ("", lay, False)]}[site]
+    for name, mod, out_hooks in path:
+        what = foreign_forward(mod, skipped=False)
+        if what is None and out_hooks and mod._forward_hooks:
+            what = f"{len(mod._forward_hooks)} forward hook(s)"
+        if what is not None:
+            full = f"model.layers.{layer}" + (f".{name}" if name else "")
+            return Refusal("foreign forward", f"{full} has {what} installed by another library, and a folded map "
+                                              f"would act on the other side of it", "")
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # which (layer, site) folds
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +200,7 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
                               f"on {fam.name} the post_feedforward_layernorm sits between down_proj and the "
                               f"residual add, so a layer.out bias has no linear bias to fold into", first)
         if why is None and not _is_identity(table):
-            prob = linear_ok(layer, site)
+            prob = linear_ok(layer, site) or _path_problem(parts, layer, site)
             if prob is not None:
                 why = Refusal(prob.tag, prob.text, first)
         out[key] = why

@@ -175,10 +175,14 @@ class TritonBackend:
         names = ["mlp", fam.pre_ffn_norm] + [n for n in (fam.post_attn_norm, fam.post_ffn_norm) if n]
         return [(f"model.layers.{li}.{n}", getattr(layer, n)) for n in names]
 
-    def _refuse_bypassed(self, parts) -> None:
+    def _refuse_bypassed(self, parts, only_layer: int | None = None) -> None:
+        """AttachError if a layer (at attach), or a module of one that the fused layer never calls, carries
+        another library's forward wrapper or hooks; ``only_layer``: the skipped modules of that layer only."""
         for li, layer in enumerate(parts.layers):
-            for name, mod, skipped in [(f"model.layers.{li}", layer, False)] + [
-                    (n, m, True) for n, m in self._skipped(parts, li)]:
+            if only_layer is not None and li != only_layer:
+                continue
+            mods = [] if only_layer is not None else [(f"model.layers.{li}", layer, False)]
+            for name, mod, skipped in mods + [(n, m, True) for n, m in self._skipped(parts, li)]:
                 what = foreign_forward(mod, skipped=skipped)
                 if what is not None:
                     raise AttachError(
@@ -215,7 +219,7 @@ class TritonBackend:
         def forward(hidden_states, **kwargs):
             if not torch.compiler.is_compiling() and any(
                     m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in skipped):
-                self._refuse_bypassed(handle.parts)
+                self._refuse_bypassed(handle.parts, only_layer=li)
             x = hidden_states
             normed = stash.take(x, layer, in_norm)
             if normed is None:
