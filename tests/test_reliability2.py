@@ -447,6 +447,27 @@ def test_routing_and_update_argument_errors(tiny_models):
         h.set_prompt_length(None)
 
 
+def test_auto_replans_when_plans_are_added_or_routed(tiny_models):
+    """auto folded plan 'a'; add_plan('b') + route_all('b') used to keep steering every row with the folded
+    'a' (the fused path did not cover the folded sites, and route_all only re-planned for None)."""
+    model = tiny_models("llama")
+    ids = _ids(model)
+    pa = random_plan(model, ["mlp.down_proj.in"], seed=1)
+    pb = random_plan(model, ["mlp.down_proj.in"], seed=2)
+    out = {}
+    for backend in ("reference", "auto"):
+        with fs.attach(model, {"a": pa}, backend=backend, sites="all", capacity=2) as h, torch.no_grad():
+            out[backend, "a"] = model(ids).logits
+            h.add_plan("b", pb)
+            h.route_all("b")
+            out[backend, "b"] = model(ids).logits
+            h.remove_plan("b")
+            h.route_all("a")
+            out[backend, "a again"] = model(ids).logits
+    for k in ("a", "b", "a again"):
+        torch.testing.assert_close(out["auto", k], out["reference", k], atol=1e-4, rtol=1e-4)
+
+
 def test_attach_never_binds_or_aliases_the_callers_plan(tiny_models):
     from fusesteer.models import tiny
 

@@ -428,14 +428,17 @@ class SteeringHandle:
         update(), then raise."""
         g = self.guard
         what = ", ".join(f"plan {n!r} (set by {g.origin.get(n, 'attach')})" for n in names) or "the attached plans"
-        undone = {n: g.fallback[n] for n in names if n in g.fallback and n in self.plans}
+        snaps = {n: g.snapshot(n) for n in names}
+        undone = {n: prev for n in names if n in self.plans and (prev := g.rollback(n)) is not None}
         note = ""
         if undone:
             old = dict(self.plans)
-            new = {**old, **{n: fb[0] for n, fb in undone.items()}}
-            self._commit(new, old)
-            for n, (prev, _pending, origin) in undone.items():
-                g.arm(n, prev, origin)
+            try:
+                self._commit({**old, **undone}, old)
+            except BaseException:
+                for n, snap in snaps.items():
+                    g.restore(n, snap)
+                raise
             note = (f"; the update() of {', '.join(repr(n) for n in undone)} was undone: the previous values are "
                     f"in place")
         raise NonFiniteActivationError(

@@ -7,8 +7,8 @@ host sync at the end of that forward. So a plan gated to generated tokens is che
 step, not only at the prefill, and once every phase of every plan has run finite, forwards cost nothing more.
 
 When a check fails, the handle raises NonFiniteActivationError at the end of that forward. Values that came
-from update() are taken back first: the plan returns to its last values that had run finite (or had not been
-found wanting), so a rejected update leaves the old values in place.
+from update() are taken back first: the plan returns to the values it had just before that update (still to
+be checked themselves if they never ran), so a rejected update leaves the old values in place.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class FiniteGuard:
         self.spec = spec
         self.pending: dict[str, set] = {}  # plan name -> phases not yet seen finite
         self.free: dict[str, bool] = {}  # plan name -> its prompt and generated maps are the same
-        self.fallback: dict[str, tuple] = {}  # plan name -> (previous plan, its pending phases, its origin)
+        # plan name -> (previous plan, its pending phases, its origin, its own fallback): values to go back to
+        self.fallback: dict[str, tuple] = {}
         self.origin: dict[str, str] = {}  # plan name -> "attach" / "add_plan()" / "update()"
         self.checking = False
         self._marks: list = []
@@ -47,14 +48,27 @@ class FiniteGuard:
             return
         if previous is None:
             self.fallback.pop(name, None)
-        elif name not in self.fallback or not self.pending.get(name):
-            # the values being replaced: confirmed, or at least not found wanting (an older fallback that is
-            # kept when they were never confirmed)
-            self.fallback[name] = (previous, set(self.pending.get(name, ())), self.origin.get(name, "attach"))
+        else:  # confirmed values need no fallback of their own; unconfirmed ones keep theirs (a chain)
+            pending = set(self.pending.get(name, ()))
+            self.fallback[name] = (previous, pending, self.origin.get(name, "attach"),
+                                   self.fallback.get(name) if pending else None)
         self.pending[name], self.free[name] = plan_phases(plan, self.spec)
         self.origin[name] = origin
         if not self.pending[name]:
             self.fallback.pop(name, None)
+
+    def rollback(self, name: str) -> SteeringPlan | None:
+        """The values ``name`` had before its last update (its guard state goes back with them), or None."""
+        fb = self.fallback.pop(name, None)
+        if fb is None:
+            return None
+        previous, pending, origin, older = fb
+        self.pending[name] = set(pending)
+        self.free[name] = all(e.gating == "all" for e in previous.entries)
+        self.origin[name] = origin
+        if older is not None:
+            self.fallback[name] = older
+        return previous
 
     def forget(self, name: str) -> None:
         for d in (self.pending, self.free, self.fallback, self.origin):
