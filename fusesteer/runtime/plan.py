@@ -502,9 +502,7 @@ def _check_json(v, where: str, depth: int) -> None:
     """Raise PlanError naming the first value under ``where`` that would not survive a JSON round trip."""
     if depth > MAX_METADATA_DEPTH:
         raise PlanError(f"{where}: nested deeper than {MAX_METADATA_DEPTH} levels")
-    if v is None or isinstance(v, (bool, str)):
-        return
-    if type(v) is int:
+    if v is None or isinstance(v, (bool, str)) or type(v) is int:
         return
     if type(v) is float:
         if not math.isfinite(v):
@@ -598,9 +596,7 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
 
 def _fits_f32(v) -> bool:
     """A JSON number that is finite and stays finite as float32 (ints of any size included)."""
-    if isinstance(v, int):
-        return abs(v) <= F32_MAX
-    return math.isfinite(v) and abs(v) <= F32_MAX
+    return abs(v) <= F32_MAX if isinstance(v, int) else (math.isfinite(v) and abs(v) <= F32_MAX)
 
 
 def _reject_constant(name):
