@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -126,7 +127,28 @@ def load_plan_file(path: str, spec=None, scale: float = 1.0, layer_range=None):
 
 
 def _norm(t) -> float | None:
-    return None if t is None else float(t.float().norm())
+    # float64: the norm of float32 values near the float32 maximum does not overflow
+    return None if t is None else float(t.double().norm())
+
+
+def safe_text(v) -> str:
+    """``v`` as text with every non-printable character (terminal escapes, newlines, bidi controls) escaped,
+    for names and metadata that come from an untrusted file."""
+    s = v if isinstance(v, str) else str(v)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
+def _finite_json(v):
+    """A copy of a summary with non-finite floats (which JSON cannot hold) as strings: "inf", "-inf", "nan"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_json(x) for x in v]
+    return v
 
 
 def plan_summary(plan, path: str | None = None) -> dict:
@@ -166,12 +188,13 @@ def _fmt(x, digits=4) -> str:
 
 def render_summary(s: dict) -> str:
     lines = []
-    lines.append(f"plan:        {s['name'] or '(unnamed)'}" + (f"   [{s['file']}]" if s["file"] else ""))
+    lines.append(f"plan:        {safe_text(s['name']) if s['name'] else '(unnamed)'}"
+                 + (f"   [{safe_text(s['file'])}]" if s["file"] else ""))
     if s["notes"]:
-        lines.append(f"notes:       {s['notes']}")
+        lines.append(f"notes:       {safe_text(s['notes'])}")
     if s["model"]:
         m = s["model"]
-        lines.append(f"model:       {m['model_type']}  layers={m['num_layers']} hidden={m['hidden_size']} "
+        lines.append(f"model:       {safe_text(m['model_type'])}  layers={m['num_layers']} hidden={m['hidden_size']} "
                      f"intermediate={m['intermediate_size']} attn_width={m['attn_width']}")
         lines.append(f"fingerprint: {s['fingerprint']}")
     else:
@@ -198,10 +221,10 @@ def render_summary(s: dict) -> str:
     if s["metadata"]:
         lines.append("metadata:")
         for k in sorted(s["metadata"]):
-            v = json.dumps(s["metadata"][k], sort_keys=True, default=str)
+            v = json.dumps(s["metadata"][k], sort_keys=True, default=str)  # ASCII: escapes control characters
             if len(v) > 300:
                 v = v[:297] + "..."
-            lines.append(f"  {k}: {v}")
+            lines.append(f"  {safe_text(k)}: {v}")
     return "\n".join(lines)
 
 
@@ -284,7 +307,7 @@ def run_show(args) -> int:
     s = plan_summary(plan, args.file)
     s["format"] = "gguf-control-vector" if file_kind(args.file) == "gguf" else "fusesteer-plan"
     if args.json:
-        print(json.dumps(s, indent=2, sort_keys=True, default=str))
+        print(json.dumps(_finite_json(s), indent=2, sort_keys=True, default=str, allow_nan=False))
     else:
         print(f"format:      {'GGUF control vector' if s['format'] == 'gguf-control-vector' else 'fusesteer plan'}")
         print(render_summary(s))

@@ -78,7 +78,7 @@ KEY_FS_SPEC = "fusesteer.model_fingerprint"
 
 MAX_LAYER = 100_000  # sanity bound on direction.N when no model is known
 MAX_CV_BYTES = 2 * 1024 * 1024 * 1024
-_DIRECTION_RE = re.compile(r"^direction\.([0-9]{1,9})$")
+_DIRECTION_RE = re.compile(r"direction\.([0-9]{1,9})")  # used with fullmatch: no trailing newline
 
 
 class ControlVectorError(PlanError):
@@ -217,7 +217,7 @@ def inspect_control_vector(path: str | os.PathLike) -> tuple[dict, dict[int, np.
         names: dict[int, str] = {}
         width = None
         for t in reader.tensors:
-            m = _DIRECTION_RE.match(t.name)
+            m = _DIRECTION_RE.fullmatch(t.name)
             if m is None:
                 raise ControlVectorError(f"{path}: tensor {t.name!r} is not named 'direction.<layer>' "
                                          "(<layer> a 0-based decoder layer number)")
@@ -448,8 +448,9 @@ def write_control_vector(plan: SteeringPlan, path: str | os.PathLike, model_hint
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
-    except OSError as e:
-        raise ControlVectorError(f"cannot write control vector file {path!r}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, or the gguf writer's own errors: one message, no file left
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise ControlVectorError(f"cannot write control vector file {path!r}: {why}") from None
     finally:
         if os.path.exists(tmp):
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Mapping
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from ..errors import AttachError, NonFiniteActivationError, PlanError
 from .families import layer_device, model_parts
 from .backends.base import InstallContext
+from .guard import FiniteGuard
 from .patching import Patcher
 from .plan import SITES, ModelSpec, SteeringPlan
 from .tables import Router, build_tables, plan_keys
@@ -50,9 +52,26 @@ def _get_backend(name: str, model):
 
 
 def _check_length(v, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
         raise AttachError(f"{where}: expected a prompt length as a non-negative integer, got {v!r}")
-    return v
+    return int(v)
+
+
+def _move_problem(module, fn) -> str | None:
+    """What ``module._apply(fn)`` (model.to / .half / .cuda ...) would change: a dtype or a device, or None."""
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.dtype, t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            out = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+        except Exception:  # noqa: BLE001 - the move itself will raise the same error
+            return None
+        if isinstance(out, torch.Tensor) and (out.dtype, out.device) != key:
+            return f"{t.dtype} on {t.device} -> {out.dtype} on {out.device}"
+    return None
 
 
 class SteeringHandle:
@@ -80,21 +99,26 @@ class SteeringHandle:
         self.patcher = Patcher()
         self.check_finite = check_finite
         self.verify = verify
-        self._checking = False
-        self._checked = not check_finite
+        self.guard = FiniteGuard(check_finite, self.spec)
+        for name, p in self.plans.items():
+            self.guard.arm(name, p, "attach")
         self.attached = False
         self._depth = 0
         self.keys = plan_keys(self.plans.values()) | self._extra_keys(sites)
         self.tables = build_tables(self._by_id(self.plans), self.spec, self._devices, self.keys, self.capacity)
+        self._written = self._by_id(self.plans)  # plan id -> the plan whose values its table rows hold
         self.backend = _get_backend(backend, model)
         self.report: dict = {}
         self.contract_ms: float | None = None
 
     def _bound(self, name, p) -> SteeringPlan:
+        """A private copy of ``p`` bound to the model: the caller's plan is never bound in place, and editing
+        it after attach() / update() changes nothing until it is passed to update() again."""
         if not isinstance(p, SteeringPlan):
             raise PlanError(f"plan {name!r}: expected a SteeringPlan, got {type(p).__name__}")
         try:
-            return p.bind(self.spec)
+            p.validate()  # well-formed before it is copied (against its own spec, if any)
+            return p.copy().bind(self.spec)
         except PlanError as e:
             raise PlanError(f"plan {name!r}: {e}") from None
 
@@ -128,10 +152,35 @@ class SteeringHandle:
             self.patcher.set_attr(self.model, _HANDLE_ATTR, self)
             self._wrap_generate()
             self.backend.install(InstallContext(self))
+            self._guard_moves()
         except BaseException:
             self.patcher.restore()
             raise
         self.attached = True
+
+    def _guard_moves(self) -> None:
+        """Refuse model.to(dtype/device), .half(), .cuda(), ... on the model or any of its modules while
+        attached, before anything moves: the plan tables, the routing state and fold's restore data stay where
+        they were made, so a moved model would be steered wrongly or not restored exactly."""
+        for mod in self.model.modules():
+            orig = mod._apply
+
+            def guarded(fn, *args, _mod=mod, _orig=orig, **kwargs):
+                if self.attached:
+                    what = _move_problem(_mod, fn)
+                    if what is not None:
+                        raise AttachError(
+                            f"cannot move {type(_mod).__name__} ({what}) while a fusesteer plan is attached: "
+                            f"nothing was changed. Detach first (handle.detach() or leave the with block), move "
+                            f"the model, then attach again")
+                return _orig(fn, *args, **kwargs)
+            self.patcher.set_attr(mod, "_apply", guarded)
+
+    def _live(self, what: str) -> None:
+        if not self.attached:
+            retry = " (its detach() failed part-way: call detach() again)" if self.patcher.pending else ""
+            raise AttachError(f"{what}: this handle is detached{retry}; a detached handle never touches the model "
+                              f"again: attach anew with fs.attach(model, plan)")
 
     def _wrap_generate(self) -> None:
         """generate() learns the prompt length at its first forward only (right with and without the cache)."""
@@ -150,12 +199,20 @@ class SteeringHandle:
         self.patcher.set_attr(self.model, "generate", generate)
 
     def detach(self) -> None:
-        if not self.attached:
+        """Restore the model exactly. Detaching again is a no-op; if an undo step failed, the error names it and
+        a second detach() retries what is left."""
+        if not self.attached and not self.patcher.pending:
             return
+        if not self.attached:
+            other = getattr(self.model, _HANDLE_ATTR, None)
+            if other is not None and other is not self:
+                raise AttachError("detach() retry: another plan has been attached to this model since; detach that "
+                                  "one first")
         self.attached = False
         self.patcher.restore()
 
     def __enter__(self) -> "SteeringHandle":
+        self._live("with handle")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -172,6 +229,14 @@ class SteeringHandle:
 
     def route(self, rows) -> "SteeringHandle":
         """One entry per batch row: a plan name, None (unsteered), or a plan id (0 = unsteered)."""
+        self._live("route()")
+        if isinstance(rows, (str, bytes, Mapping, set, frozenset)) or not hasattr(rows, "__iter__"):
+            raise AttachError(f"route() expects a list with one entry per batch row (a plan name, None or a plan "
+                              f"id), got {type(rows).__name__} {rows!r}; to use one plan (or None) for every row "
+                              f"whatever the batch size, call route_all(name)")
+        rows = list(rows)
+        if not rows:
+            raise AttachError("route() got no rows; give one entry per batch row")
         ids = []
         valid = set(self._ids.values()) | {0}
         for i, r in enumerate(rows):
@@ -194,6 +259,7 @@ class SteeringHandle:
         """Per-token routing for packed batches: int tensors broadcastable to the [batch, seq] of the next
         forwards; token t uses plan ``plan_ids[t]`` (0 = unsteered) and is generated iff its position >=
         ``prompt_lens[t]``."""
+        self._live("route_tokens()")
         for what, t in (("plan_ids", plan_ids), ("prompt_lens", prompt_lens)):
             if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dim() > 2:
                 raise AttachError(f"route_tokens: {what} must be an integer tensor of at most 2 dims")
@@ -211,9 +277,11 @@ class SteeringHandle:
 
     def route_all(self, name: str | None) -> "SteeringHandle":
         """Every row uses the same plan (or None) whatever the batch size."""
+        self._live("route_all()")
+        if name is not None and not isinstance(name, str):
+            raise AttachError(f"route_all() expects a plan name or None, got {type(name).__name__} {name!r}")
         pid = self.plan_id(name)
-        if pid == 0:
-            self._before_route([0])
+        self._before_route([pid])
         self.router.set_default(pid)
         return self
 
@@ -221,6 +289,7 @@ class SteeringHandle:
         """Override the prompt length used for gating: an int for every row, a list with one per batch row, or
         None to learn it again (at the first forward of each generate(), or of a sequence starting at
         position 0). Lengths count positions: row r's token at position p is generated iff p >= n[r]."""
+        self._live("set_prompt_length()")
         if n is not None:
             if isinstance(n, (list, tuple)):
                 if not n:
@@ -234,6 +303,7 @@ class SteeringHandle:
     def add_plan(self, name: str, plan: SteeringPlan) -> int:
         """Attach one more plan without re-patching (its sites must be patched already: see attach(sites=...)).
         Returns its plan id."""
+        self._live("add_plan()")
         if not isinstance(name, str) or not name:
             raise AttachError(f"add_plan: expected a non-empty plan name, got {name!r}")
         if name in self._ids:
@@ -250,20 +320,14 @@ class SteeringHandle:
         if free is None:
             raise AttachError(f"add_plan: all {self.capacity} plan slots are in use; remove_plan() one or attach "
                               f"with a larger capacity")
-        self._ids[name] = free
-        self.plans[name] = plan
-        self.plan_names = sorted(self._ids, key=self._ids.get)
-        try:
-            self._write_plan(free, plan)
-        except BaseException:
-            del self._ids[name], self.plans[name]
-            self.plan_names = sorted(self._ids, key=self._ids.get)
-            self._write_plan(free, None)
-            raise
+        old = dict(self.plans)
+        self._commit({**old, name: plan}, old, ids={**self._ids, name: free})
+        self.guard.arm(name, plan, "add_plan()")
         return free
 
     def remove_plan(self, name: str) -> None:
         """Detach one plan; its rows become the identity and its id can be reused."""
+        self._live("remove_plan()")
         pid = self.plan_id(name)
         if pid == 0:
             raise AttachError("remove_plan: expected a plan name, got None")
@@ -272,32 +336,73 @@ class SteeringHandle:
         if self.router.default_plan == pid:
             self.router.default_plan = None
             self.router.set_rows(self.router.host_rows)
-        del self._ids[name], self.plans[name]
-        self.plan_names = sorted(self._ids, key=self._ids.get)
-        self._write_plan(pid, None)
+        old = dict(self.plans)
+        self._commit({k: v for k, v in old.items() if k != name}, old,
+                     ids={k: v for k, v in self._ids.items() if k != name})
+        self.guard.forget(name)
 
     # ---- values ----------------------------------------------------------------------------------
     def update(self, name_or_plan, plan: SteeringPlan | None = None) -> None:
-        """Change the values of an attached plan in place (same sites): no re-patching, no recompiles."""
+        """Change the values of an attached plan in place (same sites): no re-patching, no recompiles.
+
+        ``update(plan)`` changes the only attached plan; ``update(name, plan)`` names one. The new values are
+        checked like attach's (see attach(check_finite=...)); values that are rejected, here or at the first
+        forward that runs them, leave the previous values in place."""
+        self._live("update()")
         if plan is None:
-            plan, name = name_or_plan, self.plan_names[0]
+            plan = name_or_plan
+            if len(self.plan_names) != 1:
+                raise AttachError(f"update(plan): {len(self.plan_names)} plans are attached "
+                                  f"({self.plan_names}); name the one to change: update(name, plan)")
+            name = self.plan_names[0]
         else:
             name = name_or_plan
+        if not isinstance(name, str):
+            raise AttachError(f"update(): expected a plan name, got {type(name).__name__} {name!r}")
         if name not in self._ids:
             raise AttachError(f"unknown plan {name!r}; attached plans: {self.plan_names}")
-        plan = self._bound(name, plan)
         if self.backend.static:
             raise AttachError(f"backend {self.backend_name!r} bakes values into weights; detach and attach again")
-        new_plans = dict(self.plans)
-        new_plans[name] = plan
+        plan = self._bound(name, plan)
         outside = sorted(plan_keys([plan]) - self.keys)
         if outside:
             raise AttachError(f"update() can only change values at the (layer, site) pairs this handle patches; "
                               f"{outside[0]} is not one of them: detach and attach again (or attach with sites=...) "
                               f"to change where the plan acts")
-        self._write_plan(self._ids[name], plan)
-        self.plans = new_plans
-        self.backend.on_update(self)
+        old = dict(self.plans)
+        self._commit({**old, name: plan}, old)
+        self.guard.arm(name, plan, "update()", previous=old[name])
+
+    def _set_plans(self, plans: dict, ids: dict) -> None:
+        self._ids = ids
+        self.plan_names = sorted(ids, key=ids.get)
+        self.plans = plans
+        self._write_tables()
+
+    def _commit(self, plans: dict, old: dict, ids: dict | None = None) -> None:
+        """Make ``plans`` the handle's plans (with plan ids ``ids``; default unchanged): tables written in
+        place, the backend re-planned. If the backend refuses them (e.g. auto's fold finds non-finite weights),
+        ``old`` is put back and the error re-raised."""
+        old_ids = dict(self._ids)
+        self._set_plans(plans, dict(old_ids if ids is None else ids))
+        try:
+            self.backend.on_update(self)
+        except BaseException as err:
+            self._set_plans(old, old_ids)
+            try:
+                self.backend.on_update(self)
+            except BaseException as e2:
+                raise AttachError(f"the new values were refused ({err}) and the previous ones could not be "
+                                  f"installed again ({type(e2).__name__}: {e2}); detach this handle") from err
+            raise
+
+    def _write_tables(self) -> None:
+        """Write the rows of every plan id whose plan changed since the last write (only those)."""
+        want = {self._ids[n]: p for n, p in self.plans.items()}
+        for pid in sorted(set(want) | set(self._written)):
+            if want.get(pid) is not self._written.get(pid):
+                self._write_plan(pid, want.get(pid))
+        self._written = want
 
     def _write_plan(self, plan_id: int, plan: SteeringPlan | None) -> None:
         """Only the rows of one plan id (add_plan / remove_plan): the other plans' rows are not touched."""
@@ -308,28 +413,46 @@ class SteeringHandle:
     # ---- per-forward -----------------------------------------------------------------------------
     def _begin_forward(self) -> None:
         self.router.reset()
-        if not self._checked and not torch.compiler.is_compiling():
-            self._checking = True
+        self.guard.begin()
 
-    def _end_forward(self) -> None:
+    def _end_forward(self, failed: bool = False) -> None:
+        slots = self.router.slots
         self.router.reset()
-        if self._checking:
-            self._checking = False
-            self._checked = True
+        bad = self.guard.end(slots, 1 + 2 * self.capacity, self._ids, failed)
+        if bad is not None:
+            self._reject(*bad)
 
     def checker(self, layer: int, site: str):
-        """Returns f(x) -> x that, on the first forward only, raises if steering made x non-finite."""
+        """Returns f(y) -> y that records whether y is finite while the guard checks this forward."""
+        guard = self.guard
+
         def check(y, _layer=layer, _site=site):
-            if torch.compiler.is_compiling():
-                return y
-            if self._checking and not bool(torch.isfinite(y).all()):
-                self._checking = False
-                raise NonFiniteActivationError(
-                    f"steering produced NaN/Inf activations at layer {_layer}, site {_site!r} on the first "
-                    f"forward pass; the plan's values are too large for this model/dtype (pass "
-                    f"check_finite=False to attach() to skip this check)")
+            guard.mark(_layer, _site, y)
             return y
         return check
+
+    def _reject(self, layer: int, site: str, names: list) -> None:
+        """A checked forward went non-finite: put back the previous values of the plans it ran that came from
+        update(), then raise."""
+        g = self.guard
+        what = ", ".join(f"plan {n!r} (set by {g.origin.get(n, 'attach')})" for n in names) or "the attached plans"
+        snaps = {n: g.snapshot(n) for n in names}
+        undone = {n: prev for n in names if n in self.plans and (prev := g.rollback(n)) is not None}
+        note = ""
+        if undone:
+            old = dict(self.plans)
+            try:
+                self._commit({**old, **undone}, old)
+            except BaseException:
+                for n, snap in snaps.items():
+                    g.restore(n, snap)
+                raise
+            note = (f"; the update() of {', '.join(repr(n) for n in undone)} was undone: the previous values are "
+                    f"in place")
+        raise NonFiniteActivationError(
+            f"steering produced NaN/Inf activations at layer {layer}, site {site!r} on the first forward that ran "
+            f"{what}: the plan's values are too large for this model/dtype{note} (pass check_finite=False to "
+            f"attach() to skip this check)")
 
 
 def attach(model, plan, backend: str = "auto", check_finite: bool = True, capacity: int | None = None,

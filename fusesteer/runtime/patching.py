@@ -1,12 +1,37 @@
 """Reversible patching of module forwards and hooks.
 
 Detach restores the exact original state: a forward that lived on the class is removed from the instance
-dict again, one that lived on the instance (e.g. an accelerate hook wrapper) is put back as it was.
+dict again, one that lived on the instance (e.g. an accelerate hook wrapper) is put back as it was. An undo
+step that fails stays registered (the others still run), so a later ``restore()`` can retry it.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
+
+
+def foreign_forward(module: nn.Module, skipped: bool) -> str | None:
+    """What another library installed on ``module``'s forward path that a backend would bypass, or None.
+
+    ``skipped=False``: the backend replaces the module's forward but still goes through ``module(...)``, so
+    hooks run and accelerate's wrapper is kept (its ``_old_forward`` is what gets patched); only another
+    instance-level ``forward`` is lost. ``skipped=True``: the module is never called (its computation is
+    fused into a neighbour), so any instance-level forward and any forward (pre-)hook would be bypassed."""
+    fn = module.__dict__.get("forward")
+    accelerate = hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
+    if fn is not None and (skipped or not accelerate) and not (
+            getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward):
+        what = "accelerate's hook wrapper" if accelerate else f"{type(fn).__name__} {_name(fn)}"
+        return f"an instance-level forward ({what})"
+    n = len(module._forward_hooks) + len(module._forward_pre_hooks) if skipped else 0
+    if n:
+        return f"{n} forward hook{'s' if n > 1 else ''}"
+    return None
+
+
+def _name(fn) -> str:
+    f = getattr(fn, "func", fn)  # functools.partial
+    return repr(getattr(f, "__qualname__", getattr(f, "__name__", "?")))
 
 
 def forward_attr(module: nn.Module) -> str:
@@ -42,8 +67,15 @@ class Patcher:
     def add_undo(self, fn) -> None:
         self._undo.append(("fn", fn))
 
+    @property
+    def pending(self) -> bool:
+        """Undo steps are still registered (nothing was patched yet, or a restore failed part-way)."""
+        return bool(self._undo)
+
     def restore(self) -> None:
-        errors = []
+        """Undo everything, newest first. Steps that raise are kept (in order) for another restore(); the
+        first error is re-raised once the others have run."""
+        errors, failed = [], []
         while self._undo:
             item = self._undo.pop()
             try:
@@ -59,5 +91,7 @@ class Patcher:
                         obj.__dict__.pop(attr, None)
             except Exception as e:  # noqa: BLE001 - keep restoring the rest, re-raise at the end
                 errors.append(e)
+                failed.append(item)
+        self._undo = failed[::-1]
         if errors:
             raise errors[0]

@@ -7,11 +7,14 @@ and saved/loaded as safetensors with a JSON header (never pickle).
 
 from __future__ import annotations
 
+import copy as _copy
 import hashlib
 import json
 import math
+import numbers
 import os
 import struct
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -28,6 +31,8 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_ENTRIES = 100_000
 MAX_FILE_BYTES = 4 * 1024 * 1024 * 1024
+MAX_METADATA_DEPTH = 64
+F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +158,11 @@ class PlanEntry:
             raise PlanError(f"{where}: unknown site {self.site!r}; expected one of {', '.join(SITES)}")
         if self.gating not in GATINGS:
             raise PlanError(f"{where}: unknown gating {self.gating!r}; expected one of {', '.join(GATINGS)}")
+        for what, t, want in (("a", self.a, torch.float32), ("b", self.b, torch.float32),
+                              ("dims", self.dims, torch.int64)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != want or t.device.type != "cpu"):
+                got = (f"a {t.dtype} tensor on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__)
+                raise PlanError(f"{where}: {what} must be a {want} CPU tensor (plan.add() converts values), got {got}")
         width = spec.site_width(self.site) if spec is not None else None
         n = None
         if self.dims is not None:
@@ -264,15 +274,23 @@ class SteeringPlan:
         return self
 
     def extend(self, other: "SteeringPlan") -> "SteeringPlan":
-        """Append all entries of ``other`` (they compose after this plan's entries)."""
+        """Append all entries of ``other`` (they compose after this plan's entries). All or nothing: if one
+        entry does not fit, the plan is left as it was. ``plan.extend(plan)`` appends its entries once."""
+        if not isinstance(other, SteeringPlan):
+            raise PlanError(f"extend() expects a SteeringPlan, got {type(other).__name__}")
         if self.spec is not None and other.spec is not None:
             other.spec.check_compatible(self.spec)
-        for e in other.entries:
-            self._append(PlanEntry(e.layer, e.site, e.a, e.b, e.dims, e.gating))
+        new = [PlanEntry(e.layer, e.site, e.a, e.b, e.dims, e.gating) for e in list(other.entries)]
+        if len(self.entries) + len(new) > MAX_ENTRIES:
+            raise PlanError(f"extend(): the plan would have {len(self.entries) + len(new)} entries "
+                            f"(limit {MAX_ENTRIES})")
+        for i, e in enumerate(new):
+            e.validate(self.spec, len(self.entries) + i)
+        self.entries.extend(new)
         return self
 
     def copy(self) -> "SteeringPlan":
-        p = SteeringPlan(self.spec, name=self.name, notes=self.notes, metadata=json.loads(json.dumps(self.metadata)))
+        p = SteeringPlan(self.spec, name=self.name, notes=self.notes, metadata=_copy.deepcopy(self.metadata))
         for e in self.entries:
             p.entries.append(PlanEntry(e.layer, e.site,
                                        None if e.a is None else e.a.clone(),
@@ -281,13 +299,22 @@ class SteeringPlan:
         return p
 
     def scaled(self, s: float) -> "SteeringPlan":
-        """Plan with every additive part multiplied by s and every gain moved to 1 + s*(a - 1)."""
+        """Plan with every additive part multiplied by s and every gain moved to 1 + s*(a - 1). Raises
+        PlanError if s is not a finite number or a scaled value leaves the float32 range."""
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)):
+            raise PlanError(f"scaled(): the scale must be a finite number, got {s!r}")
+        s = float(s)
         p = self.copy()
         for e in p.entries:
             if e.b is not None:
-                e.b = e.b * float(s)
+                e.b = (e.b.double() * s).float()
             if e.a is not None:
-                e.a = 1.0 + float(s) * (e.a - 1.0)
+                e.a = (1.0 + s * (e.a.double() - 1.0)).float()
+        for i, e in enumerate(p.entries):
+            for what, t in (("a", e.a), ("b", e.b)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise PlanError(f"scaled({s!r}): {e.describe(i)}: the scaled {what} leaves the float32 range "
+                                    f"(|value| > {F32_MAX:.3g})")
         return p
 
     def __len__(self) -> int:
@@ -354,9 +381,31 @@ class SteeringPlan:
             "entries": [],
         }
 
+    def check_header(self) -> None:
+        """What save() writes must load again: name and notes strings (or None), metadata of JSON values
+        (str keys; None, bools, ints, finite floats, strings, lists, dicts), valid entries."""
+        for key in ("name", "notes"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise PlanError(f"plan.{key} must be a string or None, got {type(v).__name__} {v!r}")
+        if not isinstance(self.metadata, dict):
+            raise PlanError(f"plan.metadata must be a dict, got {type(self.metadata).__name__}")
+        _check_json(self.metadata, "plan.metadata", 0)
+        if self.spec is not None and not isinstance(self.spec, ModelSpec):
+            raise PlanError(f"plan.spec must be a ModelSpec or None, got {type(self.spec).__name__}")
+        if len(self.entries) > MAX_ENTRIES:
+            raise PlanError(f"plan has {len(self.entries)} entries (limit {MAX_ENTRIES})")
+        for i, e in enumerate(self.entries):
+            if not isinstance(e, PlanEntry):
+                raise PlanError(f"plan.entries[{i}] must be a PlanEntry, got {type(e).__name__}")
+        self.validate()
+
     def save(self, path: str | os.PathLike) -> None:
+        """Write the plan (safetensors + JSON header) atomically; a plan that would not load again, or a path
+        that cannot be written, raises PlanError and leaves no file behind."""
         from safetensors.torch import save_file
 
+        self.check_header()
         header = self.header()
         tensors: dict[str, torch.Tensor] = {}
         for i, e in enumerate(self.entries):
@@ -372,26 +421,40 @@ class SteeringPlan:
                     rec[what] = {"tensor": key}
             header["entries"].append(rec)
         header["checksum"] = plan_checksum(header, tensors)
+        meta_json = json.dumps(header, allow_nan=False)
+        if len(meta_json.encode()) + 1024 > MAX_HEADER_BYTES:
+            raise PlanError(f"the plan header would be {len(meta_json.encode())} bytes, more than the "
+                            f"{MAX_HEADER_BYTES} byte limit the loader accepts (large metadata?)")
+        path = _path_arg(path, "save")
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise PlanError(f"cannot write plan file {path!r}: it is a directory")
+        if not os.path.isdir(folder):
+            raise PlanError(f"cannot write plan file {path!r}: the folder {folder!r} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
         try:
-            meta_json = json.dumps(header, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise PlanError(f"plan metadata is not JSON-serialisable (finite numbers, strings, lists, dicts): {e}") from None
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"fusesteer": meta_json})
-        os.replace(tmp, path)
+            save_file(tensors, tmp, metadata={"fusesteer": meta_json})
+            os.replace(tmp, path)
+        except Exception as e:  # noqa: BLE001 - OSError, SafetensorError: one clear message, no file left
+            raise PlanError(f"cannot write plan file {path!r}: {type(e).__name__}: {e}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SteeringPlan":
-        path = os.fspath(path)
+        path = _path_arg(path, "load")
+        if os.path.isdir(path):
+            raise PlanError(f"cannot read plan file {path!r}: it is a directory")
         try:
             size = os.path.getsize(path)
+            if size > MAX_FILE_BYTES:
+                raise PlanError(f"{path}: file is {size} bytes, larger than the {MAX_FILE_BYTES} byte limit")
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as e:
-            raise PlanError(f"cannot read plan file {path!r}: {e.strerror}") from None
-        if size > MAX_FILE_BYTES:
-            raise PlanError(f"{path}: file is {size} bytes, larger than the {MAX_FILE_BYTES} byte limit")
-        with open(path, "rb") as f:
-            data = f.read()
+            raise PlanError(f"cannot read plan file {path!r}: {e.strerror or e}") from None
         return cls.from_bytes(data, source=path)
 
     @classmethod
@@ -414,6 +477,43 @@ def plan_checksum(header: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _path_arg(path, verb: str) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise PlanError(f"SteeringPlan.{verb}() expects a file path (str or os.PathLike), got "
+                        f"{type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise PlanError(f"SteeringPlan.{verb}() got an empty path")
+    return path
+
+
+def _check_json(v, where: str, depth: int) -> None:
+    """Raise PlanError naming the first value under ``where`` that would not survive a JSON round trip."""
+    if depth > MAX_METADATA_DEPTH:
+        raise PlanError(f"{where}: nested deeper than {MAX_METADATA_DEPTH} levels")
+    if v is None or isinstance(v, (bool, str)) or type(v) is int:
+        return
+    if type(v) is float:
+        if not math.isfinite(v):
+            raise PlanError(f"{where}: {v!r} is not a finite number (JSON has no NaN/Infinity)")
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise PlanError(f"{where}: key {k!r} is a {type(k).__name__}; metadata keys must be strings")
+            _check_json(x, f"{where}[{k!r}]", depth + 1)
+        return
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            _check_json(x, f"{where}[{i}]", depth + 1)
+        return
+    hint = " (convert it with .item(), int() or float())" if hasattr(v, "item") else ""
+    raise PlanError(f"{where}: {type(v).__module__}.{type(v).__name__} {v!r} is not a JSON value{hint}")
 
 
 def _no_duplicate_keys(pairs):
@@ -488,6 +588,11 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
     return header, tensors
 
 
+def _fits_f32(v) -> bool:
+    """A JSON number that is finite and stays finite as float32 (ints of any size included)."""
+    return abs(v) <= F32_MAX if isinstance(v, int) else (math.isfinite(v) and abs(v) <= F32_MAX)
+
+
 def _reject_constant(name):
     raise ValueError(f"non-finite number {name} is not allowed")
 
@@ -559,8 +664,10 @@ def _plan_from_header(header: Any, tensors: dict[str, torch.Tensor], source: str
                 vals[what] = None
             elif isinstance(ref, dict) and set(ref) == {"scalar"} and what != "dims":
                 v = ref["scalar"]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise PlanError(f"{where}: {what}.scalar must be a finite number, got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not _fits_f32(v):
+                    shown = f"an integer of {v.bit_length()} bits" if type(v) is int else repr(v)
+                    raise PlanError(f"{where}: {what}.scalar must be a finite number within the float32 range, "
+                                    f"got {shown}")
                 vals[what] = torch.tensor(float(v), dtype=torch.float32)
             elif isinstance(ref, dict) and set(ref) == {"tensor"} and isinstance(ref["tensor"], str):
                 key = ref["tensor"]

@@ -9,8 +9,10 @@ says what went where; ``handle.report`` holds the split.
 Everything auto changes goes through its own :class:`~..patching.Patcher`, restored by one undo on the
 handle's patcher, so it can re-plan while attached:
 
-* ``handle.update(plan)``: new values are refolded (folded weights restored bit-exactly, then folded again
-  from the updated tables) and the fused part re-installed; costs milliseconds, no recompiles.
+* ``handle.update(plan)``, ``add_plan()``, ``remove_plan()``: new values are refolded (folded weights restored
+  bit-exactly, then folded again from the updated tables) and the fused part re-installed; costs
+  milliseconds, no recompiles. If the refold is refused (non-finite folded weights), the handle puts the
+  previous tables back and calls this again, so the previous values (and their report) are in place.
 * ``handle.route([...])`` with unsteered rows (or ``route_all(None)``): folded weights would steer every
   row, so the folded maps move to the fused path for the rest of the attachment (logged).
 """
@@ -68,9 +70,8 @@ class AutoBackend(Backend):
         self._install(handle, logging.INFO)
 
     def _restore(self) -> None:
-        p, self._patcher = self._patcher, Patcher()
         self.fused = self._sub = self.result = None
-        p.restore()
+        self._patcher.restore()  # a step that fails stays in it, for the handle's next detach()
 
     def _install(self, handle, level: int) -> None:
         reasons = fold_reasons(handle)
@@ -125,23 +126,15 @@ class AutoBackend(Backend):
     # ---- re-planning while attached ----------------------------------------------------------------
     def _reinstall(self, handle, level: int) -> None:
         self._restore()
-        try:
-            self._install(handle, level)
-        except BaseException:
-            # keep the handle consistent with its tables: run everything fused, then report the failure
-            self._restore()
-            self.fold_allowed = False
-            try:
-                self._install(handle, logging.WARNING)
-            except BaseException:
-                self._restore()
-            raise
+        self._install(handle, level)
 
     def on_update(self, handle) -> None:
-        """Values changed in place in handle.tables: refold from them and re-install the fused part."""
+        """Values (or the set of plans) changed in handle.tables: refold from them, re-install the fused part."""
         self._reinstall(handle, logging.DEBUG)
 
     def on_route(self, handle, ids) -> None:
+        """Folded weights steer every row with plan 1: any other routing (unsteered rows, another plan) moves
+        the folded maps to the fused path."""
         if self.fold_allowed and any(i != 1 for i in ids) and self.result is not None and self.result.modules:
             self.fold_allowed = False
             self._reinstall(handle, logging.INFO)

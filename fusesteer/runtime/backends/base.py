@@ -31,8 +31,8 @@ class InstallContext:
     def begin_forward(self) -> None:
         self.handle._begin_forward()
 
-    def end_forward(self) -> None:
-        self.handle._end_forward()
+    def end_forward(self, failed: bool = False) -> None:
+        self.handle._end_forward(failed=failed)
 
 
 class Backend:

@@ -36,6 +36,7 @@ from ...errors import AttachError, NonFiniteActivationError
 from ..sites import module_at
 from .base import Backend
 from ..sites import site as site_record
+from ..patching import foreign_forward
 from ..tables import slot_of
 
 log = logging.getLogger("fusesteer")
@@ -118,6 +119,26 @@ def _linear_problem(name: str, mod: nn.Module, shared: _SharedIndex) -> Refusal 
     return None
 
 
+def _path_problem(parts, layer: int, site: str) -> Refusal | None:
+    """A forward wrapper (or output hooks) of another library on the modules a folded map would move across:
+    folded into the linear, the map would apply on the other side of what that library does."""
+    lay = parts.layers[layer]
+    down = ("mlp.down_proj", lay.mlp.down_proj, True)
+    path = {"attn.o_proj.in": [("self_attn.o_proj", lay.self_attn.o_proj, False)],
+            "mlp.down_proj.in": [("mlp.down_proj", lay.mlp.down_proj, False)],
+            "mlp.out": [down, ("mlp", lay.mlp, True)],
+            "layer.out": [down, ("mlp", lay.mlp, True), ("", lay, False)]}[site]
+    for name, mod, out_hooks in path:
+        what = foreign_forward(mod, skipped=False)
+        if what is None and out_hooks and mod._forward_hooks:
+            what = f"{len(mod._forward_hooks)} forward hook(s)"
+        if what is not None:
+            full = f"model.layers.{layer}" + (f".{name}" if name else "")
+            return Refusal("foreign forward", f"{full} has {what} installed by another library, and a folded map "
+                                              f"would act on the other side of it", "")
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # which (layer, site) folds
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +201,7 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
                               f"on {fam.name} the post_feedforward_layernorm sits between down_proj and the "
                               f"residual add, so a layer.out bias has no linear bias to fold into", first)
         if why is None and not _is_identity(table):
-            prob = linear_ok(layer, site)
+            prob = linear_ok(layer, site) or _path_problem(parts, layer, site)
             if prob is not None:
                 why = Refusal(prob.tag, prob.text, first)
         out[key] = why
@@ -333,6 +354,20 @@ def _prepare(f: _LinearFold, check_finite: bool) -> dict:
     return dict(cols=cols, rows=rows, new_cols=new_cols, new_rows=new_rows, new_bias=new_bias, full=full)
 
 
+def _layout(t) -> tuple | None:
+    return None if t is None else (t.dtype, t.device, tuple(t.shape))
+
+
+def _check_layout(name: str, t, was: tuple) -> None:
+    now = _layout(t)
+    if now != was:
+        shown = "gone" if now is None else f"{now[0]} on {now[1]} with shape {list(now[2])}"
+        raise AttachError(
+            f"cannot restore {name} exactly: it is now {shown}, but was {was[0]} on {was[1]} with shape "
+            f"{list(was[2])} when the plan was folded into it (it was changed behind fusesteer's back, e.g. "
+            f"through .data). Put it back as it was and call detach() again")
+
+
 def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
     mod = f.module
     W = mod.weight
@@ -362,8 +397,15 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
             info["bias"] = "changed"
     kept_idx = [t for t in (cols, rows) if t is not None]
 
-    def undo(mod=mod, W=W, saved_full=saved_full, saved_cols=saved_cols, saved_rows=saved_rows,
-             saved_bias=saved_bias, cols=cols, rows=rows, created=created, had_bias_key=had_bias_key):
+    def undo(mod=mod, saved_full=saved_full, saved_cols=saved_cols, saved_rows=saved_rows,
+             saved_bias=saved_bias, cols=cols, rows=rows, created=created, had_bias_key=had_bias_key,
+             was=_layout(W)):
+        # the parameters as they are now (not as captured), checked before anything is written: a failure
+        # leaves this step whole for a retry
+        W = mod.weight
+        _check_layout(f.name + ".weight", W, was)
+        if saved_bias is not None:
+            _check_layout(f.name + ".bias", mod.bias, _layout(saved_bias))
         with torch.inference_mode(False), torch.no_grad():
             if created:
                 if had_bias_key:

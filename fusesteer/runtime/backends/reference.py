@@ -44,7 +44,7 @@ class ReferenceBackend(Backend):
             return None
 
         def stack_post(mod, args, kwargs, out):
-            ctx.end_forward()
+            ctx.end_forward(failed=out is None)  # always_call: out is None when the forward raised
             return None
 
         patcher.add_hook(parts.base.register_forward_pre_hook(stack_pre, with_kwargs=True))

@@ -1,10 +1,16 @@
-"""The `torch` backend: patched decoder-layer forwards with the maps inlined (no Python hooks).
+"""The `torch` backend: the maps inlined into the forwards of the modules around each site (no Python hooks).
 
-The layer skeleton of :mod:`.skeleton` with torch ops (:class:`TorchOps`), parameterised by the family adapter
-(pre-norm Llama/Qwen layout or Gemma's sandwich norms). It calls the HF submodules (norms, attention, gate/up/down projections, act_fn),
-so attention variants, KV caches, quantized linears and output recording keep working, and applies the
-maps where the sites are: o_proj input, GLU activation (down_proj input), MLP output, layer output.
+Every map wraps the forward that is already installed on a module (the class forward, or whatever another
+library put on the instance, accelerate's hook wrapper included) instead of re-implementing anything, so the
+layer computes exactly what it computes unsteered, and a wrapper or hook set by another library keeps
+running where the ``reference`` hooks would see it:
 
+* ``attn.o_proj.in`` / ``mlp.down_proj.in``: the input of ``o_proj`` / ``down_proj`` is mapped, then their
+  installed forward runs;
+* ``mlp.out``: the output of the MLP's installed forward is mapped;
+* ``layer.out``: the output of the decoder layer's installed forward is mapped.
+
+Each steered decoder layer's forward also computes this forward's slots from the positions it receives.
 The per-site op is :func:`torch_apply`: identity slots are skipped (bit-exact no-op), additive-only slots
 use one add, others one fused ``addcmul``, always in fp32 and rounded once to the activation dtype.
 """
@@ -15,9 +21,7 @@ import torch
 
 from .base import Backend
 from ..compat import layer_positions, merged_kwargs, positional_names
-from ..families import layer_modules
 from ..tables import SiteTable, affine
-from .skeleton import layer_forward
 
 
 def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
@@ -45,16 +49,30 @@ def tables_by_layer(ctx) -> dict[int, dict]:
     return by_layer
 
 
-def patch_o_proj(ctx, layer_idx: int, layer, table, op) -> None:
-    """Patch ``self_attn.o_proj`` so its input goes through ``op(x, table)`` (returns x or the mapped x)."""
-    o_proj = layer.self_attn.o_proj
-    orig = ctx.patcher.original_forward(o_proj)
-    check = ctx.checker(layer_idx, "attn.o_proj.in")
+def patch_input(handle, layer_idx: int, module, site: str, table, op) -> None:
+    """Patch ``module`` (o_proj or down_proj) so its input goes through ``op(x, table)`` (x or the mapped x)."""
+    orig = handle.patcher.original_forward(module)
+    check = handle.checker(layer_idx, site)
 
-    def o_forward(x, *a, **k):
+    def forward(x, *a, **k):
         y = op(x, table)
         return orig(check(y) if y is not x else x, *a, **k)
-    ctx.patcher.set_forward(o_proj, o_forward)
+    handle.patcher.set_forward(module, forward)
+
+
+def patch_o_proj(handle, layer_idx: int, layer, table, op) -> None:
+    """Patch ``self_attn.o_proj`` so its input goes through ``op(x, table)``."""
+    patch_input(handle, layer_idx, layer.self_attn.o_proj, "attn.o_proj.in", table, op)
+
+
+def mapped_output(forward, table, op, check):
+    """``forward`` with its output (a tensor, or a tuple whose first item is the hidden states) mapped."""
+    def mapped(*a, **k):
+        out = forward(*a, **k)
+        if isinstance(out, tuple):
+            return (check(op(out[0], table)),) + tuple(out[1:])
+        return check(op(out, table))
+    return mapped
 
 
 def routed_forward(ctx, layer, forward):
@@ -69,66 +87,31 @@ def routed_forward(ctx, layer, forward):
     return wrapped
 
 
-class TorchOps:
-    """The torch ops of the layer skeleton: HF submodules in HF's order, maps inlined where the sites are."""
-
-    def __init__(self, ctx, layer_idx: int, modules, maps: dict, apply):
-        self.modules, self.apply, self.router = modules, apply, ctx.router
-        self.t_down, self.t_mout, self.t_out = (maps.get(s) for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
-        self.c_down, self.c_mout, self.c_out = (ctx.checker(layer_idx, s)
-                                                for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
-
-    def attn_input(self, x):
-        return self.modules.in_norm(x)
-
-    def mid(self, x, h):
-        m = self.modules
-        if m.post_attn is not None:
-            h = m.post_attn(h)
-        s = x + h
-        return s, m.ffn_norm(s)
-
-    def mlp(self, n):
-        m = self.modules
-        if self.t_down is not None:
-            g = m.act(m.gate(n)) * m.up(n)
-            d = m.down(self.c_down(self.apply(g, self.t_down, self.router)))
-        else:
-            d = m.mlp(n)
-        if self.t_mout is not None:
-            d = self.c_mout(self.apply(d, self.t_mout, self.router))
-        return d
-
-    def end(self, s, d):
-        if self.modules.post_ffn is not None:
-            d = self.modules.post_ffn(d)
-        s = s + d
-        if self.t_out is not None:
-            s = self.c_out(self.apply(s, self.t_out, self.router))
-        return s
-
-
 class TorchBackend(Backend):
     name = "torch"
     apply = staticmethod(torch_apply)
-
-    def make_layer_forward(self, ctx, layer_idx: int, layer, maps: dict):
-        ops = TorchOps(ctx, layer_idx, layer_modules(ctx.parts.family, layer), maps, self.apply)
-        return routed_forward(ctx, layer, layer_forward(ops))
 
     def install(self, ctx) -> None:
         parts, patcher = ctx.parts, ctx.patcher
         router = ctx.router
         apply = self.apply
+
+        def op(x, t):
+            return apply(x, t, router)
         for layer_idx, maps in sorted(tables_by_layer(ctx).items()):
             layer = parts.layers[layer_idx]
-            t_attn = maps.get("attn.o_proj.in")
-            if t_attn is not None:
-                patch_o_proj(ctx, layer_idx, layer, t_attn, lambda x, t: apply(x, t, router))
-            if any(s in maps for s in ("mlp.down_proj.in", "mlp.out", "layer.out")):
-                patcher.set_forward(layer, self.make_layer_forward(ctx, layer_idx, layer, maps))
-            else:  # only o_proj is patched: the layer still routes this forward from its positions
-                patcher.set_forward(layer, routed_forward(ctx, layer, patcher.original_forward(layer)))
+            for site, module in (("attn.o_proj.in", layer.self_attn.o_proj),
+                                 ("mlp.down_proj.in", layer.mlp.down_proj)):
+                if site in maps:
+                    patch_input(ctx, layer_idx, module, site, maps[site], op)
+            if "mlp.out" in maps:
+                mlp = layer.mlp
+                patcher.set_forward(mlp, mapped_output(patcher.original_forward(mlp), maps["mlp.out"], op,
+                                                       ctx.checker(layer_idx, "mlp.out")))
+            forward = patcher.original_forward(layer)
+            if "layer.out" in maps:
+                forward = mapped_output(forward, maps["layer.out"], op, ctx.checker(layer_idx, "layer.out"))
+            patcher.set_forward(layer, routed_forward(ctx, layer, forward))
         self._install_stack(ctx)
 
     def _install_stack(self, ctx) -> None:
@@ -138,8 +121,11 @@ class TorchBackend(Backend):
         def stack_forward(*args, **kwargs):
             ctx.begin_forward()
             try:
-                return orig(*args, **kwargs)
-            finally:
-                ctx.end_forward()
+                out = orig(*args, **kwargs)
+            except BaseException:
+                ctx.end_forward(failed=True)
+                raise
+            ctx.end_forward()
+            return out
 
         patcher.set_forward(base, stack_forward)

@@ -12,7 +12,11 @@ Every layer is patched (not only the steered ones) so the residual stream is car
 
 A layer returns the real residual tensor ``s`` (so output_hidden_states and foreign readers see the right
 values) and stashes ``rmsnorm(s)`` for the next consumer, which uses it only if it receives that very tensor
-unmodified (identity and version counter checked); otherwise it recomputes the norm with the HF module.
+unmodified (identity and version counter checked) and nothing sits on that norm module (an instance-level
+forward or hooks of another library); otherwise it recomputes the norm with the HF module. The MLP and the
+mid-block norms are never called as modules, so attach refuses a model where another library has put a
+forward wrapper or hooks on them (the ``torch`` backend keeps those), and so does a forward that finds hooks
+added there later.
 Maps are read from the persistent plan tables by per-token slot index, so changing values never recompiles.
 On CPU without ``TRITON_INTERPRET=1`` the ops fall back to their torch references (same math).
 """
@@ -22,7 +26,9 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
+from ...errors import AttachError
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
+from ..patching import foreign_forward
 from ..tables import SiteTable
 from ..families import layer_modules
 from .skeleton import layer_forward
@@ -67,7 +73,8 @@ class _Stash:
             return
         self.s, self.version, self.normed, self.producer = s, self._ver(s), normed, producer
 
-    def take(self, x, consumer):
+    def take(self, x, consumer, norm):
+        """The carried norm of ``x`` for ``consumer``, whose norm module is ``norm``; None: compute it."""
         if torch.compiler.is_compiling() or self.s is None or x is not self.s:
             return None
         n, producer, version = self.normed, self.producer, self.version
@@ -75,6 +82,8 @@ class _Stash:
         if self._ver(x) != version:
             return None
         if version == -2 and _hooks_between(producer, consumer):
+            return None
+        if foreign_forward(norm, skipped=True) is not None:  # another library's wrapper/hooks on the norm
             return None
         return n
 
@@ -115,6 +124,7 @@ class TritonBackend(Backend):
         if not ctx.tables:  # nothing to steer: leave the model untouched (bit-exact)
             return
         fam = parts.family
+        self._refuse_bypassed(parts)
         gemma = fam.rms == "gemma"
         router = ctx.router
         stash = _Stash()
@@ -139,7 +149,7 @@ class TritonBackend(Backend):
         orig_final = patcher.original_forward(final)
 
         def final_forward(x, *a, **k):
-            n = stash.take(x, final)
+            n = stash.take(x, final, final)
             return n if n is not None else orig_final(x, *a, **k)
         patcher.set_forward(final, final_forward)
 
@@ -150,15 +160,44 @@ class TritonBackend(Backend):
             ctx.begin_forward()
             stash.clear()
             try:
-                return orig_base(*args, **kwargs)
-            finally:
+                out = orig_base(*args, **kwargs)
+            except BaseException:
                 stash.clear()
-                ctx.end_forward()
+                ctx.end_forward(failed=True)
+                raise
+            stash.clear()
+            ctx.end_forward()
+            return out
         patcher.set_forward(base, stack_forward)
+
+    @staticmethod
+    def _skipped(parts, li: int) -> list:
+        """(name, module) of the modules of layer ``li`` whose work the fused layer does without calling them."""
+        fam, layer = parts.family, parts.layers[li]
+        names = ["mlp", fam.pre_ffn_norm] + [n for n in (fam.post_attn_norm, fam.post_ffn_norm) if n]
+        return [(f"model.layers.{li}.{n}", getattr(layer, n)) for n in names]
+
+    def _refuse_bypassed(self, parts, only_layer: int | None = None) -> None:
+        """AttachError if a layer (at attach), or a module of one that the fused layer never calls, carries
+        another library's forward wrapper or hooks; ``only_layer``: the skipped modules of that layer only."""
+        for li, layer in enumerate(parts.layers):
+            if only_layer is not None and li != only_layer:
+                continue
+            mods = [] if only_layer is not None else [(f"model.layers.{li}", layer, False)]
+            for name, mod, skipped in mods + [(n, m, True) for n, m in self._skipped(parts, li)]:
+                what = foreign_forward(mod, skipped=skipped)
+                if what is not None:
+                    raise AttachError(
+                        f"{name} has {what} installed by another library, which the 'triton' backend would "
+                        f"bypass (it fuses {'that layer' if not skipped else 'that module'} into its own kernels): "
+                        f"attach with backend='torch', which wraps what is installed, or 'reference' (hooks), or "
+                        f"remove it first")
 
     def _layer_forward(self, ctx, li, layer, maps, next_norm, stash, slots, gemma, act):
         ops = TritonOps(ctx, li, layer, layer_modules(ctx.parts.family, layer), maps, next_norm, stash,
                         slots, gemma, act)
+        ops.backend, ops.parts, ops.li = self, ctx.parts, li
+        ops.skipped = [m for _n, m in self._skipped(ctx.parts, li)]
         return routed_forward(ctx, layer, layer_forward(ops))
 
 
@@ -182,7 +221,10 @@ class TritonOps:
         self.w_post_ffn = m.post_ffn.weight if m.post_ffn is not None else None
 
     def attn_input(self, x):
-        normed = self.stash.take(x, self.layer)
+        if not torch.compiler.is_compiling() and any(
+                m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.skipped):
+            self.backend._refuse_bypassed(self.parts, only_layer=self.li)  # a wrapper added after attach
+        normed = self.stash.take(x, self.layer, self.modules.in_norm)
         return normed if normed is not None else self.modules.in_norm(x)
 
     def mid(self, x, h):  # (post-attn norm) + add + pre-FFN norm, one pass
