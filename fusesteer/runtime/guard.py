@@ -3,7 +3,7 @@
 A plan's values are checked for NaN/Inf in the activations they produce: after attach, after add_plan(), and
 after every update(), the first forward that runs each *phase* of that plan (its prompt tokens, its generated
 tokens) records ``isfinite(y).all()`` at every steered site, on the device, and reads them all back with one
-host sync at the end of that forward. So a plan gated to generated tokens is checked at the first decode
+host sync at the end of that forward (forwards routed only to plans already checked are not checked). So a plan gated to generated tokens is checked at the first decode
 step, not only at the prefill, and once every phase of every plan has run finite, forwards cost nothing more.
 
 When a check fails, the handle raises NonFiniteActivationError at the end of that forward. Values that came
@@ -89,10 +89,11 @@ class FiniteGuard:
                 d[name] = v
 
     # ---- per forward ---------------------------------------------------------------------------------
-    def begin(self) -> None:
+    def begin(self, ids: dict, active: set | None) -> None:
+        """A forward starts; ``active``: the plan ids it can run, when the host knows them (else None)."""
         self._marks = []
-        self.checking = (self.enabled and not torch.compiler.is_compiling()
-                         and any(self.pending.values()))
+        self.checking = (self.enabled and not torch.compiler.is_compiling() and any(
+            phases and (active is None or ids.get(name) in active) for name, phases in self.pending.items()))
 
     def mark(self, layer: int, site: str, y: torch.Tensor) -> None:
         if self.checking and not torch.compiler.is_compiling():
