@@ -404,13 +404,8 @@ class SteeringHandle:
 
     # ---- per-forward -----------------------------------------------------------------------------
     def _begin_forward(self) -> None:
-        r = self.router
-        r.reset()
-        if r.tokens is not None:
-            active = None  # per-token routing: the plan ids are on the device
-        else:
-            active = set(r.host_rows) if r.host_rows is not None else {r.default_plan or 0}
-        self.guard.begin(self._ids, active)
+        self.router.reset()
+        self.guard.begin(self._ids, self.router)
 
     def _end_forward(self, failed: bool = False) -> None:
         slots = self.router.slots

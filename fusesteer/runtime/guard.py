@@ -89,11 +89,19 @@ class FiniteGuard:
                 d[name] = v
 
     # ---- per forward ---------------------------------------------------------------------------------
-    def begin(self, ids: dict, active: set | None) -> None:
-        """A forward starts; ``active``: the plan ids it can run, when the host knows them (else None)."""
+    def begin(self, ids: dict, router) -> None:
+        """A forward starts: check it if it can run a plan with phases still to check (nothing is read under
+        torch.compile, where nothing is checked: the routing state must not become a guard)."""
         self._marks = []
-        self.checking = (self.enabled and not torch.compiler.is_compiling() and any(
-            phases and (active is None or ids.get(name) in active) for name, phases in self.pending.items()))
+        self.checking = False
+        if not self.enabled or torch.compiler.is_compiling() or not any(self.pending.values()):
+            return
+        if router.tokens is not None:
+            active = None  # per-token routing: the plan ids are on the device
+        else:
+            active = set(router.host_rows) if router.host_rows is not None else {router.default_plan or 0}
+        self.checking = any(phases and (active is None or ids.get(name) in active)
+                            for name, phases in self.pending.items())
 
     def mark(self, layer: int, site: str, y: torch.Tensor) -> None:
         if self.checking and not torch.compiler.is_compiling():
