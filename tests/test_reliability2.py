@@ -295,10 +295,21 @@ def test_guard_checks_the_first_forward_of_each_phase(tiny_models):
     with fs.attach(model, ok, backend="torch") as h, torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert not any(h.guard.pending.values())  # both phases ran finite: nothing is checked any more
-        h.guard.begin()
+        h.guard.begin(h._ids, h.router)
         assert not h.guard.checking
         h.update(_plan_b(model, 0.2, gating="generated"))
         assert h.guard.pending["plan"] == {"generated"}
+    # a plan that is attached but not routed keeps its check pending without making other forwards check
+    with fs.attach(model, {"a": ok, "b": _plan_b(model, 0.3)}, backend="torch") as h, torch.no_grad():
+        h.route(["a"])
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert not h.guard.pending["a"] and h.guard.pending["b"] == {"prompt", "generated"}
+        h.guard.begin(h._ids, h.router)
+        assert not h.guard.checking
+        h.route(["a", "b"])
+        h.guard.begin(h._ids, h.router)
+        assert h.guard.checking
+        h.guard.end(None, 5, h._ids, failed=True)
 
 
 # ------------------------------------------------------------------------------------------------

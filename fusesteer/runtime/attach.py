@@ -413,7 +413,7 @@ class SteeringHandle:
     # ---- per-forward -----------------------------------------------------------------------------
     def _begin_forward(self) -> None:
         self.router.reset()
-        self.guard.begin()
+        self.guard.begin(self._ids, self.router)
 
     def _end_forward(self, failed: bool = False) -> None:
         slots = self.router.slots

@@ -3,7 +3,7 @@
 A plan's values are checked for NaN/Inf in the activations they produce: after attach, after add_plan(), and
 after every update(), the first forward that runs each *phase* of that plan (its prompt tokens, its generated
 tokens) records ``isfinite(y).all()`` at every steered site, on the device, and reads them all back with one
-host sync at the end of that forward. So a plan gated to generated tokens is checked at the first decode
+host sync at the end of that forward (forwards routed only to plans already checked are not checked). So a plan gated to generated tokens is checked at the first decode
 step, not only at the prefill, and once every phase of every plan has run finite, forwards cost nothing more.
 
 When a check fails, the handle raises NonFiniteActivationError at the end of that forward. Values that came
@@ -89,10 +89,19 @@ class FiniteGuard:
                 d[name] = v
 
     # ---- per forward ---------------------------------------------------------------------------------
-    def begin(self) -> None:
+    def begin(self, ids: dict, router) -> None:
+        """A forward starts: check it if it can run a plan with phases still to check (nothing is read under
+        torch.compile, where nothing is checked: the routing state must not become a guard)."""
         self._marks = []
-        self.checking = (self.enabled and not torch.compiler.is_compiling()
-                         and any(self.pending.values()))
+        self.checking = False
+        if not self.enabled or torch.compiler.is_compiling() or not any(self.pending.values()):
+            return
+        if router.tokens is not None:
+            active = None  # per-token routing: the plan ids are on the device
+        else:
+            active = set(router.host_rows) if router.host_rows is not None else {router.default_plan or 0}
+        self.checking = any(phases and (active is None or ids.get(name) in active)
+                            for name, phases in self.pending.items())
 
     def mark(self, layer: int, site: str, y: torch.Tensor) -> None:
         if self.checking and not torch.compiler.is_compiling():
