@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from fusesteer.runtime.compat import output_cache, with_cache
+
 import fusesteer as fs
 
 from . import common as C
@@ -142,14 +144,14 @@ def eager_ratio(model, plan, rows, ids, backend: str, cycles: int, warmup: int, 
         with torch.inference_mode():
             for name, m in (("vanilla", model), ("steered", steered)):
                 out = m(input_ids=ids, position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
-                cache = out.past_key_values
+                cache = output_cache(out)
                 caches.append(cache)
                 nxt = out.logits[:, -1:].argmax(-1)
                 pos = torch.full_like(nxt, T)
 
                 def step(m=m, nxt=nxt, pos=pos, cache=cache):
                     with torch.inference_mode():
-                        m(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True)
+                        m(input_ids=nxt, position_ids=pos, use_cache=True, **with_cache(m, cache))
                 steps[name] = step
 
         def crop():
@@ -173,8 +175,8 @@ def compiled_step(m, ids, mode: str | None, compile_backend: str) -> dict:
     B, T = ids.shape
     cache = StaticCache(config=m.config, max_cache_len=T + 8)
     with torch.no_grad():
-        o = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(T, device=dev),
-              position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True)
+        o = m(input_ids=ids, position_ids=torch.arange(T, device=dev).expand(B, T), use_cache=True,
+              **with_cache(m, cache))
     nxt = o.logits[:, -1:].argmax(-1)
     pos = torch.tensor([T], device=dev)
     compiled = torch.compile(m.forward, dynamic=False, backend=compile_backend, **({"mode": mode} if mode else {}))
@@ -184,8 +186,8 @@ def compiled_step(m, ids, mode: str | None, compile_backend: str) -> dict:
         if graphs:  # a new iteration for cudagraph trees: the previous replay's outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
-            return compiled(input_ids=nxt, past_key_values=cache, cache_position=pos,
-                            position_ids=pos.expand(B, 1), use_cache=True).logits
+            return compiled(input_ids=nxt, position_ids=pos.expand(B, 1), use_cache=True,
+                            **with_cache(m, cache)).logits
 
     def rewind():  # outside the timed call: the next step writes the same cache slot again
         rewind_static_cache(cache, T)

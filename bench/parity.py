@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusesteer.errors import AttachError, FuseSteerError
+from fusesteer.errors import AttachError, ContractError, FuseSteerError
 from fusesteer.runtime.compat import output_cache, with_cache
 from fusesteer.methods.capture import site_recorder
 
@@ -347,6 +347,8 @@ def _one(cfg, loaded, arm, plan_kind, plan, route, ids, steps, ref, dtype, devic
         factory = C.fusesteer_arm(model, plan, arm, route)
         try:
             run = run_arm(model, factory, ids, steps, forced=ref.preds)
+        except ContractError as e:  # the backend does not reproduce the model: a regression, not "not applicable"
+            return dict(status="FAIL", reason=str(e)[:300])
         except AttachError as e:
             return dict(status="n/a", reason=str(e)[:300])
         except Exception as e:  # noqa: BLE001 - an unexpected crash fails the gate

@@ -8,7 +8,7 @@
         out = model.generate(**inputs)
 """
 
-from .errors import AttachError, FuseSteerError, ModelLoadError, NonFiniteActivationError, PlanError
+from .errors import AttachError, ContractError, FuseSteerError, ModelLoadError, NonFiniteActivationError, PlanError
 from .runtime.attach import BACKENDS, SteeringHandle, attach
 from .runtime.plan import GATINGS, SITES, ModelSpec, PlanEntry, SteeringPlan
 
@@ -24,6 +24,6 @@ def __getattr__(name):  # lazy submodules: fs.models, fs.methods, ...
 
 
 __all__ = [
-    "AttachError", "FuseSteerError", "ModelLoadError", "NonFiniteActivationError", "PlanError",
+    "AttachError", "ContractError", "FuseSteerError", "ModelLoadError", "NonFiniteActivationError", "PlanError",
     "BACKENDS", "SteeringHandle", "attach", "GATINGS", "SITES", "ModelSpec", "PlanEntry", "SteeringPlan",
 ]

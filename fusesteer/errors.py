@@ -13,6 +13,10 @@ class AttachError(FuseSteerError, RuntimeError):
     """Attaching/detaching a plan to a model failed (unsupported model, bad routing, nesting...)."""
 
 
+class ContractError(AttachError):
+    """A patched layer forward does not reproduce the HF layer it replaces (checked at attach)."""
+
+
 class ModelLoadError(FuseSteerError, RuntimeError):
     """An embedded model could not be located or converted."""
 

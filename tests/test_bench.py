@@ -61,7 +61,7 @@ def test_quick_parity_gate_passes_and_writes_outputs(quick_parity):
 
 
 def test_quick_parity_gate_fails_on_injected_regression(tmp_path, monkeypatch, capsys):
-    from fusesteer.runtime.backends import fused
+    from fusesteer.runtime.backends import torch as fused
 
     real = fused.TorchBackend.apply
 

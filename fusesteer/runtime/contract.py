@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..errors import AttachError
+from ..errors import AttachError, ContractError
 from .compat import TRANSFORMERS_VERSION, layer_positions, merged_kwargs, positional_names
 from .plan import SITES, SteeringPlan
 
@@ -119,7 +119,7 @@ def _run(handle, backend: str, plan, route, layer, args, kwargs):
 
 def _fail(handle, cls, backend: str, what: str) -> AttachError:
     fam = handle.parts.family.name
-    return AttachError(
+    return ContractError(
         f"the {backend!r} backend does not reproduce {cls.__name__} (family {fam!r}) under transformers "
         f"{TRANSFORMERS_VERSION}: {what}. The layer's calling convention or computation is not what the {fam} "
         f"adapter expects, so steering would be wrong; attach with backend='reference' (hooks), pin a "
