@@ -363,12 +363,17 @@ def _dynamo_counts() -> dict:
 
 
 def rewind_static_cache(cache, length: int) -> None:
-    """Put a StaticCache's write position back to ``length`` (transformers 5.x keeps it in an in-place
-    ``cumulative_length`` tensor per layer; 4.x wrote at the given ``cache_position``, nothing to do)."""
+    """Put a StaticCache's write position back to ``length``, on every transformers 5.x: newer releases keep it in
+    an in-place ``cumulative_length`` tensor per layer; older ones derive the next position from the number of
+    occupied (non-zero) key slots, so the slots from ``length`` on are cleared too."""
     for layer in getattr(cache, "layers", ()):
         n = getattr(layer, "cumulative_length", None)
         if isinstance(n, torch.Tensor):
             n.fill_(length)
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 4:
+                t[:, :, length:].zero_()
 
 
 def compile_check(model, plan, plan2, ids: torch.Tensor, backend: str = "triton", mode: str | None = "reduce-overhead",

@@ -10,6 +10,7 @@
 
 from .errors import AttachError, ContractError, FuseSteerError, ModelLoadError, NonFiniteActivationError, PlanError
 from .runtime.attach import BACKENDS, SteeringHandle, attach
+from .runtime.families import model_sites, supported_models
 from .runtime.plan import GATINGS, SITES, ModelSpec, PlanEntry, SteeringPlan
 
 __version__ = "0.1.0"
@@ -25,5 +26,5 @@ def __getattr__(name):  # lazy submodules: fs.models, fs.methods, ...
 
 __all__ = [
     "AttachError", "ContractError", "FuseSteerError", "ModelLoadError", "NonFiniteActivationError", "PlanError",
-    "BACKENDS", "SteeringHandle", "attach", "GATINGS", "SITES", "ModelSpec", "PlanEntry", "SteeringPlan",
+    "BACKENDS", "SteeringHandle", "attach", "model_sites", "supported_models", "GATINGS", "SITES", "ModelSpec", "PlanEntry", "SteeringPlan",
 ]

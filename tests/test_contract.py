@@ -79,6 +79,6 @@ def test_contract_runs_once_per_layer_class(tiny_models, family):
         assert h.contract_ms == 0  # verified already in this process
     with fs.attach(model, plan, backend="torch", verify=False) as h:
         assert h.contract_ms is None
-    assert any(k[0] == "torch" and k[4] == family for k in contract._VERIFIED)
+    assert any(k[0] == "torch" and family in k for k in contract._VERIFIED)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # the probe left the model as it was

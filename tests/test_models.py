@@ -12,7 +12,9 @@ from fusesteer import models
 from fusesteer.errors import FuseSteerError, ModelLoadError
 
 CLASSES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
-           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+           "gemma": "GemmaForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
+           "olmo2": "Olmo2ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 PROMPT = "The capital of France is"
 NATURAL = ("The quick brown fox jumps over the lazy dog. It was a sunny day and the children were "
            "playing in the park near the river.")
@@ -48,8 +50,9 @@ def test_tiny_forward_and_generate(family):
     assert type(model).__name__ == CLASSES[family]
     assert not model.training
     assert cfg._attn_implementation == "eager"
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.head_dim, cfg.vocab_size) == (64, 96, 4, 2, 16, 128)
+            head_dim, cfg.vocab_size) == (64, 96, 4, 2, 16, 128)
     assert 2 <= cfg.num_hidden_layers <= 4
     ids = _ids()
     with torch.no_grad():

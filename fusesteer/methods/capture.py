@@ -28,6 +28,7 @@ def site_recorder(model, site: str, layers: Sequence[int] | None = None):
     for l in layers:
         if not 0 <= l < n:
             raise FuseSteerError(f"layer {l} is out of range; the model has {n} layers (0..{n - 1})")
+        parts.check_site(l, site)  # e.g. Qwen3-MoE: no mlp.down_proj.in on a sparse layer (PlanError)
     store: dict[int, torch.Tensor] = {}
     handles = []
     for l in layers:

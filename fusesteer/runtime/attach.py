@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from ..errors import AttachError, NonFiniteActivationError, PlanError
-from .families import layer_device, model_parts
+from .families import SUPPORTED_CLASSES, layer_device, model_parts
 from .backends.base import InstallContext
 from .guard import FiniteGuard
 from .patching import Patcher
@@ -22,7 +22,17 @@ BACKENDS = ("auto", "reference", "torch", "triton", "fold")
 _HANDLE_ATTR = "_fusesteer_handle"
 
 
-def _get_backend(name: str, model):
+def _get_backend(name: str, model, parts=None):
+    fam = parts.family if parts is not None else None
+    if fam is not None and fam.generic and name != "reference":
+        if name == "auto":
+            log.info("fusesteer: auto backend on %s (no family adapter): reference hooks", type(model).__name__)
+            return _get_backend("reference", model)
+        raise AttachError(
+            f"backend {name!r} needs a family adapter, and {type(model).__name__} (model_type "
+            f"{fam.model_types[0]!r}) has none: fusesteer has adapters for {', '.join(SUPPORTED_CLASSES)}. "
+            f"Use backend='reference' (generic hooks, unverified on this architecture) or add an adapter in "
+            f"fusesteer/runtime/families.py")
     if name == "reference":
         from .backends.reference import ReferenceBackend
         return ReferenceBackend()
@@ -47,7 +57,7 @@ def _get_backend(name: str, model):
             return AutoBackend()
         except ImportError:
             dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-            return _get_backend("triton" if dev.type == "cuda" else "torch", model)
+            return _get_backend("triton" if dev.type == "cuda" else "torch", model, parts)
     raise AttachError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
@@ -107,7 +117,7 @@ class SteeringHandle:
         self.keys = plan_keys(self.plans.values()) | self._extra_keys(sites)
         self.tables = build_tables(self._by_id(self.plans), self.spec, self._devices, self.keys, self.capacity)
         self._written = self._by_id(self.plans)  # plan id -> the plan whose values its table rows hold
-        self.backend = _get_backend(backend, model)
+        self.backend = _get_backend(backend, model, self.parts)
         self.report: dict = {}
         self.contract_ms: float | None = None
 
@@ -118,21 +128,29 @@ class SteeringHandle:
             raise PlanError(f"plan {name!r}: expected a SteeringPlan, got {type(p).__name__}")
         try:
             p.validate()  # well-formed before it is copied (against its own spec, if any)
-            return p.copy().bind(self.spec)
+            bound = p.copy().bind(self.spec)
+            for i, e in enumerate(bound.entries):  # every site exists on its layer (MoE: no down_proj on sparse ones)
+                why = self.parts.site_problem(e.layer, e.site)
+                if why is not None:
+                    raise PlanError(f"{e.describe(i)}: {why}")
+            return bound
         except PlanError as e:
             raise PlanError(f"plan {name!r}: {e}") from None
 
     def _extra_keys(self, sites) -> set:
         if sites is None:
             return set()
-        if sites == "all":
-            return {(layer, site) for layer in range(self.spec.num_layers) for site in SITES}
+        if sites == "all":  # every site each layer has
+            return {(layer, site) for layer in range(self.spec.num_layers) for site in self.parts.sites_of(layer)}
         keys = set()
         for k in sites:
             if (not isinstance(k, tuple) or len(k) != 2 or not isinstance(k[0], int) or isinstance(k[0], bool)
                     or not 0 <= k[0] < self.spec.num_layers or k[1] not in SITES):
                 raise AttachError(f"sites: expected 'all' or (layer, site) pairs with layer in "
                                   f"0..{self.spec.num_layers - 1} and site in {SITES}, got {k!r}")
+            why = self.parts.site_problem(*k)
+            if why is not None:
+                raise AttachError(f"sites: {k!r}: {why}")
             keys.add(k)
         return keys
 

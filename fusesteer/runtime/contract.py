@@ -32,6 +32,8 @@ _VERIFIED: set = set()
 
 def _fused_name(handle) -> str | None:
     name = handle.backend_name
+    if handle.parts.family.generic:
+        return "reference"  # the only backend on a model without an adapter (auto included)
     if name in ("torch", "triton", "reference"):
         return name
     if name == "auto":
@@ -54,10 +56,12 @@ def _tolerance(backend: str, dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _first_of_each_class(layers) -> dict[int, type]:
-    seen: dict[type, int] = {}
+    """The first layer of each kind: its class and its MLP's class (Qwen3-MoE mixes dense and sparse layers of
+    one class)."""
+    seen: dict[tuple, int] = {}
     for i, layer in enumerate(layers):
-        seen.setdefault(type(layer), i)
-    return {i: cls for cls, i in seen.items()}
+        seen.setdefault((type(layer), type(getattr(layer, "mlp", None))), i)
+    return {i: kind[0] for kind, i in seen.items()}
 
 
 def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
@@ -94,6 +98,8 @@ def _out(y):
 def _probe_plan(handle, layer: int) -> SteeringPlan:
     plan = SteeringPlan.for_spec(handle.spec)
     for j, site in enumerate(SITES):
+        if handle.parts.site_problem(layer, site) is not None:
+            continue
         w = handle.spec.site_width(site)
         t = torch.arange(w, dtype=torch.float32)
         plan.add(layer=layer, site=site, a=1 + 0.05 * torch.sin(t + j), b=0.02 * torch.cos(t * 0.7 + j),
@@ -146,8 +152,8 @@ def verify_contract(handle) -> float:
     for i, cls in _first_of_each_class(parts.layers).items():
         layer = parts.layers[i]
         p = next(layer.parameters(), None)
-        key = (backend, cls, p.dtype if p is not None else None, p.device.type if p is not None else None,
-               parts.family.name, TRANSFORMERS_VERSION)
+        key = (backend, cls, type(getattr(layer, "mlp", None)), p.dtype if p is not None else None,
+               p.device.type if p is not None else None, parts.family.name, TRANSFORMERS_VERSION)
         if key not in _VERIFIED:
             todo[i] = (cls, key)
     if not todo:

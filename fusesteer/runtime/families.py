@@ -1,123 +1,348 @@
-"""Per-family adapters: where each site lives and how a decoder layer is laid out.
+"""Per-family adapters: how a decoder layer of each supported architecture is laid out.
 
-Llama, Qwen2 and Qwen3 share the pre-norm layout (norm -> attn -> add, norm -> mlp -> add).
-Gemma 2 and 3 add "sandwich" norms (post-attention and post-feedforward) and use RMSNorm with (1 + w)
-in fp32 and a gelu_tanh GLU. Everything else is found through HF submodule names.
+This is the one place that knows architectures. An adapter says which HF submodules a decoder layer has and
+in which order they run; the site registry (:mod:`fusesteer.runtime.sites`) says where each site lives inside
+a layer; the backends read both. Three layer layouts cover every family:
+
+* ``pre`` (Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma 1, Granite, Phi-3):
+  ``s = x + attn(norm1(x))``, ``out = s + mlp(norm2(s))``;
+* ``sandwich`` (Gemma 2/3): the block outputs are normed before each add
+  (``post_attention_layernorm`` / ``post_feedforward_layernorm``), the pre-FFN norm is
+  ``pre_feedforward_layernorm``;
+* ``post`` (OLMo-2): no pre-norms; ``s = x + norm1(attn(x))``, ``out = s + norm2(mlp(s))``.
+
+Variants within a layout: RMSNorm weight convention (``w`` or Gemma's ``1 + w``), the GLU's projections (separate
+``gate_proj``/``up_proj`` or Phi-3's fused ``gate_up_proj``, split in halves), Granite's residual multiplier
+(``s = x + m * block(x)``), and Qwen3-MoE's sparse layers (the MLP is a routed expert block without a single
+``down_proj``). The GLU activation is identified by evaluating the module, not by its name.
+
+A model with no adapter but the usual skeleton (``model.model.layers[i]`` with ``self_attn.o_proj`` and an
+``mlp``) gets the generic family: the ``reference`` backend (hooks at the registry's module paths) works on it,
+with a warning naming what is unverified; the fused backends refuse it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
-from ..errors import AttachError
+from ..errors import AttachError, PlanError
+from .sites import SITES, module_at, site
+
+log = logging.getLogger("fusesteer")
+
+LAYOUTS = ("pre", "sandwich", "post")
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    sandwich: bool  # Gemma: post_attention_layernorm / post_feedforward_layernorm on block outputs
-    rms: str  # "llama" (w * x.to(dtype)) or "gemma" ((1 + w) in fp32)
-    act: str  # "silu" or "gelu_tanh"
+    model_types: tuple[str, ...]
+    classes: tuple[str, ...]  # the *ForCausalLM classes of transformers it covers
+    layout: str = "pre"  # one of LAYOUTS
+    rms: str = "llama"  # "llama" (weight w) or "gemma" ((1 + w), in fp32)
+    mlp: str = "glu"  # "glu" (gate_proj, up_proj), "fused_glu" (gate_up_proj), "moe" (sparse layers + dense GLU ones)
+    residual_multiplier: bool = False  # Granite: s = x + layer.residual_multiplier * block(x)
+    generic: bool = False  # no adapter: reference backend only
+    notes: str = ""
 
     @property
-    def pre_attn_norm(self) -> str:
-        return "input_layernorm"
+    def sandwich(self) -> bool:
+        return self.layout == "sandwich"
+
+    @property
+    def pre_attn_norm(self) -> str | None:
+        return None if self.layout == "post" else "input_layernorm"
 
     @property
     def post_attn_norm(self) -> str | None:
-        return "post_attention_layernorm" if self.sandwich else None
+        return None if self.layout == "pre" else "post_attention_layernorm"
 
     @property
-    def pre_ffn_norm(self) -> str:
-        return "pre_feedforward_layernorm" if self.sandwich else "post_attention_layernorm"
+    def pre_ffn_norm(self) -> str | None:
+        return {"pre": "post_attention_layernorm", "sandwich": "pre_feedforward_layernorm", "post": None}[self.layout]
 
     @property
     def post_ffn_norm(self) -> str | None:
-        return "post_feedforward_layernorm" if self.sandwich else None
+        return None if self.layout == "pre" else "post_feedforward_layernorm"
+
+    def norm_names(self) -> list[str]:
+        return [n for n in (self.pre_attn_norm, self.post_attn_norm, self.pre_ffn_norm, self.post_ffn_norm) if n]
 
 
+FAMILIES = (
+    Family("llama", ("llama",), ("LlamaForCausalLM",)),
+    Family("mistral", ("mistral",), ("MistralForCausalLM",), notes="sliding-window attention (inside HF attention)"),
+    Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",)),
+    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",)),
+    Family("qwen3_moe", ("qwen3_moe",), ("Qwen3MoeForCausalLM",), mlp="moe",
+           notes="sparse layers: mlp.out is the combined expert output; mlp.down_proj.in only on dense layers"),
+    Family("gemma", ("gemma",), ("GemmaForCausalLM",), rms="gemma", notes="(1 + w) RMSNorm, GELU-tanh GLU"),
+    Family("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), layout="sandwich", rms="gemma"),
+    Family("gemma3", ("gemma3_text",), ("Gemma3ForCausalLM",), layout="sandwich", rms="gemma"),
+    Family("granite", ("granite",), ("GraniteForCausalLM",), residual_multiplier=True,
+           notes="mlp.out is the MLP output before the residual multiplier; layer.out the layer's output"),
+    Family("phi3", ("phi3",), ("Phi3ForCausalLM",), mlp="fused_glu",
+           notes="fused qkv_proj / gate_up_proj: mlp.down_proj.in is act(gate) * up after the split"),
+    Family("olmo2", ("olmo2",), ("Olmo2ForCausalLM",), layout="post",
+           notes="norms after attention and after the MLP, before each residual add"),
+)
+_BY_MODEL_TYPE = {mt: f for f in FAMILIES for mt in f.model_types}
+_BY_NAME = {f.name: f for f in FAMILIES}
+SUPPORTED_CLASSES = tuple(c for f in FAMILIES for c in f.classes)
+LLAMA, GEMMA2, GEMMA3 = _BY_NAME["llama"], _BY_NAME["gemma2"], _BY_NAME["gemma3"]
+
+
+def family(name: str) -> Family:
+    f = _BY_NAME.get(name)
+    if f is None:
+        raise AttachError(f"unknown family {name!r}; expected one of {', '.join(_BY_NAME)}")
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# the GLU activation, identified by what it computes
+# --------------------------------------------------------------------------------------------------
+_ACT_CACHE: dict[type, str | None] = {}
+
+
+def activation_kind(act) -> str | None:
+    """"silu", "gelu_tanh" (the activations the fused GLU kernel computes) or None, found by evaluating ``act``
+    on a fixed grid and comparing with torch's own functions bit for bit."""
+    cls = type(act)
+    if cls in _ACT_CACHE:
+        return _ACT_CACHE[cls]
+    x = torch.linspace(-8.0, 8.0, 257, dtype=torch.float32)
+    kind = None
+    try:
+        with torch.no_grad():
+            y = act(x)
+        if isinstance(y, torch.Tensor) and y.shape == x.shape:
+            for name, ref in (("silu", torch.nn.functional.silu(x)),
+                              ("gelu_tanh", torch.nn.functional.gelu(x, approximate="tanh"))):
+                if torch.equal(y, ref):
+                    kind = name
+                    break
+    except Exception:  # noqa: BLE001 - an activation we cannot evaluate is one we do not fuse
+        kind = None
+    if not list(getattr(act, "parameters", lambda: [])()):  # stateless activations only are cached by class
+        _ACT_CACHE[cls] = kind
+    return kind
+
+
+# --------------------------------------------------------------------------------------------------
+# one decoder layer's modules
+# --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerModules:
     """The HF submodules of one decoder layer that the fused layer skeleton calls, found by the family adapter."""
 
     attn: nn.Module
     mlp: nn.Module
-    in_norm: nn.Module
-    ffn_norm: nn.Module
-    post_attn: nn.Module | None  # Gemma's sandwich norms, else None
-    post_ffn: nn.Module | None
-    gate: nn.Module
-    up: nn.Module
-    down: nn.Module
+    in_norm: nn.Module | None  # pre-attention norm (None: post layout)
+    ffn_norm: nn.Module | None  # pre-FFN norm (None: post layout)
+    post_attn: nn.Module | None  # norm of the attention output before the add (sandwich / post layouts)
+    post_ffn: nn.Module | None  # norm of the MLP output before the add (sandwich / post layouts)
+    gate: nn.Module | None  # GLU projections (None on a sparse MoE layer or with a fused gate_up)
+    up: nn.Module | None
+    gate_up: nn.Module | None  # Phi-3's fused projection: its output splits in halves (gate, up)
+    down: nn.Module | None  # None on a sparse MoE layer
     act: object
+    act_kind: str | None  # "silu" / "gelu_tanh" when the fused GLU kernel computes it, else None
+    multiplier: float | None  # Granite's residual multiplier
+
+    @property
+    def sparse(self) -> bool:
+        return self.down is None
+
+    def norms(self) -> list[nn.Module]:
+        return [n for n in (self.in_norm, self.ffn_norm, self.post_attn, self.post_ffn) if n is not None]
 
 
-def layer_modules(family: "Family", layer: nn.Module) -> LayerModules:
+def _opt(mod, name):
+    return getattr(mod, name, None) if name else None
+
+
+def layer_modules(fam: Family, layer: nn.Module) -> LayerModules:
     mlp = layer.mlp
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    down = getattr(mlp, "down_proj", None)
+    if not isinstance(down, nn.Module):
+        down = None
+    mult = getattr(layer, "residual_multiplier", None) if fam.residual_multiplier else None
     return LayerModules(
-        attn=layer.self_attn, mlp=mlp, in_norm=getattr(layer, family.pre_attn_norm),
-        ffn_norm=getattr(layer, family.pre_ffn_norm),
-        post_attn=getattr(layer, family.post_attn_norm) if family.post_attn_norm else None,
-        post_ffn=getattr(layer, family.post_ffn_norm) if family.post_ffn_norm else None,
-        gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj, act=mlp.act_fn)
+        attn=layer.self_attn, mlp=mlp, in_norm=_opt(layer, fam.pre_attn_norm), ffn_norm=_opt(layer, fam.pre_ffn_norm),
+        post_attn=_opt(layer, fam.post_attn_norm), post_ffn=_opt(layer, fam.post_ffn_norm),
+        gate=getattr(mlp, "gate_proj", None) if down is not None else None,
+        up=getattr(mlp, "up_proj", None) if down is not None else None,
+        gate_up=getattr(mlp, "gate_up_proj", None) if down is not None else None,
+        down=down, act=act, act_kind=activation_kind(act) if act is not None and down is not None else None,
+        multiplier=None if mult is None else float(mult))
 
 
-LLAMA = Family("llama", sandwich=False, rms="llama", act="silu")
-QWEN2 = Family("qwen2", sandwich=False, rms="llama", act="silu")
-QWEN3 = Family("qwen3", sandwich=False, rms="llama", act="silu")
-GEMMA2 = Family("gemma2", sandwich=True, rms="gemma", act="gelu_tanh")
-GEMMA3 = Family("gemma3", sandwich=True, rms="gemma", act="gelu_tanh")
-
-_BY_MODEL_TYPE = {
-    "llama": LLAMA,
-    "qwen2": QWEN2,
-    "qwen3": QWEN3,
-    "gemma2": GEMMA2,
-    "gemma3_text": GEMMA3,
-}
-SUPPORTED_CLASSES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM",
-                     "Qwen3ForCausalLM")
-
-
+# --------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelParts:
     family: Family
     model: nn.Module  # the *ForCausalLM
     base: nn.Module  # model.model (decoder stack)
     layers: list  # decoder layers
-    final_norm: nn.Module
+    final_norm: nn.Module | None
+    unverified: list = field(default_factory=list)  # generic family: what nobody checked
+
+    def site_problem(self, layer: int, name: str) -> str | None:
+        """Why ``name`` does not exist on layer ``layer`` of this model, or None."""
+        rec = site(name)
+        try:
+            mod = module_at(self.layers[layer], rec.path)
+        except AttributeError:
+            mod = None
+        if isinstance(mod, nn.Module):
+            return None
+        lay = self.layers[layer]
+        if self.family.mlp == "moe" and name == "mlp.down_proj.in" and not hasattr(lay.mlp, "down_proj"):
+            return (f"layer {layer} of {type(self.model).__name__} is a sparse MoE layer "
+                    f"({type(lay.mlp).__name__}): its routed experts have no single down_proj, so "
+                    f"'mlp.down_proj.in' exists only on its dense layers; steer 'mlp.out' (the combined expert "
+                    f"output) here instead")
+        return (f"layer {layer} ({type(lay).__name__}) has no module {rec.path!r}, where site {name!r} lives "
+                f"(family {self.family.name})")
+
+    def sites_of(self, layer: int) -> tuple[str, ...]:
+        return tuple(s for s in SITES if self.site_problem(layer, s) is None)
+
+    def check_site(self, layer: int, name: str) -> None:
+        why = self.site_problem(layer, name)
+        if why is not None:
+            raise PlanError(why)
+
+
+def _generic_problem(model, layers) -> str | None:
+    for i, layer in enumerate(layers):
+        for path in ("self_attn", "self_attn.o_proj", "mlp"):
+            try:
+                module_at(layer, path)
+            except AttributeError:
+                return f"layer {i} ({type(layer).__name__}) has no {path!r}"
+    return None
 
 
 def model_parts(model: nn.Module) -> ModelParts:
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None)
     fam = _BY_MODEL_TYPE.get(mt)
-    if fam is None:
-        raise AttachError(
-            f"unsupported model {type(model).__name__} (config.model_type={mt!r}); fusesteer supports "
-            f"{', '.join(SUPPORTED_CLASSES)} (model types {', '.join(sorted(_BY_MODEL_TYPE))})"
-        )
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
+    if fam is None:
+        problem = ("it has no decoder stack at model.model.layers" if base is None or layers is None
+                   else _generic_problem(model, list(layers)))
+        if problem is not None:
+            raise AttachError(
+                f"unsupported model {type(model).__name__} (config.model_type={mt!r}): {problem}. fusesteer has "
+                f"adapters for {', '.join(SUPPORTED_CLASSES)}, and a generic reference-hooks path for decoders "
+                f"with model.model.layers[i].self_attn.o_proj and .mlp")
+        fam = Family(f"generic:{mt}", (str(mt),), (type(model).__name__,), generic=True)
+        unverified = ["that every site's module is where the registry says it is (paths are looked up, not checked "
+                      "against the architecture)", "the layer layout (norm placement, residual multipliers)",
+                      "capture and fold (fold refuses)", "the fused backends (they refuse)"]
+        if not getattr(model, "_fusesteer_generic_warned", False):
+            log.warning("fusesteer: %s (model_type %r) has no family adapter; only the 'reference' backend is "
+                        "available, and it is unverified on this architecture: %s", type(model).__name__, mt,
+                        "; ".join(unverified))
+            try:
+                model._fusesteer_generic_warned = True
+            except Exception:  # noqa: BLE001
+                pass
+        return ModelParts(fam, model, base, list(layers)[: getattr(cfg, "num_hidden_layers", len(layers))],
+                          getattr(base, "norm", None), unverified)
     if base is None or layers is None:
         raise AttachError(f"{type(model).__name__}: expected the decoder stack at model.model.layers")
     layers = list(layers)[: cfg.num_hidden_layers]
     for i, layer in enumerate(layers):
-        for name in ("self_attn", "mlp", fam.pre_attn_norm, fam.pre_ffn_norm):
+        for name in ["self_attn", "mlp"] + fam.norm_names():
             if not hasattr(layer, name):
                 raise AttachError(f"layer {i} ({type(layer).__name__}) has no submodule {name!r}; "
                                   f"is this really a {fam.name} model?")
-        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
-            if not hasattr(layer.mlp, name):
-                raise AttachError(f"layer {i}: mlp has no {name!r}; fusesteer needs a gated (GLU) MLP")
         if not hasattr(layer.self_attn, "o_proj"):
             raise AttachError(f"layer {i}: self_attn has no 'o_proj'")
+        mlp = layer.mlp
+        if hasattr(mlp, "down_proj"):
+            need = ("gate_up_proj",) if fam.mlp == "fused_glu" else ("gate_proj", "up_proj")
+            for name in need + ("down_proj",):
+                if not hasattr(mlp, name):
+                    raise AttachError(f"layer {i}: mlp has no {name!r}; the {fam.name} adapter expects a gated (GLU) "
+                                      f"MLP with {', '.join(need)} and down_proj")
+            if not (hasattr(mlp, "act_fn") or hasattr(mlp, "activation_fn")):
+                raise AttachError(f"layer {i}: mlp has no activation module (act_fn / activation_fn)")
+        elif fam.mlp != "moe":
+            raise AttachError(f"layer {i}: mlp ({type(mlp).__name__}) has no 'down_proj'; the {fam.name} adapter "
+                              f"expects a dense GLU MLP")
+        if fam.residual_multiplier and not isinstance(getattr(layer, "residual_multiplier", None), (int, float)):
+            raise AttachError(f"layer {i}: expected a numeric residual_multiplier on the {fam.name} decoder layer")
     return ModelParts(fam, model, base, layers, base.norm)
+
+
+def model_sites(model) -> dict[int, tuple[str, ...]]:
+    """{layer: the sites that layer has} (every site on dense models; Qwen3-MoE's sparse layers lack
+    ``mlp.down_proj.in``)."""
+    parts = model_parts(model)
+    return {i: parts.sites_of(i) for i in range(len(parts.layers))}
 
 
 def layer_device(layer: nn.Module):
     for p in layer.parameters():
         return p.device
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# what is supported, at which level
+# --------------------------------------------------------------------------------------------------
+def _triton_level(f: Family) -> str:
+    if f.layout == "post":
+        return ("fused: post-norm + residual add + layer.out map in one kernel, GLU + mlp.down_proj.in map; "
+                "attn.o_proj.in / mlp.out elementwise")
+    extra = {"fused_glu": " (the fused gate_up output split in halves)",
+             "moe": " on dense layers; sparse layers call the HF expert block, mlp.out elementwise"}.get(f.mlp, "")
+    mult = "; the residual multiplier is one elementwise multiply before the fused add" if f.residual_multiplier else ""
+    return f"fused: residual add + norm (+ layer.out map), GLU + mlp.down_proj.in map{extra}{mult}"
+
+
+def _fold_level(f: Family) -> str:
+    parts = ["attn.o_proj.in, mlp.down_proj.in, mlp.out"]
+    if f.layout == "pre":
+        parts.append("additive layer.out" + (" (b / residual_multiplier into down_proj's bias)"
+                                              if f.residual_multiplier else ""))
+    notes = []
+    if f.layout != "pre":
+        notes.append("layer.out refused: a norm sits between down_proj and the residual add")
+    if f.mlp == "moe":
+        notes.append("mlp.out / mlp.down_proj.in refused on sparse layers (routed experts, no single linear)")
+    return ", ".join(parts) + ("; " + "; ".join(notes) if notes else "")
+
+
+def supported_models() -> list[dict]:
+    """Every architecture fusesteer attaches to, and what each backend does on it.
+
+    One dict per family: ``family``, ``model_types``, ``classes``, ``layout``, ``notes`` and ``backends``
+    ({backend: level}). The last entry is the generic path (any other decoder with the usual skeleton)."""
+    rows = []
+    for f in FAMILIES:
+        rows.append({
+            "family": f.name, "model_types": list(f.model_types), "classes": list(f.classes), "layout": f.layout,
+            "notes": f.notes,
+            "backends": {"reference": "hooks (the oracle)", "torch": "inlined into the installed forwards",
+                         "triton": _triton_level(f), "fold": _fold_level(f), "auto": "fold where it folds, else torch"},
+            "capture": True})
+    rows.append({"family": "generic", "model_types": ["any other"], "classes": ["any *ForCausalLM with "
+                 "model.model.layers[i].self_attn.o_proj and .mlp"], "layout": "unknown",
+                 "notes": "a warning names what is unverified",
+                 "backends": {"reference": "hooks, unverified", "torch": "refused", "triton": "refused",
+                              "fold": "refused", "auto": "reference"},
+                 "capture": True})
+    return rows

@@ -8,9 +8,12 @@ layers, and a diagonal map next to a linear is itself linear:
   goes into the bias;
 * ``mlp.out`` (output of ``down_proj``): ``a*(W x + c) + b``: row i of W and c_i scale by a_i, b adds to
   the bias;
-* ``layer.out`` with a = 1 on Llama/Qwen: the layer output is ``residual + down_proj(...)``, so b adds to
-  ``down_proj``'s bias (after any ``mlp.out`` map of the same layer). Not on Gemma, whose
-  post-feedforward norm sits between ``down_proj`` and the residual add.
+* ``layer.out`` with a = 1 on pre-norm layouts (Llama, Qwen, Mistral, Phi-3, Granite with b / residual_multiplier):
+  the layer output is ``residual + down_proj(...)``, so b adds to
+  ``down_proj``'s bias (after any ``mlp.out`` map of the same layer). Not on Gemma 2/3 or OLMo-2, whose
+  post-feedforward norm sits between ``down_proj`` and the residual add, and not on Qwen3-MoE's sparse layers,
+  whose MLP output is a routed sum of experts with no single ``down_proj`` (``mlp.out`` does not fold there
+  either).
 
 The products are computed in fp32 from the original weights and rounded once to the weights' dtype.
 A bias is created when the linear has none and removed again on detach. Only the touched slices of each
@@ -119,16 +122,24 @@ def _linear_problem(name: str, mod: nn.Module, shared: _SharedIndex) -> Refusal 
     return None
 
 
+def _has_fold_target(parts, layer: int, site: str) -> bool:
+    try:
+        return isinstance(target_linear(parts, layer, site)[1], nn.Module)
+    except AttributeError:
+        return False
+
+
 def _path_problem(parts, layer: int, site: str) -> Refusal | None:
     """A forward wrapper (or output hooks) of another library on the modules a folded map would move across:
     folded into the linear, the map would apply on the other side of what that library does."""
     lay = parts.layers[layer]
-    down = ("mlp.down_proj", lay.mlp.down_proj, True)
-    path = {"attn.o_proj.in": [("self_attn.o_proj", lay.self_attn.o_proj, False)],
-            "mlp.down_proj.in": [("mlp.down_proj", lay.mlp.down_proj, False)],
-            "mlp.out": [down, ("mlp", lay.mlp, True)],
-            "layer.out": [down, ("mlp", lay.mlp, True), ("", lay, False)]}[site]
-    for name, mod, out_hooks in path:
+    down = ("mlp.down_proj", False) if site == "mlp.down_proj.in" else ("mlp.down_proj", True)
+    path = {"attn.o_proj.in": [("self_attn.o_proj", False)],
+            "mlp.down_proj.in": [down],
+            "mlp.out": [down, ("mlp", True)],
+            "layer.out": [down, ("mlp", True), ("", False)]}[site]
+    for name, out_hooks in path:
+        mod = module_at(lay, name)
         what = foreign_forward(mod, skipped=False)
         if what is None and out_hooks and mod._forward_hooks:
             what = f"{len(mod._forward_hooks)} forward hook(s)"
@@ -196,10 +207,13 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
             if not bool(table.additive_rows[_SLOT]):
                 why = Refusal("layer.out a!=1", "it scales the residual stream (a != 1), which no single weight "
                                                 "computes; only an additive layer.out (a = 1) folds", first)
-            elif fam.sandwich:
+            elif fam.layout != "pre":
                 why = Refusal(f"{fam.name} layer.out",
                               f"on {fam.name} the post_feedforward_layernorm sits between down_proj and the "
                               f"residual add, so a layer.out bias has no linear bias to fold into", first)
+        if why is None and not _is_identity(table) and not _has_fold_target(parts, layer, site):
+            why = Refusal("moe experts", f"layer {layer} is a sparse MoE layer: its output is a routed, weighted sum "
+                                         f"of expert MLPs with no single down_proj to fold {site!r} into", first)
         if why is None and not _is_identity(table):
             prob = linear_ok(layer, site) or _path_problem(parts, layer, site)
             if prob is not None:
@@ -283,6 +297,10 @@ def _collect(handle, keys) -> list[_LinearFold]:
             f.b_out = b if has_b else None
         else:  # layer.out, a == 1 (checked by fold_reasons): adds after the mlp.out map
             if has_b:
+                mult = getattr(parts.layers[layer], "residual_multiplier", None) if \
+                    parts.family.residual_multiplier else None
+                if mult is not None:  # Granite: out = s + m * down(...), so b enters the bias as b / m
+                    b = b / float(mult)
                 f.b_out = b if f.b_out is None else f.b_out + b
     return list(folds.values())
 

@@ -21,6 +21,7 @@ import torch
 
 from .base import Backend
 from ..compat import layer_positions, merged_kwargs, positional_names
+from ..sites import in_layer_order, module_at, site
 from ..tables import SiteTable, affine
 
 
@@ -100,10 +101,10 @@ class TorchBackend(Backend):
             return apply(x, t, router)
         for layer_idx, maps in sorted(tables_by_layer(ctx).items()):
             layer = parts.layers[layer_idx]
-            for site, module in (("attn.o_proj.in", layer.self_attn.o_proj),
-                                 ("mlp.down_proj.in", layer.mlp.down_proj)):
-                if site in maps:
-                    patch_input(ctx, layer_idx, module, site, maps[site], op)
+            for name in in_layer_order(maps):
+                rec = site(name)
+                if rec.where == "input":  # attn.o_proj.in, mlp.down_proj.in: the input of the module at its path
+                    patch_input(ctx, layer_idx, module_at(layer, rec.path), name, maps[name], op)
             if "mlp.out" in maps:
                 mlp = layer.mlp
                 patcher.set_forward(mlp, mapped_output(patcher.original_forward(mlp), maps["mlp.out"], op,

@@ -131,7 +131,6 @@ class TritonBackend(Backend):
         slots = _SlotCache(router)
         by_layer = tables_by_layer(ctx)
         layers = parts.layers
-        act = fam.act
 
         for li, layer in enumerate(layers):
             maps = by_layer.get(li, {})
@@ -141,9 +140,12 @@ class TritonBackend(Backend):
                     A, B, sl = slots.args(t, x.numel() // x.shape[-1], x.device)
                     return x if A is None else affine_map(x, A, B, sl)
                 patch_o_proj(ctx, li, layer, t_attn, o_op)
-            next_norm = (getattr(layers[li + 1], fam.pre_attn_norm) if li + 1 < len(layers) else parts.final_norm)
+            if li + 1 < len(layers):
+                next_norm = getattr(layers[li + 1], fam.pre_attn_norm) if fam.pre_attn_norm else None
+            else:
+                next_norm = parts.final_norm
             patcher.set_forward(layer, self._layer_forward(ctx, li, layer, maps, next_norm, stash, slots,
-                                                           gemma, act))
+                                                           gemma))
 
         final = parts.final_norm
         orig_final = patcher.original_forward(final)
@@ -172,9 +174,13 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _skipped(parts, li: int) -> list:
-        """(name, module) of the modules of layer ``li`` whose work the fused layer does without calling them."""
+        """(name, module) of the modules of layer ``li`` whose work the fused layer does without calling them:
+        its norms but the pre-attention one (called, or its carried result used), and a dense MLP (a sparse MoE
+        block is called as a module)."""
         fam, layer = parts.family, parts.layers[li]
-        names = ["mlp", fam.pre_ffn_norm] + [n for n in (fam.post_attn_norm, fam.post_ffn_norm) if n]
+        names = [n for n in (fam.pre_ffn_norm, fam.post_attn_norm, fam.post_ffn_norm) if n]
+        if hasattr(layer.mlp, "down_proj"):
+            names.insert(0, "mlp")
         return [(f"model.layers.{li}.{n}", getattr(layer, n)) for n in names]
 
     def _refuse_bypassed(self, parts, only_layer: int | None = None) -> None:
@@ -193,51 +199,78 @@ class TritonBackend(Backend):
                         f"attach with backend='torch', which wraps what is installed, or 'reference' (hooks), or "
                         f"remove it first")
 
-    def _layer_forward(self, ctx, li, layer, maps, next_norm, stash, slots, gemma, act):
-        ops = TritonOps(ctx, li, layer, layer_modules(ctx.parts.family, layer), maps, next_norm, stash,
-                        slots, gemma, act)
+    def _layer_forward(self, ctx, li, layer, maps, next_norm, stash, slots, gemma):
+        try:
+            ops = TritonOps(ctx, li, layer, layer_modules(ctx.parts.family, layer), maps, next_norm, stash,
+                            slots, gemma)
+        except ValueError as e:
+            raise AttachError(f"backend 'triton': {e}") from None
         ops.backend, ops.parts, ops.li = self, ctx.parts, li
         ops.skipped = [m for _n, m in self._skipped(ctx.parts, li)]
         return routed_forward(ctx, layer, layer_forward(ops))
 
 
 class TritonOps:
-    """The Triton ops of the layer skeleton: every add fuses with the norm after it and the map at its site;
-    the GLU fuses with the mlp.down_proj.in map; the block's last add also computes the *next* layer's input
-    norm, carried to it through the stash."""
+    """The Triton ops of the layer skeleton: every residual add fuses with the norms around it (the block
+    output's post-norm before it, the next norm after it) and the map at its site; the GLU fuses with the
+    mlp.down_proj.in map; the block's last add also computes the *next* layer's input norm, carried to it
+    through the stash. Per family (the adapter's layout): pre-norm layers fuse add + next norm, sandwich layers
+    post-norm + add + next norm, post-norm layers (OLMo-2) post-norm + add; Granite's residual multiplier is one
+    elementwise multiply before the fused add; a sparse MoE block is called as the HF module."""
 
-    def __init__(self, ctx, li, layer, modules, maps, next_norm, stash, slots, gemma, act):
+    def __init__(self, ctx, li, layer, modules, maps, next_norm, stash, slots, gemma):
         m = self.modules = modules
-        self.layer, self.stash, self.slots, self.gemma, self.act = layer, stash, slots, gemma, act
-        self.eps = _norm_eps(m.ffn_norm)
-        for n in (m.in_norm, next_norm, m.post_attn, m.post_ffn):
-            if n is not None and abs(_norm_eps(n) - self.eps) > 0:
-                raise ValueError(f"layer {li}: RMSNorm eps differ between norms; the fused kernel uses one eps")
+        self.layer, self.stash, self.slots, self.gemma = layer, stash, slots, gemma
+        self.act = m.act_kind
+        if not m.sparse and self.act is None:
+            raise AttachError(f"layer {li}: the MLP activation {type(m.act).__name__} is neither SiLU nor GELU-tanh, "
+                              f"which the fused GLU kernel computes; attach with backend='torch'")
+        eps = [_norm_eps(n) for n in m.norms() + ([next_norm] if next_norm is not None else [])]
+        self.eps = eps[0] if eps else 1e-6
+        if any(abs(e - self.eps) > 0 for e in eps):
+            raise ValueError(f"layer {li}: RMSNorm eps differ between norms; the fused kernel uses one eps")
         self.t_down, self.t_mout, self.t_out = (maps.get(s) for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
         self.c_down, self.c_mout, self.c_out = (ctx.checker(li, s)
                                                 for s in ("mlp.down_proj.in", "mlp.out", "layer.out"))
-        self.w_ffn, self.w_next = m.ffn_norm.weight, next_norm.weight
+        self.w_ffn = m.ffn_norm.weight if m.ffn_norm is not None else None
+        self.w_next = next_norm.weight if next_norm is not None else None
         self.w_post_attn = m.post_attn.weight if m.post_attn is not None else None
         self.w_post_ffn = m.post_ffn.weight if m.post_ffn is not None else None
+        self.mult = m.multiplier
 
     def attn_input(self, x):
         if not torch.compiler.is_compiling() and any(
                 m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.skipped):
             self.backend._refuse_bypassed(self.parts, only_layer=self.li)  # a wrapper added after attach
-        normed = self.stash.take(x, self.layer, self.modules.in_norm)
-        return normed if normed is not None else self.modules.in_norm(x)
+        norm = self.modules.in_norm
+        if norm is None:  # post-norm layout: attention reads the residual stream itself
+            return x
+        normed = self.stash.take(x, self.layer, norm)
+        return normed if normed is not None else norm(x)
+
+    def _delta(self, h):
+        return h if self.mult is None else h * self.mult
 
     def mid(self, x, h):  # (post-attn norm) + add + pre-FFN norm, one pass
-        return add_map_rmsnorm(x, h, self.w_ffn, self.eps, gemma=self.gemma, delta_norm_w=self.w_post_attn)
+        s, n2 = add_map_rmsnorm(x, self._delta(h), self.w_ffn, self.eps, gemma=self.gemma,
+                                delta_norm_w=self.w_post_attn)
+        return s, (s if n2 is None else n2)
 
     def mlp(self, n2):
         m = self.modules
         rows = n2.numel() // n2.shape[-1]
-        A, B, sl = self.slots.args(self.t_down, rows, n2.device)
-        g = glu_map(m.gate(n2), m.up(n2), A, B, sl, self.act)
-        if A is not None:
-            g = self.c_down(g)
-        d = m.down(g)
+        if m.sparse:
+            d = m.mlp(n2)
+        else:
+            A, B, sl = self.slots.args(self.t_down, rows, n2.device)
+            if m.gate_up is not None:
+                gate, up = m.gate_up(n2).chunk(2, dim=-1)
+            else:
+                gate, up = m.gate(n2), m.up(n2)
+            g = glu_map(gate, up, A, B, sl, self.act)
+            if A is not None:
+                g = self.c_down(g)
+            d = m.down(g)
         A, B, sl = self.slots.args(self.t_mout, rows, n2.device)
         if A is not None:
             d = self.c_mout(affine_map(d, A, B, sl))
@@ -246,9 +279,10 @@ class TritonOps:
     def end(self, s_mid, d):  # (post-FFN norm) + add + layer.out map + next norm, one pass
         rows = s_mid.numel() // s_mid.shape[-1]
         A, B, sl = self.slots.args(self.t_out, rows, s_mid.device)
-        s, n_next = add_map_rmsnorm(s_mid, d, self.w_next, self.eps, A, B, sl, gemma=self.gemma,
+        s, n_next = add_map_rmsnorm(s_mid, self._delta(d), self.w_next, self.eps, A, B, sl, gemma=self.gemma,
                                     delta_norm_w=self.w_post_ffn)
         if A is not None:
             s = self.c_out(s)
-        self.stash.put(s, n_next, self.layer)
+        if n_next is not None:
+            self.stash.put(s, n_next, self.layer)
         return s
