@@ -13,7 +13,7 @@ import sys
 from .errors import FuseSteerError
 
 # verb modules, in help order
-COMMAND_MODULES = ["demo", "plan", "generate", "serve", "fusion", "austeer", "baseline", "eval", "bench"]
+COMMAND_MODULES = ["demo", "plan", "generate", "serve", "fusion", "austeer", "baseline", "eval", "bench", "supported"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

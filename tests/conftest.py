@@ -31,6 +31,16 @@ def tiny_models():
     return get
 
 
+def patched_forward(module):
+    """An instance-level ``forward`` on ``module`` that is not just its class's own forward bound to it, or None.
+    (transformers 5.0 leaves ``layer.forward = <bound LayerClass.forward>`` on decoder layers after recording
+    hidden states; that is the original forward, not a patch.)"""
+    fn = module.__dict__.get("forward")
+    if fn is None or (getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward):
+        return None
+    return fn
+
+
 def random_plan(model, sites, sparse=False, seed=0, gating="all", scale=0.5):
     """A plan touching every layer at the given sites with random (a, b)."""
     import fusesteer as fs

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fusesteer as fs
+from conftest import patched_forward
 from fusesteer.kernels._common import kernel_mode, triton_available
 from fusesteer.models import tiny
 
@@ -149,7 +150,7 @@ def test_detach_is_bit_exact(models, family):
                 model(ids)
             h.detach()
     for n, m in model.named_modules():
-        assert "forward" not in m.__dict__ and set(m.__dict__) == before[n], n
+        assert patched_forward(m) is None and set(m.__dict__) == before[n], n
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
     with torch.no_grad():
@@ -336,3 +337,16 @@ def test_unsupported_layout_is_refused_with_what_is_missing():
         fs.attach(model, fs.SteeringPlan(fs.ModelSpec("gpt2", 1, 32, 128, 32)), backend="reference")
     with pytest.raises(fs.AttachError, match="model_type='gpt2'"):
         fs.model_sites(model)
+
+
+def test_cli_supported_prints_the_matrix(capsys):
+    import json
+
+    from fusesteer import cli
+
+    assert cli.main(["supported"]) == 0
+    text = capsys.readouterr().out
+    assert "qwen3_moe" in text and "Olmo2ForCausalLM" in text and "generic" in text
+    assert cli.main(["supported", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == json.loads(json.dumps(fs.supported_models()))

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import fusesteer as fs
 from fusesteer.runtime.compat import output_cache, with_cache
-from conftest import FAMILIES
+from conftest import FAMILIES, patched_forward
 
 FOLD_SITES = ("attn.o_proj.in", "mlp.down_proj.in", "mlp.out")
 
@@ -81,7 +81,7 @@ def foldable_plan(model, seed=0, layer_out=True, scale=0.5):
 
 def no_patches(model):
     for n, m in model.named_modules():
-        assert "forward" not in m.__dict__, n
+        assert patched_forward(m) is None, n
         assert not m._forward_hooks and not m._forward_pre_hooks, n
 
 

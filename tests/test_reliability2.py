@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusesteer as fs
-from conftest import random_plan
+from conftest import patched_forward, random_plan
 from fusesteer.cli import main
 
 SPEC = fs.ModelSpec("llama", num_layers=4, hidden_size=8, intermediate_size=12, attn_width=8)
@@ -34,7 +34,7 @@ def _assert_same_sd(model, sd):
 def _assert_untouched(model, sd, ids, vanilla):
     _assert_same_sd(model, sd)
     for n, m in model.named_modules():
-        assert "forward" not in m.__dict__ and "_apply" not in m.__dict__, n
+        assert patched_forward(m) is None and "_apply" not in m.__dict__, n
     assert not hasattr(model, "_fusesteer_handle")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, vanilla)

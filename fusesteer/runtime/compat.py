@@ -48,6 +48,22 @@ def output_cache(out):
     return None
 
 
+_RETURNS_TUPLE: dict[type, bool] = {}
+
+
+def observe_layer_output(cls, out) -> None:
+    """Record what a decoder layer class's forward really returned (a tuple or the hidden states tensor)."""
+    _RETURNS_TUPLE[cls] = isinstance(out, tuple)
+
+
+def layer_returns_tuple(cls) -> bool | None:
+    """Whether a decoder layer class's forward returns a tuple ``(hidden_states, ...)`` (older 5.x releases of
+    some families, e.g. Granite in 5.0) rather than the hidden states tensor, as observed by
+    :func:`observe_layer_output`; None when not observed yet. (Return annotations are not trusted: in 5.0
+    Gemma 3's says tuple and it returns a tensor.)"""
+    return _RETURNS_TUPLE.get(cls)
+
+
 def positional_names(fn) -> list[str]:
     """Names of the positional parameters of a layer forward after ``hidden_states``."""
     try:

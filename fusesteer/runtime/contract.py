@@ -22,7 +22,8 @@ import time
 import torch
 
 from ..errors import AttachError, ContractError
-from .compat import TRANSFORMERS_VERSION, layer_positions, merged_kwargs, positional_names
+from .compat import (TRANSFORMERS_VERSION, layer_positions, layer_returns_tuple, merged_kwargs, observe_layer_output,
+                     positional_names)
 from .plan import SITES, SteeringPlan
 
 PROBE_TOKENS = 5
@@ -107,7 +108,7 @@ def _probe_plan(handle, layer: int) -> SteeringPlan:
     return plan
 
 
-def _run(handle, backend: str, plan, route, layer, args, kwargs):
+def _run(handle, backend: str, plan, route, layer, args, kwargs, raw: bool = False):
     from .attach import SteeringHandle
 
     h = SteeringHandle(handle.model, {"probe": plan}, "probe", backend, check_finite=False, verify=False)
@@ -117,7 +118,8 @@ def _run(handle, backend: str, plan, route, layer, args, kwargs):
         h.set_prompt_length(PROBE_PROMPT)
         h.router.reset()
         with torch.no_grad():
-            return _out(layer(*args, **kwargs))
+            y = layer(*args, **kwargs)
+            return y if raw else _out(y)
     finally:
         h.router.reset()
         h.detach()
@@ -139,6 +141,22 @@ def _compare(got, want, atol: float, rtol: float) -> float | None:
     d = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
     bound = atol + rtol * (want.float().abs().max().item() if want.numel() else 0.0)
     return d if d > bound or d != d else None
+
+
+def observe_conventions(parts) -> None:
+    """Run the HF forward of the first layer of each kind once on a short probe (no cache) and record whether it
+    returns a tuple or a tensor (:func:`~.compat.observe_layer_output`), for the classes not observed yet.
+    The fused skeleton returns what the layer it replaces returns."""
+    todo = {i: cls for i, cls in _first_of_each_class(parts.layers).items() if layer_returns_tuple(cls) is None}
+    if not todo:
+        return
+    device = parts.model.get_input_embeddings().weight.device
+    captured = _capture(parts, sorted(todo), device)
+    for i, cls in todo.items():
+        if i in captured:
+            args, kwargs = captured[i]
+            with torch.no_grad():
+                observe_layer_output(cls, parts.layers[i](*args, **kwargs))
 
 
 def verify_contract(handle) -> float:
@@ -176,9 +194,16 @@ def verify_contract(handle) -> float:
         dtype = args[0].dtype
         atol, rtol = _tolerance(backend, dtype)
         with torch.no_grad():
-            original = _out(layer(*args, **kwargs))
+            raw = layer(*args, **kwargs)
+        observe_layer_output(cls, raw)
+        original = _out(raw)
         plan = _probe_plan(handle, i)
-        ident = _run(handle, backend, plan, None, layer, args, kwargs)
+        ident_raw = _run(handle, backend, plan, None, layer, args, kwargs, raw=True)
+        if isinstance(ident_raw, tuple) != isinstance(raw, tuple):
+            kind = {True: "a tuple", False: "a tensor"}
+            raise _fail(handle, cls, backend, f"the patched forward returns {kind[isinstance(ident_raw, tuple)]} where "
+                                              f"the HF layer returns {kind[isinstance(raw, tuple)]}")
+        ident = _out(ident_raw)
         d = _compare(ident, original, atol, rtol)
         if d is not None:
             raise _fail(handle, cls, backend, f"with identity maps its output differs from the original forward "

@@ -13,12 +13,15 @@ layer's HF submodules (from the family adapter) and its plan tables; the skeleto
 from __future__ import annotations
 
 
-def layer_forward(ops):
+def layer_forward(ops, as_tuple: bool = False):
+    """The fused forward of one decoder layer; ``as_tuple``: return ``(hidden_states,)`` as the HF layer does
+    in releases where its forward returns a tuple."""
     attn = ops.modules.attn
 
     def forward(hidden_states, **kwargs):
         normed = ops.attn_input(hidden_states)
-        h, _ = attn(hidden_states=normed, **kwargs)
+        h = attn(hidden_states=normed, **kwargs)[0]
         s, n2 = ops.mid(hidden_states, h)
-        return ops.end(s, ops.mlp(n2))
+        out = ops.end(s, ops.mlp(n2))
+        return (out,) if as_tuple else out
     return forward

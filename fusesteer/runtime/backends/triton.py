@@ -28,6 +28,7 @@ import torch
 from .base import Backend
 from ...errors import AttachError
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
+from ..compat import layer_returns_tuple
 from ..patching import foreign_forward
 from ..tables import SiteTable
 from ..families import layer_modules
@@ -125,6 +126,8 @@ class TritonBackend(Backend):
             return
         fam = parts.family
         self._refuse_bypassed(parts)
+        from ..contract import observe_conventions
+        observe_conventions(parts)  # tuple or tensor: the fused forward returns what the HF layer returns
         gemma = fam.rms == "gemma"
         router = ctx.router
         stash = _Stash()
@@ -207,7 +210,7 @@ class TritonBackend(Backend):
             raise AttachError(f"backend 'triton': {e}") from None
         ops.backend, ops.parts, ops.li = self, ctx.parts, li
         ops.skipped = [m for _n, m in self._skipped(ctx.parts, li)]
-        return routed_forward(ctx, layer, layer_forward(ops))
+        return routed_forward(ctx, layer, layer_forward(ops, as_tuple=bool(layer_returns_tuple(type(layer)))))
 
 
 class TritonOps:
