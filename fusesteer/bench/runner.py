@@ -87,6 +87,10 @@ def _run(args, dev: torch.device) -> int:
           f"{machine['cpu_model']}; load average {machine['load_average_1_5_15']}")
     if args.quick and args.model != "smollm2-135m":
         print("  note: --model is ignored with --quick (tiny random models)")
+    plots = not args.no_plots
+    if plots and (why := R.plots_unavailable()):
+        print(f"  note: no PNG plots: {why}")
+        plots = False
     rc = 0
     if args.suite in ("parity", "all"):
         print("parity vs the reference hooks:")
@@ -96,7 +100,7 @@ def _run(args, dev: torch.device) -> int:
                            steps=args.steps, seed=args.seed, all_triton=args.all_triton)
         res = run_parity(cfg)
         R.write_json(out / R.PARITY_JSON, machine, res)
-        if not args.no_plots:
+        if plots:
             R.plot_parity_layers(R.read_json(out / R.PARITY_JSON), out / R.PARITY_PNG)
         bad = [r for r in res["rows"] if r["status"] in ("FAIL", "ERROR", "vacuous")]
         print(f"parity gate: {'PASS' if res['ok'] else 'FAIL'} ({', '.join(f'{k} {v}' for k, v in res['counts'].items())}"
@@ -118,7 +122,7 @@ def _run(args, dev: torch.device) -> int:
         jname, pname = ((R.LATENCY_JSON, R.LATENCY_PNG) if args.protocol == "attach"
                         else (R.LATENCY_COPIES_JSON, R.LATENCY_COPIES_PNG))
         R.write_json(out / jname, machine, res)
-        if not args.no_plots:
+        if plots:
             R.plot_latency(R.read_json(out / jname), out / pname)
         if args.quick:
             print("  (quick mode: tiny model, the targets are not evaluated meaningfully)")

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from .paths import PACKAGE_PARENT, resolve_out
+from .report import plots_unavailable
 
 HOST = "127.0.0.1"
 PROMPTS = ["Tell me about the history of the city of", "Write a short story about a robot who", "Explain why the sky",
@@ -356,9 +357,11 @@ def main(argv=None) -> int:
         a.pop("_ttft", None)
         a.pop("_itl", None)
     (out / "serve.json").write_text(json.dumps(res, indent=1))
-    _plot(res, out / "serve.png")
+    why = plots_unavailable()
+    if not why:
+        _plot(res, out / "serve.png")
     print(json.dumps(res["summary"], indent=1))
-    print(f"wrote {out / 'serve.json'} and {out / 'serve.png'}")
+    print(f"wrote {out / 'serve.json'}" + (f"; no serve.png: {why}" if why else f" and {out / 'serve.png'}"))
     return 0
 
 
