@@ -1,7 +1,7 @@
-"""`python -m bench {parity,latency,all} [--quick] [--model M] [--out DIR] [--device cpu|cuda]`."""
+"""`python -m bench ...` in a source checkout: an alias of `python -m fusesteer.bench ...` (`fusesteer bench ...`)."""
 
 import sys
 
-from . import main
+from fusesteer.bench.runner import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m bench"))

@@ -1,7 +1,8 @@
 """Kernel microbenchmarks (pytest-benchmark): each fused steering kernel vs the unfused torch sequence it
 replaces, with achieved GB/s and the fraction of the GPU's peak memory bandwidth.
 
-Run on a CUDA machine (not collected by the default test run, whose testpaths is tests/):
+Run on a CUDA machine from the root of a source checkout (not collected by the default test run, whose testpaths
+is tests/; not part of the installed package; needs pytest-benchmark, the ``bench`` extra):
 
     pytest bench/test_kernels_bench.py --benchmark-group-by=group --benchmark-columns=median,iqr,ops
 
@@ -21,7 +22,7 @@ import functools
 import pytest
 import torch
 
-from bench.gpu_kernels import peak_bandwidth  # one definition, shared with `bench gpu`
+from fusesteer.bench.gpu_kernels import peak_bandwidth  # one definition, shared with `fusesteer bench gpu`
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

@@ -1,5 +1,5 @@
-"""GPU readiness without a GPU: the AOT compile check (`python -m bench aot`), its gate, the static roofline
-and `python -m bench gpu --dry-run`.
+"""GPU readiness without a GPU: the AOT compile check (`fusesteer bench aot`), its gate, the static roofline
+and `fusesteer bench gpu --dry-run`.
 
 The full AOT sweep (every kernel variant for sm_80 / sm_90 / sm_100, 1152 variants, 360 distinct binaries)
 runs once per session in worker processes with a fresh cache: about 2 minutes on 2 cores. The gate's
@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 # Nothing here compiles in this process (the AOT workers run with TRITON_INTERPRET=0 of their own), but
 # Triton must not be imported with the interpreter off before the interpreter tests run (tests/test_kernels.py)
@@ -23,13 +21,9 @@ import pytest  # noqa: E402
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import aot as A  # noqa: E402
-from bench import aot_ptx as P  # noqa: E402
-from bench import roofline as RL  # noqa: E402
+from fusesteer.bench import aot as A  # noqa: E402
+from fusesteer.bench import aot_ptx as P  # noqa: E402
+from fusesteer.bench import roofline as RL  # noqa: E402
 
 REQUIRED = ("kernel", "dtype", "arch", "width", "num_warps", "regs", "spill_bytes", "shared_bytes", "load_bits",
             "store_bits", "bytes_per_row")
@@ -153,7 +147,7 @@ def test_gate_fails_on_a_spilling_and_a_32_bit_variant(tmp_path, aot_cache):
 
 @needs_backend
 def test_cli_exit_status(tmp_path, monkeypatch, capsys, aot_cache):
-    import bench
+    import fusesteer.bench as bench
 
     monkeypatch.setenv("FUSESTEER_CACHE", str(aot_cache.parent))
     monkeypatch.setattr(A, "default_cache_dir", lambda: aot_cache)
@@ -224,7 +218,7 @@ def test_roofline_numbers():
 # bench gpu without a GPU
 # --------------------------------------------------------------------------------------------------
 def test_bench_gpu_dry_run_on_cpu(capsys):
-    import bench
+    import fusesteer.bench as bench
 
     assert bench.main(["gpu", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -238,7 +232,7 @@ def test_bench_gpu_dry_run_on_cpu(capsys):
 def test_bench_gpu_without_cuda_is_a_usage_error(capsys):
     import torch
 
-    import bench
+    import fusesteer.bench as bench
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -249,7 +243,7 @@ def test_bench_gpu_without_cuda_is_a_usage_error(capsys):
 def test_bench_gpu_pipeline_smoke_on_cpu(tmp_path):
     """The GPU run's own code end to end on CPU with stand-ins (tiny model, torch backend, kernels in torch
     mode, torch.compile with the eager backend): results, the zero-recompile check, JSON and PNG."""
-    from bench.gpu import GPUConfig, run_gpu
+    from fusesteer.bench.gpu import GPUConfig, run_gpu
 
     cfg = GPUConfig(device="cpu", models=("tiny-llama",), dtype="fp32", backend="torch", compile_mode=None,
                     compile_backend="eager", kernel_mode="torch", kernel_cases=4, bandwidth=False, cycles=5,

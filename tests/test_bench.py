@@ -3,20 +3,15 @@ the quick latency suite runs and writes its outputs; the thresholds are the test
 
 import json
 import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any `import triton` (see bench/__init__.py)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any `import triton` (see fusesteer/bench/interpreter.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import bench  # noqa: E402
-from bench import thresholds as TH  # noqa: E402
+import fusesteer.bench as bench  # noqa: E402
+from fusesteer.bench import thresholds as TH  # noqa: E402
 
 
 def _load(path):

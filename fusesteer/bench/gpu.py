@@ -1,11 +1,11 @@
-"""`python -m bench gpu`: the GPU checks in one command (one NVIDIA GPU, about 10 minutes; `--dry-run` on any
+"""`fusesteer bench gpu`: the GPU checks in one command (one NVIDIA GPU, about 10 minutes; `--dry-run` on any
 machine prints every step and builds everything that does not need the GPU).
 
 Steps, in order (each is skipped with a note when the time budget, ``--budget`` seconds, would be exceeded):
 
 1. environment: GPU, capability, CUDA / torch / triton versions, peak HBM bandwidth (NVML or a measured copy);
 2. kernel parity on CUDA: every kernel x dtype x map x widths x rows against its torch reference
-   (:mod:`bench.gpu_kernels`);
+   (:mod:`fusesteer.bench.gpu_kernels`);
 3. kernel bandwidth: GB/s and % of peak per kernel at Llama-3-8B and small-model widths;
 4. per model (SmolLM2-135M, Gemma-3-270M; bf16): the steered arm's logits against the ``reference`` hooks
    (bench parity threshold), then steered/vanilla decode-step ratios for an all-layer ``layer.out`` blend
@@ -16,8 +16,8 @@ Steps, in order (each is skipped with a note when the time budget, ``--budget`` 
    * CUDA graphs: the same with a static KV cache and ``torch.compile(mode="reduce-overhead")``, then the
      zero-recompile check: ``handle.update()`` with new values must add no graph, frame or recompile and
      must change the logits.
-5. ``bench/results/gpu-<device>.json`` and ``gpu-<device>.png`` (kernel % of peak; ratios eager vs CUDA graphs
-   next to the roofline prediction).
+5. ``gpu-<device>.json`` and ``gpu-<device>.png`` (kernel % of peak; ratios eager vs CUDA graphs next to the
+   roofline prediction) in ``--out`` (default: the results folder, see :mod:`fusesteer.bench.paths`).
 
 Exit status: 0 when every parity check and zero-recompile check passed, 1 otherwise, 2 on a usage error
 (no CUDA device without ``--dry-run``).
@@ -41,6 +41,7 @@ from . import common as C
 from . import gpu_kernels as GK
 from . import roofline as RL
 from . import thresholds as TH
+from .paths import resolve_out
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 SCENARIOS = (("blend+gains", 1), ("blend+gains", 8), ("per-row", 8))
@@ -487,7 +488,7 @@ def _ok(result: dict) -> bool:
 def write(result: dict, out: Path, device_name: str) -> tuple[Path, Path | None]:
     import json
 
-    from .report import _clean
+    from .report import _clean, plots_unavailable
 
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(device_name)
@@ -496,6 +497,8 @@ def write(result: dict, out: Path, device_name: str) -> tuple[Path, Path | None]
     tmp = jpath.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_clean({"machine": machine, "result": result}), indent=1, allow_nan=False))
     tmp.replace(jpath)
+    if plots_unavailable():  # matplotlib is an extra: the JSON is the result, the PNG a view of it
+        return jpath, None
     return jpath, plot(result, out / f"gpu-{tag}.png")
 
 
@@ -540,8 +543,8 @@ def plot(result: dict, path: Path) -> Path | None:
 
 
 def cli(args) -> int:
-    """`python -m bench gpu [--dry-run]` / `fusesteer bench gpu`."""
-    out = Path(args.out) if args.out else C.REPO / "bench" / "results"
+    """`fusesteer bench gpu [--dry-run]` / `python -m fusesteer.bench gpu`."""
+    out = resolve_out(args.out, create=False)
     cfg = GPUConfig(device=args.device if args.device != "cpu" else "cuda", cycles=args.cycles or 200,
                     warmup=args.warmup if args.warmup is not None else 10, budget_s=float(args.budget),
                     dry_run=args.dry_run, progress=not args.no_progress, out=out)
@@ -549,8 +552,9 @@ def cli(args) -> int:
         dry_run(cfg)
         return 0
     if not torch.cuda.is_available():
-        raise C.BenchError("bench gpu needs a CUDA device (none is visible here); `python -m bench gpu --dry-run` "
+        raise C.BenchError("bench gpu needs a CUDA device (none is visible here); `fusesteer bench gpu --dry-run` "
                            "lists and builds every step on any machine")
+    resolve_out(out)  # created (or refused) now, not after minutes of GPU time
     r = run_gpu(cfg)
     print(f"bench gpu: {'PASS' if r['ok'] else 'FAIL'} in {r['seconds']} s"
           f"{'; skipped for time: ' + ', '.join(r['skipped']) if r['skipped'] else ''}; results in {out}")

@@ -1,5 +1,5 @@
-"""`python -m bench {parity,latency,all,aot,gpu} ...` (and `fusesteer bench ...`): runs the suites and writes
-results.
+"""`fusesteer bench {parity,latency,all,aot,gpu} ...` (and `python -m fusesteer.bench ...`): runs the suites and
+writes results.
 
 Exit status: 0 when the gate of the suite passes (parity; aot: no spills, 128-bit access; gpu: kernel parity,
 model parity and zero recompiles) or only latency ran, 1 when it fails, 2 on a usage error (bad option, model
@@ -8,29 +8,20 @@ that cannot load, CUDA requested without a GPU).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from fusesteer.commands.bench import DTYPES, EPILOG, add_arguments
 from fusesteer.errors import FuseSteerError
 
 from . import common as C
 from . import report as R
 from .latency import LatencyConfig, run_latency
+from .options import DTYPES, build_parser
 from .parity import ParityConfig, run_parity
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="fusesteer parity, latency, AOT-compile and GPU benchmarks")
-    add_arguments(p)
-    return p
+from .paths import resolve_out
 
 
 def _device(name: str) -> torch.device:
@@ -89,14 +80,17 @@ def _run(args, dev: torch.device) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("fusesteer").setLevel(logging.WARNING)
-    out = Path(args.out) if args.out else C.REPO / "bench" / "results" / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve_out(args.out, "quick" if args.quick else "")
     machine = C.machine_info(dev)
     mode = "quick (tiny random models)" if args.quick else f"full ({args.model})"
     print(f"fusesteer bench {args.suite}, {mode}, device {dev}, {torch.get_num_threads()} threads; "
           f"{machine['cpu_model']}; load average {machine['load_average_1_5_15']}")
     if args.quick and args.model != "smollm2-135m":
         print("  note: --model is ignored with --quick (tiny random models)")
+    plots = not args.no_plots
+    if plots and (why := R.plots_unavailable()):
+        print(f"  note: no PNG plots: {why}")
+        plots = False
     rc = 0
     if args.suite in ("parity", "all"):
         print("parity vs the reference hooks:")
@@ -106,7 +100,7 @@ def _run(args, dev: torch.device) -> int:
                            steps=args.steps, seed=args.seed, all_triton=args.all_triton)
         res = run_parity(cfg)
         R.write_json(out / R.PARITY_JSON, machine, res)
-        if not args.no_plots:
+        if plots:
             R.plot_parity_layers(R.read_json(out / R.PARITY_JSON), out / R.PARITY_PNG)
         bad = [r for r in res["rows"] if r["status"] in ("FAIL", "ERROR", "vacuous")]
         print(f"parity gate: {'PASS' if res['ok'] else 'FAIL'} ({', '.join(f'{k} {v}' for k, v in res['counts'].items())}"
@@ -128,7 +122,7 @@ def _run(args, dev: torch.device) -> int:
         jname, pname = ((R.LATENCY_JSON, R.LATENCY_PNG) if args.protocol == "attach"
                         else (R.LATENCY_COPIES_JSON, R.LATENCY_COPIES_PNG))
         R.write_json(out / jname, machine, res)
-        if not args.no_plots:
+        if plots:
             R.plot_latency(R.read_json(out / jname), out / pname)
         if args.quick:
             print("  (quick mode: tiny model, the targets are not evaluated meaningfully)")
@@ -144,8 +138,9 @@ def _run(args, dev: torch.device) -> int:
     return rc
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "python -m fusesteer.bench") -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and :func:`run`; a usage error prints and returns 2."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return run(args)

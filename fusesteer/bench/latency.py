@@ -41,7 +41,7 @@ TARGETS = {
     "per_row": 1.05,  # fused / vanilla, 8 per-row plans at batch 8
 }
 CUDA_SKIP_NOTE = ("no CUDA device here: CUDA-event timing and CUDA graphs were NOT run, nor (without --compiled) "
-                  "the static-cache + torch.compile arm; run `python -m bench latency --compiled` for inductor "
+                  "the static-cache + torch.compile arm; run `fusesteer bench latency --compiled` for inductor "
                   "on CPU, or `--device cuda` on a GPU machine")
 
 

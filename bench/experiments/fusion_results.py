@@ -16,7 +16,7 @@ The truth is used to build Δ and to choose α/γ (as in the paper): the accurac
 not a deployable QA improvement. Writes bench/results/fusion_results.{json,md,png}; plans, references and the
 Optuna SQLite file go to ``--run-dir``.
 
-    python bench/fusion_results.py [--n 48] [--max-failed 28] [--trials 12] [--threads 1]
+    python bench/experiments/fusion_results.py [--n 48] [--max-failed 28] [--trials 12] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: bench/experiments/<this file>
 sys.path.insert(0, str(ROOT))
 
 from fusesteer import attach, models  # noqa: E402

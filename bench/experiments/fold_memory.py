@@ -14,7 +14,7 @@ A k = 100 gains plan (AUSteer-style: 100 random units drawn over every layer's `
 
 Single-threaded (torch.set_num_threads(1)); writes bench/results/fold.json.
 
-    python bench/fold_memory.py [--cycles 300] [--k 100]
+    python bench/experiments/fold_memory.py [--cycles 300] [--k 100]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: bench/experiments/<this file>
 sys.path.insert(0, str(ROOT))
 
 import fusesteer as fs  # noqa: E402

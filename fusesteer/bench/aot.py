@@ -1,4 +1,4 @@
-"""`python -m bench aot --out DIR`: compile every Triton kernel variant the backends launch for sm_80, sm_90 and
+"""`fusesteer bench aot --out DIR`: compile every Triton kernel variant the backends launch for sm_80, sm_90 and
 sm_100 on a machine without a GPU, read registers / spills / shared memory from the cubins and the global
 access widths from the PTX, and gate on them.
 
@@ -7,7 +7,7 @@ plan, per-row = 8 plans; ``affine_map`` always has a map) x Llama / Gemma conven
 ``1 + w`` with Gemma's post-norm; SiLU vs tanh-GELU) x the widths of :data:`MODELS` at the site each kernel
 serves (hidden size for the residual add + norm and ``mlp.out``, intermediate size for the GLU, heads x
 head_dim for ``attn.o_proj.in``) x arch. Each variant is compiled in worker processes
-(:mod:`bench.aot_compile`) through the kernel file's own ``*_launch`` function and Triton's own launch
+(:mod:`fusesteer.bench.aot_compile`) through the kernel file's own ``*_launch`` function and Triton's own launch
 binder, so the binary is the one a real launch of that shape gets; variants that map to the same Triton cache
 key (e.g. every GLU width above 1024: same BLOCK_W, same specialization) share one binary. Facts are cached
 on disk per binary (``$FUSESTEER_CACHE/aot``, ``--no-cache`` to recompile).
@@ -37,6 +37,7 @@ from pathlib import Path
 
 from . import roofline as RL
 from .aot_compile import DTYPES, KERNELS, REQUIRED_ROWS, describe
+from .paths import PACKAGE_PARENT, resolve_out
 
 AOT_JSON = "aot.json"
 JOB_TIMEOUT_S = 600  # one job = the widths of one (kernel, family, map, dtype, arch): seconds, normally
@@ -133,7 +134,7 @@ def _worker_env(triton_cache: str) -> dict:
     env["TRITON_INTERPRET"] = "0"  # compile for real: @triton.jit must build JITFunctions
     env["TRITON_ALWAYS_COMPILE"] = "1"  # run ptxas every time: its -v log is where the spill bytes come from
     env["TRITON_CACHE_DIR"] = triton_cache  # a private scratch cache, never the user's
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(PACKAGE_PARENT)  # the workers import this very fusesteer, installed or a checkout
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -156,9 +157,9 @@ def run_jobs(jobs: list[dict], n_workers: int, progress: bool = True, desc: str 
 
         def work(k: int) -> None:
             errf = open(os.path.join(scratch, f"worker{k}.err"), "w+")
-            proc = subprocess.Popen([sys.executable, "-m", "bench.aot_compile"], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "fusesteer.bench.aot_compile"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=errf, text=True, env=env,
-                                    cwd=str(Path(__file__).resolve().parents[1]))
+                                    cwd=str(PACKAGE_PARENT))
             try:
                 while True:
                     try:
@@ -448,7 +449,7 @@ def markdown(r: dict) -> list[str]:
     s = r["summary"]
     c = r["config"]
     L = [f"# AOT compile check of the fusesteer kernels ({', '.join(c['archs'])}, triton {c['triton']})", "",
-         f"`python -m bench aot`: {s['variants']} variants ({s['binaries']} distinct binaries), gate "
+         f"`fusesteer bench aot`: {s['variants']} variants ({s['binaries']} distinct binaries), gate "
          f"**{r['gate']}**: {s['failed']} failing, spill bytes total {s['spill_bytes_total']}, max registers "
          f"{s['max_regs']} ({s['max_regs_variant']}); narrowest global access in the {s['width_gated_variants']} "
          f"width-gated variants: activation loads {_b(s['min_load_bits_gated'])} / stores "
@@ -504,12 +505,13 @@ def markdown(r: dict) -> list[str]:
 
 
 def cli(args) -> int:
-    """`python -m bench aot` / `fusesteer bench aot`: exit 0 when the gate passes, 1 when it fails."""
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "aot"
+    """`fusesteer bench aot` / `python -m fusesteer.bench aot`: exit 0 when the gate passes, 1 when it fails."""
+    out = resolve_out(args.out, "aot", create=False)
     dtypes = tuple(args.dtypes) if args.dtypes else DTYPES
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise AOTError(f"--dtypes {bad}: bench aot compiles {', '.join(DTYPES)}")
+    resolve_out(out)  # created (or refused) before minutes of compiling
     cfg = AOTConfig(out=out, archs=tuple(args.archs), dtypes=dtypes, jobs=args.jobs, cache=not args.no_cache,
                     inject=tuple(args.inject or ()), progress=not args.no_progress)
     r = run_aot(cfg)

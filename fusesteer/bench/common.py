@@ -24,17 +24,15 @@ from typing import Callable
 import torch
 
 import fusesteer as fs
-from fusesteer.errors import FuseSteerError
 
-REPO = Path(__file__).resolve().parents[1]  # the source checkout holding bench/
+from . import paths
+from .errors import BenchError
+from .interpreter import INTERPRETER_AT_IMPORT
+
 TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUR_BACKENDS = ("torch", "triton", "fold", "auto")
 PEERS = ("steering-vectors", "repeng")
-
-
-class BenchError(FuseSteerError):
-    """The bench was asked for something it cannot do (bad option, missing model...)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,8 +56,13 @@ def cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    """The commit of the checkout this fusesteer was imported from; None for an installed copy (never the commit
+    of some other repository that happens to hold the site-packages folder)."""
+    repo = paths.package_checkout()
+    if repo is None:
+        return None
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -263,8 +266,6 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, ""
     from fusesteer.kernels import interpreter_enabled
-
-    from . import INTERPRETER_AT_IMPORT
 
     if not (INTERPRETER_AT_IMPORT and interpreter_enabled()):
         return False, ("the Triton interpreter was not on when Triton was imported; run with TRITON_INTERPRET=1 "

@@ -1,4 +1,4 @@
-"""Kernel parity and bandwidth on a CUDA GPU (steps of ``python -m bench gpu``).
+"""Kernel parity and bandwidth on a CUDA GPU (steps of ``fusesteer bench gpu``).
 
 Parity: every kernel (add_rmsnorm with Llama / Gemma norms, glu with SiLU / tanh-GELU, affine) x fp32 / fp16 /
 bf16 x map (none, uniform, 8 per-row plans) x the widths of SmolLM2-135M, Gemma-3-270M and Llama-3-8B x 1, 8
@@ -11,7 +11,7 @@ elements 1 ulp off.
 Bandwidth: each kernel at Llama-3-8B widths (and the small models' widths) x 8 and 4096 rows, bf16 and fp32,
 timed with CUDA events over ``INNER`` back-to-back launches captured in one CUDA graph (device time; the eager
 time per call, host overhead included, is recorded too); GB/s = the roofline bytes
-(:func:`bench.roofline.call_bytes`) / time, and % of the peak from NVML (or a measured device-to-device copy
+(:func:`fusesteer.bench.roofline.call_bytes`) / time, and % of the peak from NVML (or a measured device-to-device copy
 when pynvml is missing, said so in the result).
 """
 

@@ -25,7 +25,7 @@ summed log-probability of each choice.
 Writes bench/results/austeer_results.{json,md,png} and one validation heatmap per swept method
 (bench/results/austeer_sweep_<dataset>_<method>.png).
 
-    python bench/austeer_results.py [--datasets strategyqa truthfulqa_mc] [--threads 1]
+    python bench/experiments/austeer_results.py [--datasets strategyqa truthfulqa_mc] [--threads 1]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: bench/experiments/<this file>
 sys.path.insert(0, str(ROOT))
 
 from fusesteer import attach, models  # noqa: E402
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         return 0
     model, tok = models.load(args.model, progress=False)
     n_heads = model.config.num_attention_heads
-    from bench.common import machine_info
+    from fusesteer.bench.common import machine_info
 
     for ds in args.datasets:
         report = {"model": args.model, "machine": machine_info(torch.device("cpu")), "args": vars(args),

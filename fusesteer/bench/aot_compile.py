@@ -1,5 +1,5 @@
 """Compile one kernel variant for an NVIDIA target without a GPU and read its facts (the worker of
-``python -m bench aot``; run as ``python -m bench.aot_compile`` with ``TRITON_INTERPRET=0``).
+``fusesteer bench aot``; run as ``python -m fusesteer.bench.aot_compile`` with ``TRITON_INTERPRET=0``).
 
 A *variant* is a dict: ``kernel`` (add_rmsnorm | glu | affine), ``dtype`` (fp32 | fp16 | bf16), ``arch``
 (80 | 90 | 100), ``width``, ``map`` (none | uniform | per-row), ``family`` (llama | gemma: RMSNorm
@@ -25,7 +25,7 @@ How a variant becomes a binary, exactly as a real launch would:
 Facts: registers, stack, spill stores/loads from the ``ptxas -v`` log Triton prints, REG / SHARED / LOCAL from
 ``cuobjdump --dump-resource-usage`` of the cubin (shipped in the triton wheel), Triton's dynamic shared memory
 from the kernel metadata, and the width of every global access attributed to its pointer argument from the
-PTX (:mod:`bench.aot_ptx`).
+PTX (:mod:`fusesteer.bench.aot_ptx`).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def compile_variant(v: dict, cache_dir: str | None = None, sass: bool = False) -
     unknown = sorted(set(pointers) - set(roles))
     if unknown:
         raise VariantError(f"{describe(v)}: pointer arguments {unknown} have no role in POINTER_ROLES "
-                           f"(bench/aot_compile.py); known: {sorted(roles)}")
+                           f"(fusesteer/bench/aot_compile.py); known: {sorted(roles)}")
     key = _cache_key(src, target, options, sass)
     facts = _MEMO.get(key)
     path = Path(cache_dir) / f"{key}.json" if cache_dir else None

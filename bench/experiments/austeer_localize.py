@@ -16,7 +16,7 @@ total seconds per arm, overhead = total(arm) / total(forward) - 1, the median of
 bootstrap 95% CI, the ranking + plan-building time for k = 100, and the memory of the streaming state vs
 what holding every activation would take. Writes bench/results/austeer_localize.{json,md}.
 
-    python bench/austeer_localize.py [--pairs 1000] [--batch-size 8] [--threads 1]
+    python bench/experiments/austeer_localize.py [--pairs 1000] [--batch-size 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: bench/experiments/<this file>
 sys.path.insert(0, str(ROOT))
 
 from fusesteer import models  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from bench.common import machine_info
+    from fusesteer.bench.common import machine_info
 
     model, tok = models.load(args.model, progress=False)
     records = tasks.load_dataset("strategyqa", limit=args.pairs)

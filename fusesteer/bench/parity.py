@@ -17,7 +17,7 @@ step by step (not only until the first divergence). Reported per (model, dtype, 
   of the arm and of the reference at that dtype (is the arm further from the fp32 result than the
   reference's own rounding puts it?). Informational; the gate uses the tests' thresholds.
 
-The gate (:mod:`bench.thresholds`, the tests' thresholds) fails on any ``FAIL``, ``ERROR`` or ``vacuous``
+The gate (:mod:`fusesteer.bench.thresholds`, the tests' thresholds) fails on any ``FAIL``, ``ERROR`` or ``vacuous``
 row. ``n/a`` rows are arms that refuse the plan by design (e.g. ``fold`` with per-row plans), ``skipped``
 rows could not run here (with the reason).
 """

@@ -86,7 +86,7 @@ def parity_md(doc: dict) -> list[str]:
     cnt = ", ".join(f"{k}: {v}" for k, v in r["counts"].items())
     L += [f"- gate: **{'PASS' if r['ok'] else 'FAIL'}** ({cnt}); {r['seconds']} s; prompt {r['config']['batch']}"
           f" × {r['config']['prompt_len']} tokens, {r['config']['steps']} teacher-forced greedy steps",
-          "- thresholds (bench/thresholds.py, the tests' thresholds): " + "; ".join(
+          "- thresholds (fusesteer/bench/thresholds.py, the tests' thresholds): " + "; ".join(
               f"{k}: {v['max_abs_logit']}" for k, v in r["thresholds"].items() if isinstance(v, dict)),
           f"- peers: {', '.join(f'{k} {v}' for k, v in r['peers'].items())}"]
     tq = r["config"].get("triton_quick_rows")
@@ -204,6 +204,16 @@ def write_report(out: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------------
+def plots_unavailable() -> str | None:
+    """None when matplotlib can draw the PNG plots, else why not: matplotlib is an extra (``fusesteer[methods]``),
+    so a plain install runs every suite and skips the plots with this note."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        return f"matplotlib is not installed ({e}); pip install matplotlib (or 'fusesteer[methods]') for them"
+    return None
+
+
 def _plt():
     import matplotlib
 

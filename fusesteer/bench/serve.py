@@ -1,0 +1,369 @@
+"""Load test of `fusesteer serve` on loopback: aggregate throughput and latency under concurrent clients.
+
+    python -m fusesteer.bench.serve [--model smollm2-135m] [--clients 1 8 32] [--requests 2] [--max-tokens 32]
+                                    [--arm-time-cap 180] [--out DIR] [--quick]
+
+(``python -m bench.serve`` in a source checkout.) ``--out`` defaults to ``serve/`` in the results folder
+(:mod:`fusesteer.bench.paths`: ``bench/results/serve`` inside a checkout, else ``./fusesteer-bench-results/serve``).
+
+Starts ``fusesteer serve`` as a subprocess on 127.0.0.1 (a free port; nothing else is contacted) with one plan
+per client (all-layer ``layer.out`` blend + k = 100 gains at ``attn.o_proj.in`` and ``mlp.down_proj.in``,
+``fusesteer.bench.common.per_row_plans``). For each number of concurrent clients it runs two arms, interleaved:
+
+* ``unsteered``: every request without steering;
+* ``steered``: client i always asks for plan ``row{i}``, so a batch holds as many different plans as clients;
+
+each client sends ``--requests`` streaming greedy requests one after another (``ignore_eos``: every request
+generates exactly ``--max-tokens`` tokens). Aggregate tokens/s = all generated tokens / the arm's wall time;
+TTFT = send -> first streamed token; ITL = time between streamed tokens. Then the same server with
+``--max-batch 1`` (one request at a time) runs the 8-client steered arm for the speedup of batching.
+Bounded: a fixed number of requests per arm, no new request after ``--arm-time-cap`` seconds, and a
+``--max-tokens`` cap per request. Writes serve.json (numbers, machine, command) and serve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .paths import PACKAGE_PARENT, resolve_out
+from .report import plots_unavailable
+
+HOST = "127.0.0.1"
+PROMPTS = ["Tell me about the history of the city of", "Write a short story about a robot who", "Explain why the sky",
+           "The most important thing to know about cooking is", "Give three tips for learning to play the",
+           "Describe a day in the life of a", "What are the benefits of regular", "Once upon a time in a small"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class ServerProc:
+    """`fusesteer serve` in a subprocess, listening on 127.0.0.1 only."""
+
+    def __init__(self, model: str, plans: str, max_batch: int, max_tokens: int, backend: str, threads: int | None,
+                 log_path: Path):
+        self.port = _free_port()
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)
+        # the server imports this very fusesteer (installed or a checkout)
+        env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.cmd = [sys.executable, "-m", "fusesteer.cli", "serve", "--model", model, "--plans", plans,
+                    "--host", HOST, "--port", str(self.port), "--max-batch", str(max_batch),
+                    "--max-queue", "1024", "--max-tokens", str(max_tokens), "--backend", backend]
+        if threads:
+            self.cmd += ["--threads", str(threads)]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server did not come up in {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_tokens: int,
+               scale: float | None = None) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    if plan is not None:
+        body["steering"] = {"plan": plan} if scale is None else {"plan": plan, "scale": scale}
+    t0 = time.perf_counter()
+    stamps, n = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])
+            if "error" in ch:
+                raise RuntimeError(f"stream error: {ch['error']}")
+            if ch["choices"] and ch["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+                n += 1
+    return {"t0": t0, "stamps": stamps, "t_end": time.perf_counter()}
+
+
+async def _arm(url: str, model: str, clients: int, requests: int, max_tokens: int, steered: bool,
+               time_cap: float, usage_tokens) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    results = []
+    t_start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker(i):
+            rng = random.Random(i)
+            for _ in range(requests):
+                if time.perf_counter() - t_start > time_cap:
+                    return
+                results.append(await _one(client, url, model, rng.choice(PROMPTS), f"row{i}" if steered else None,
+                                          max_tokens))
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+    wall = time.perf_counter() - t_start
+    ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
+    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
+    chunks = sum(len(r["stamps"]) for r in results)
+    tokens = len(results) * max_tokens  # ignore_eos: every request generates exactly max_tokens
+    return {"clients": clients, "arm": "steered" if steered else "unsteered", "requests": len(results),
+            "tokens": tokens, "chunks": chunks, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+            "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99), "_ttft": ttft, "_itl": itl}
+
+
+def _pool(arms: list[dict]) -> list[dict]:
+    """All rounds of one (clients, arm) together: tokens / total wall time, percentiles over all samples."""
+    groups: dict = {}
+    for a in arms:
+        groups.setdefault((a["clients"], a["arm"]), []).append(a)
+    out = []
+    for (c, arm), xs in sorted(groups.items()):
+        ttft = [v for a in xs for v in a["_ttft"]]
+        itl = [v for a in xs for v in a["_itl"]]
+        tokens, wall = sum(a["tokens"] for a in xs), sum(a["wall_s"] for a in xs)
+        out.append({"clients": c, "arm": arm, "rounds": len(xs), "requests": sum(a["requests"] for a in xs),
+                    "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+                    "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+                    "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+                    "forward_share_of_step": _mean([a.get("forward_share_of_step") for a in xs])})
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 3) if xs else None
+
+
+async def _first_use(url: str, model: str) -> dict:
+    """TTFT of a steering the plan table does not hold yet (add_plan on the request path) vs the same again."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        cold = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
+        warm = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
+    return {"cold_ttft_s": round(cold["stamps"][0] - cold["t0"], 4), "warm_ttft_s": round(warm["stamps"][0] - warm["t0"], 4)}
+
+
+def _engine_seconds(url: str) -> dict:
+    """{"step": s, "forward": s} from the server's /metrics (engine thread time so far)."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("fusesteer_engine_seconds_total{"):
+            part = line.split('part="', 1)[1].split('"', 1)[0]
+            out[part] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _write_plans(model_name: str, n: int, folder: str) -> dict:
+    import fusesteer as fs
+
+    from .common import per_row_plans
+
+    model, _ = fs.models.load(model_name, progress=False)
+    plans = per_row_plans(model, n)
+    for name, p in plans.items():
+        p.save(os.path.join(folder, f"{name}.safetensors"))
+    first = plans["row0"]
+    return {"plans": n, "entries_per_plan": len(first.entries), "sites": sorted({e.site for e in first.entries}),
+            "layers": len({e.layer for e in first.entries})}
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = res["pooled"]
+    cs = sorted({a["clients"] for a in arms})
+    get = {(a["clients"], a["arm"]): a for a in arms}
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    w = 0.38
+    for j, arm in enumerate(("unsteered", "steered")):
+        ax[0].bar([i + (j - 0.5) * w for i in range(len(cs))], [get[(c, arm)]["tokens_per_s"] for c in cs], w,
+                  label=arm)
+    seq = res.get("sequential")
+    if seq:
+        ax[0].axhline(seq["tokens_per_s"], color="k", ls="--", lw=1,
+                      label=f"one request at a time ({seq['clients']} clients)")
+    ax[0].set_xticks(range(len(cs)), [str(c) for c in cs])
+    ax[0].set_xlabel("concurrent clients")
+    ax[0].set_ylabel("aggregate tokens/s")
+    ax[0].set_title("throughput (steered: one plan per client)")
+    ax[0].legend(fontsize=8)
+    for k, (metric, title) in enumerate((("ttft", "time to first token"), ("itl", "inter-token latency"))):
+        for arm, mk in (("unsteered", "o"), ("steered", "s")):
+            for q, ls in (("p50", "-"), ("p99", ":")):
+                ys = [1000 * (get[(c, arm)][f"{metric}_{q}_s"] or 0) for c in cs]
+                ax[k + 1].plot(cs, ys, ls, marker=mk, label=f"{arm} {q}")
+        ax[k + 1].set_xscale("log", base=2)
+        ax[k + 1].set_xticks(cs, [str(c) for c in cs])
+        ax[k + 1].set_xlabel("concurrent clients")
+        ax[k + 1].set_ylabel("ms")
+        ax[k + 1].set_title(title)
+        ax[k + 1].legend(fontsize=8)
+    fig.suptitle(f"fusesteer serve, {res['model']}, {res['machine']['cpu_model']} ({res['machine']['device']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusesteer.bench.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=1, help="requests per client per arm and round")
+    p.add_argument("--rounds", type=int, default=3, help="paired (unsteered, steered) rounds per client count")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--arm-time-cap", type=float, default=180.0, help="no new requests after this many seconds")
+    p.add_argument("--sequential-clients", type=int, default=8)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server process")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: serve/ in bench/results inside a fusesteer checkout, else in "
+                        "./fusesteer-bench-results)")
+    p.add_argument("--quick", action="store_true", help="1 and 2 clients, 1 request, 8 tokens (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.requests, args.max_tokens, args.sequential_clients, args.rounds = [1, 2], 1, 8, 2, 1
+    if min(args.clients) < 1 or args.requests < 1 or not 1 <= args.max_tokens <= 4096:
+        p.error("--clients and --requests must be >= 1 and --max-tokens in 1..4096")
+    from .errors import BenchError
+
+    try:
+        out = resolve_out(args.out, "serve")
+    except BenchError as e:
+        p.error(str(e))
+    import torch
+
+    from .common import machine_info
+
+    n_plans = max(max(args.clients), args.sequential_clients)
+    res: dict = {"model": args.model, "command": "python -m fusesteer.bench.serve " + " ".join(argv or sys.argv[1:]),
+                 "max_tokens": args.max_tokens, "requests_per_client": args.requests, "arms": []}
+    with tempfile.TemporaryDirectory(prefix="fusesteer-bench-serve-") as plans_dir:
+        res["plan"] = _write_plans(args.model, n_plans, plans_dir)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        res["machine"] = machine_info(dev)
+        srv = ServerProc(args.model, plans_dir, max(args.clients), args.max_tokens, args.backend, args.threads,
+                         out / "server.log")
+        try:
+            srv.wait_ready()
+            asyncio.run(_arm(srv.url, args.model, 2, 1, 4, True, 60, None))  # warm-up
+            order = random.Random(0)
+            for c in args.clients:
+                for rnd in range(args.rounds):
+                    arms = [False, True]
+                    order.shuffle(arms)  # paired rounds in random order: machine drift hits both arms alike
+                    for steered in arms:
+                        e0 = _engine_seconds(srv.url)
+                        a = asyncio.run(_arm(srv.url, args.model, c, args.requests, args.max_tokens, steered,
+                                             args.arm_time_cap, None))
+                        e1 = _engine_seconds(srv.url)
+                        step, fwd = e1["step"] - e0["step"], e1["forward"] - e0["forward"]
+                        a["engine_busy_share"] = round(step / a["wall_s"], 3)  # engine thread busy / wall
+                        a["forward_share_of_step"] = round(fwd / step, 3) if step else None
+                        a["round"] = rnd
+                        a["load_average_1m"] = os.getloadavg()[0]
+                        res["arms"].append(a)
+                        print(json.dumps({k: v for k, v in a.items() if not k.startswith("_")}), flush=True)
+            res["first_use_of_a_new_steering"] = asyncio.run(_first_use(srv.url, args.model))
+            print(json.dumps(res["first_use_of_a_new_steering"]), flush=True)
+        finally:
+            srv.stop()
+        seq_srv = ServerProc(args.model, plans_dir, 1, args.max_tokens, args.backend, args.threads,
+                             out / "server-sequential.log")
+        try:
+            seq_srv.wait_ready()
+            asyncio.run(_arm(seq_srv.url, args.model, 1, 1, 4, True, 60, None))
+            s = asyncio.run(_arm(seq_srv.url, args.model, args.sequential_clients, args.requests, args.max_tokens,
+                                 True, args.arm_time_cap, None))
+            s["arm"] = "steered, --max-batch 1"
+            res["sequential"] = s
+            print(json.dumps({k: v for k, v in s.items() if not k.startswith("_")}), flush=True)
+        finally:
+            seq_srv.stop()
+    res["pooled"] = _pool(res["arms"])
+    get = {(a["clients"], a["arm"]): a for a in res["pooled"]}
+    ratios = {}
+    for c in args.clients:
+        by_round = {}
+        for a in res["arms"]:
+            if a["clients"] == c:
+                by_round.setdefault(a["round"], {})[a["arm"]] = a["tokens_per_s"]
+        paired = [r["steered"] / r["unsteered"] for r in by_round.values() if len(r) == 2]
+        ratios[str(c)] = {"pooled": round(get[(c, "steered")]["tokens_per_s"] / get[(c, "unsteered")]["tokens_per_s"], 3),
+                          "median_of_rounds": round(statistics.median(paired), 3), "rounds": [round(x, 3) for x in paired]}
+    res["summary"] = {"tokens_per_s_ratio_steered_vs_unsteered": ratios, "speedup_vs_one_at_a_time": None}
+    sc = args.sequential_clients
+    if (sc, "steered") in get:
+        res["summary"]["speedup_vs_one_at_a_time"] = {
+            "clients": sc, "value": round(get[(sc, "steered")]["tokens_per_s"] / res["sequential"]["tokens_per_s"], 2)}
+    res["targets"] = {"ratio_at_8": ">= 0.95", "speedup_at_8": ">= 3x"}
+    for a in res["arms"] + [res["sequential"]]:
+        a.pop("_ttft", None)
+        a.pop("_itl", None)
+    (out / "serve.json").write_text(json.dumps(res, indent=1))
+    why = plots_unavailable()
+    if not why:
+        _plot(res, out / "serve.png")
+    print(json.dumps(res["summary"], indent=1))
+    print(f"wrote {out / 'serve.json'}" + (f"; no serve.png: {why}" if why else f" and {out / 'serve.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
