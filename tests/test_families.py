@@ -350,3 +350,10 @@ def test_cli_supported_prints_the_matrix(capsys):
     assert cli.main(["supported", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == json.loads(json.dumps(fs.supported_models()))
+
+
+def test_bench_families_are_the_tiny_families():
+    from fusesteer.bench import options
+    from fusesteer.models import TINY_FAMILIES
+
+    assert options.FAMILIES == TINY_FAMILIES

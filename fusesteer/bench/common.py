@@ -29,7 +29,7 @@ from . import paths
 from .errors import BenchError
 from .interpreter import INTERPRETER_AT_IMPORT
 
-TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
+TINY_FAMILIES = fs.models.TINY_FAMILIES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUR_BACKENDS = ("torch", "triton", "fold", "auto")
 PEERS = ("steering-vectors", "repeng")
@@ -214,6 +214,7 @@ def blend_gains_plan(model, seed: int = 0, k: int = 100, scale: float = 0.25,
     plan = additive_plan(model, seed=seed, scale=scale)
     plan.name = "blend+gains"
     spec, g = plan.spec, _gen(seed + 1000)
+    have = fs.model_sites(model)  # Qwen3-MoE: no mlp.down_proj.in on sparse layers
     for site in gain_sites:
         w = spec.site_width(site)
         n = spec.num_layers * w
@@ -222,17 +223,20 @@ def blend_gains_plan(model, seed: int = 0, k: int = 100, scale: float = 0.25,
         gains = 1.0 + (torch.rand(kk, generator=g) * 2.0 - 0.5)
         for l in range(spec.num_layers):
             sel = (units // w) == l
-            if bool(sel.any()):
+            if bool(sel.any()) and site in have[l]:
                 plan.add(layer=l, site=site, a=gains[sel], dims=units[sel] % w)
     return plan
 
 
 def affine_plan(model, seed: int = 0, scale: float = 0.5) -> fs.SteeringPlan:
-    """Dense random (a, b) at all four sites of every layer (the tests' ``random_plan``)."""
+    """Dense random (a, b) at every site of every layer (the tests' ``random_plan``)."""
     plan = fs.SteeringPlan.for_model(model, name="affine")
     spec, g = plan.spec, _gen(seed)
+    have = fs.model_sites(model)
     for l in range(spec.num_layers):
         for site in fs.SITES:
+            if site not in have[l]:
+                continue
             w = spec.site_width(site)
             plan.add(layer=l, site=site, a=1 + scale * (torch.rand(w, generator=g) - 0.5),
                      b=scale * torch.randn(w, generator=g))

@@ -12,7 +12,9 @@ import argparse
 SUITES = ("parity", "latency", "all", "aot", "gpu")
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ARMS = ("torch", "triton", "fold", "auto", "reference", "hook", "steering-vectors", "repeng")
-FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
+# the tiny model families (fusesteer.models.TINY_FAMILIES; kept literal so building the CLI does not import torch,
+# tests/test_families.py checks the two agree)
+FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "gemma", "granite", "phi3", "olmo2", "qwen3_moe")
 EPILOG = """examples:
   fusesteer bench parity --quick            # CI gate: tiny models of every family, exits 1 on a regression
   fusesteer bench all --model smollm2-135m  # full CPU run: parity + latency (results: see --out)
