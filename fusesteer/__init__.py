@@ -19,12 +19,13 @@ __version__ = "0.1.0"
 def __getattr__(name):  # lazy submodules: fs.models, fs.methods, ...
     import importlib
 
-    if name in ("models", "methods", "evaluate", "interop", "kernels", "cli"):
+    if name in ("models", "methods", "evaluate", "interop", "kernels", "cli", "testing"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fusesteer' has no attribute {name!r}")
 
 
 __all__ = [
     "AttachError", "ContractError", "FuseSteerError", "ModelLoadError", "NonFiniteActivationError", "PlanError",
-    "BACKENDS", "SteeringHandle", "attach", "model_sites", "supported_models", "GATINGS", "SITES", "ModelSpec", "PlanEntry", "SteeringPlan",
+    "BACKENDS", "SteeringHandle", "attach", "model_sites", "supported_models", "GATINGS", "SITES", "ModelSpec",
+    "PlanEntry", "SteeringPlan",
 ]

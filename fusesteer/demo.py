@@ -81,7 +81,8 @@ def run_demo(model_name: str = "smollm2-135m", n_pairs: int = 16, layers=None, s
 
     ids1 = enc["input_ids"][:1, -16:]
     res = paired_decode_steps(model, ids1, {"vanilla": None, "vanilla-2": None,
-                                            "steered": lambda: attach(model, plan, backend=backend, check_finite=False)},
+                                            "steered": lambda: attach(model, plan, backend=backend,
+                                                                      check_finite=False)},
                               cycles=cycles, warmup=5)
     van = res["vanilla"].times_ms
     summ = median_ratio_ci(res["steered"].times_ms, van)

@@ -115,7 +115,8 @@ def crop_cache(cache, length: int) -> None:
 
 def paired_steps(step: Callable[[], object] | dict[str, Callable[[], object]],
                  arms: dict[str, Callable[[], object] | None], cycles: int = 100,
-                 warmup: int = 5, device=None, baseline: str = "vanilla", after_step: Callable[[], object] | None = None,
+                 warmup: int = 5, device=None, baseline: str = "vanilla",
+                 after_step: Callable[[], object] | None = None,
                  progress: bool = False, desc: str = "timing steps", gc_every: int = 25,
                  seed: int = 0) -> dict[str, ArmResult]:
     """Time ``step()`` once per arm per cycle, the arms in a fresh shuffled order every cycle.

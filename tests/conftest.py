@@ -18,7 +18,7 @@ FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
 @pytest.fixture(scope="session")
 def tiny_models():
     """Cache of tiny random models per (family, dtype)."""
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     cache = {}
 
@@ -36,7 +36,8 @@ def patched_forward(module):
     (transformers 5.0 leaves ``layer.forward = <bound LayerClass.forward>`` on decoder layers after recording
     hidden states; that is the original forward, not a patch.)"""
     fn = module.__dict__.get("forward")
-    if fn is None or (getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward):
+    if fn is None or (getattr(fn, "__self__", None) is module
+                      and getattr(fn, "__func__", None) is type(module).forward):
         return None
     return fn
 

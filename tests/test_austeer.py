@@ -10,7 +10,8 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast
 
 from fusesteer import attach, cli
@@ -19,8 +20,8 @@ from fusesteer.methods import austeer as A
 from fusesteer.methods import baselines as B
 from fusesteer.methods import pairs as P
 from fusesteer.methods.capture import site_recorder
-from fusesteer.models import tiny
 from fusesteer.runtime.plan import ModelSpec, SteeringPlan
+from fusesteer.testing import tiny
 
 torch.set_num_threads(1)
 
@@ -495,9 +496,9 @@ def test_cli_errors_are_clear(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["caa", "iti", "random", "actdiff", "fixed_vector", "fixed_strength"])
 def test_cli_baseline_build_matches_python_api(model_dir, tmp_path, capsys, method):
     """`fusesteer baseline build` writes the plan the Python API builds from the same pairs."""
+    from fusesteer.evaluate.tasks import load_dataset
     from fusesteer.methods import baselines as B
     from fusesteer.methods.pairs import make_pairs
-    from fusesteer.evaluate.tasks import load_dataset
     from fusesteer.models import load
 
     out = tmp_path / f"{method}.safetensors"

@@ -33,7 +33,7 @@ def _word_tokenizer(vocab_size: int):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama + WordLevel tokenizer saved as a local HF folder (what `--model PATH` loads)."""
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     d = tmp_path_factory.mktemp("tiny-llama")
     model = tiny("llama", seed=1)

@@ -4,10 +4,10 @@ the same tracing, without inductor's code generation time)."""
 
 import pytest
 import torch
+from conftest import random_plan
 from torch._dynamo.utils import counters
 
 import fusesteer as fs
-from conftest import random_plan
 from fusesteer.runtime.compat import with_cache
 
 SITES = ["layer.out", "mlp.down_proj.in", "attn.o_proj.in", "mlp.out"]

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from conftest import patched_forward, random_plan
 
 import fusesteer as fs
-from conftest import patched_forward, random_plan
 from fusesteer.runtime.compat import TRANSFORMERS_VERSION
 
 

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     _find = importlib.util.find_spec
     importlib.util.find_spec = lambda n, *a: None if n.split(".")[0] in BLOCK else _find(n, *a)
     import torch, fusesteer as fs
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
     m = tiny("llama")
     p = fs.SteeringPlan.for_model(m).add(layer=1, site="layer.out", b=torch.ones(m.config.hidden_size))
     for backend in ("auto", "torch", "reference", "fold"):

@@ -12,14 +12,14 @@ import logging
 
 import pytest
 import torch
+from conftest import patched_forward
 
 import fusesteer as fs
-from conftest import patched_forward
 from fusesteer.kernels._common import kernel_mode, triton_available
-from fusesteer.models import tiny
+from fusesteer.testing import FP32_ABS, tiny
 
 NEW = ("mistral", "gemma", "granite", "phi3", "olmo2", "qwen3_moe")
-TOL = 1e-5  # fp32 logits, every backend vs the reference hooks
+TOL = FP32_ABS  # fp32 logits, every backend vs the reference hooks (fusesteer.testing)
 needs_triton = pytest.mark.skipif(not triton_available("cpu"), reason="triton not installed")
 
 
@@ -232,10 +232,12 @@ def test_moe_down_proj_on_a_sparse_layer_is_a_plan_error(models):
 
 
 def test_austeer_localizes_on_qwen3_moe(models):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
     from fusesteer.methods import austeer as A
     from fusesteer.methods.pairs import ContrastivePair
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
     tk = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -354,6 +356,6 @@ def test_cli_supported_prints_the_matrix(capsys):
 
 def test_bench_families_are_the_tiny_families():
     from fusesteer.bench import options
-    from fusesteer.models import TINY_FAMILIES
+    from fusesteer.testing import TINY_FAMILIES
 
     assert options.FAMILIES == TINY_FAMILIES

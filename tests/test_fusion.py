@@ -13,11 +13,9 @@ import time
 import pytest
 import torch
 
-from fusesteer.errors import FuseSteerError
 from fusesteer.evaluate import grading as G
 from fusesteer.methods import fusion as F
 from fusesteer.methods.fusion.files import safe_id
-from fusesteer.methods.capture import site_recorder
 from fusesteer.runtime.attach import attach
 from fusesteer.runtime.plan import ModelSpec
 
@@ -27,7 +25,8 @@ WORDS = ("Question Answer and Explanation : ? . , Who What is was the capital of
 
 def word_tokenizer(bos=True):
     """A WordLevel tokenizer over WORDS (one token per word or punctuation mark), ids < 128."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers, processors
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers import models as tm
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
@@ -131,7 +130,8 @@ def test_reference_save_load_roundtrip(llama, tok_vocab, tmp_path):
 
 
 def test_token_span_boundary_merge_and_trailing_special():
-    from tokenizers import Tokenizer, models as tm, processors
+    from tokenizers import Tokenizer, processors
+    from tokenizers import models as tm
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"x": 0, "a": 1, "b": 2, "ab": 3, "<eos>": 4}

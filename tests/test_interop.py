@@ -8,9 +8,16 @@ import pytest
 import torch
 
 import fusesteer as fs
-from fusesteer.interop.gguf_cv import (ControlVectorError, control_vector_directions, inspect_control_vector,
-                                       read_control_vector, read_control_vectors, write_control_vector)
+from fusesteer.interop.gguf_cv import (
+    ControlVectorError,
+    control_vector_directions,
+    inspect_control_vector,
+    read_control_vector,
+    read_control_vectors,
+    write_control_vector,
+)
 from fusesteer.interop.peers import from_repeng, from_steering_vector, import_repeng
+from fusesteer.testing import FP32_ABS
 
 try:
     import steering_vectors
@@ -143,7 +150,7 @@ def test_independent_writer_maps_direction_n_to_layer_n_output(llama, tmp_path, 
     ours = steered_logits(llama, plan, ids)
     vec = torch.from_numpy(v) * 0.5
     oracle = logits_with_hook(llama, ids, n, vec)
-    assert (ours - oracle).abs().max().item() <= 1e-5
+    assert (ours - oracle).abs().max().item() <= FP32_ABS
     by_hand = fs.SteeringPlan.for_model(llama).add(layer=n, site="layer.out", b=vec)
     assert torch.equal(steered_logits(llama, by_hand, ids, backend="reference"),
                        steered_logits(llama, plan, ids, backend="reference"))
@@ -196,7 +203,7 @@ def test_several_files_sum(llama, tmp_path):
     # summing is the same as attaching the two plans composed
     ids = ids_for(llama)
     composed = read_control_vector(f1, llama, 0.5).extend(read_control_vector(f2, llama, 2.0))
-    assert (steered_logits(llama, p, ids) - steered_logits(llama, composed, ids)).abs().max().item() <= 1e-5
+    assert (steered_logits(llama, p, ids) - steered_logits(llama, composed, ids)).abs().max().item() <= FP32_ABS
     f3 = write_raw(tmp_path / "c.gguf", {1: rand_vec(H + 1, 3)})
     with pytest.raises(ControlVectorError, match=r"previous file"):
         read_control_vectors([f1, f3])
@@ -209,7 +216,7 @@ def test_directions_added_to_the_final_layer_too(llama, tmp_path):
     plan = read_control_vector(write_raw(tmp_path / "cv.gguf", {L - 1: v}), llama)
     ids = ids_for(llama)
     assert (steered_logits(llama, plan, ids) - logits_with_hook(llama, ids, L - 1, torch.from_numpy(v))
-            ).abs().max().item() <= 1e-5
+            ).abs().max().item() <= FP32_ABS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,10 +242,12 @@ BAD = {
                       r"missing key 'controlvector.layer_count'"),
     "hint_not_string": (lambda p, t: write_raw(p, {1: rand_vec(64, 1)}, hint=7),
                         r"model_hint must be a string"),
-    "f16": (lambda p, t: write_raw(p, {1: rand_vec(64, 1)}, dtype=np.float16), r"type F16; control vectors must be F32"),
+    "f16": (lambda p, t: write_raw(p, {1: rand_vec(64, 1)}, dtype=np.float16),
+            r"type F16; control vectors must be F32"),
     "f64": (lambda p, t: write_raw(p, {1: rand_vec(64, 1)}, dtype=np.float64), r"must be F32"),
     "two_dims": (lambda p, t: write_raw(p, {1: rand_vec(64, 1).reshape(8, 8)}), r"must be 1-D"),
-    "nan": (lambda p, t: write_raw(p, {1: np.where(np.arange(64) == 5, np.nan, 1.0)}), r"NaN or Inf \(first at index 5\)"),
+    "nan": (lambda p, t: write_raw(p, {1: np.where(np.arange(64) == 5, np.nan, 1.0)}),
+            r"NaN or Inf \(first at index 5\)"),
     "inf": (lambda p, t: write_raw(p, {2: np.where(np.arange(64) == 0, np.inf, 1.0)}), r"NaN or Inf"),
     "unequal_lengths": (lambda p, t: write_raw(p, {1: rand_vec(64, 1), 2: rand_vec(63, 2)}),
                         r"'direction.2' has length 63 but 'direction.1' has length 64"),
@@ -284,7 +293,7 @@ def test_direction_zero_is_read_as_layer_zero(llama, tmp_path):
     plan = read_control_vector(write_raw(tmp_path / "z.gguf", {0: v}), llama)
     ids = ids_for(llama)
     assert (steered_logits(llama, plan, ids) - logits_with_hook(llama, ids, 0, torch.from_numpy(v))
-            ).abs().max().item() <= 1e-5
+            ).abs().max().item() <= FP32_ABS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +347,7 @@ def test_export_densifies_sparse_and_sums_entries(llama, tmp_path):
     assert torch.equal(torch.from_numpy(dirs[2]), torch.full((H,), 0.25))
     ids = ids_for(llama)
     assert (steered_logits(llama, plan, ids) - steered_logits(llama, read_control_vector(path, llama), ids)
-            ).abs().max().item() <= 1e-5
+            ).abs().max().item() <= FP32_ABS
     assert control_vector_directions(plan).keys() == {1, 2}
 
 
@@ -365,11 +374,11 @@ def test_steering_vectors_parity(llama, layer_type):
     assert [(e.layer, e.site) for e in plan.entries] == [(0, site), (L - 1, site)]
     assert (peer - vanilla).abs().max().item() > 1e-2, "vectors too small: the parity test would be vacuous"
     for backend in ("reference", "torch"):
-        assert (steered_logits(llama, plan, ids, backend) - peer).abs().max().item() <= 1e-5
+        assert (steered_logits(llama, plan, ids, backend) - peer).abs().max().item() <= FP32_ABS
         with fs.attach(llama, plan, backend=backend):
             seq, gen = greedy_logits(llama, ids)
         assert torch.equal(seq, peer_seq)
-        assert (gen - peer_gen).abs().max().item() <= 1e-5
+        assert (gen - peer_gen).abs().max().item() <= FP32_ABS
 
 
 @needs_sv
@@ -418,11 +427,11 @@ def test_repeng_parity(llama):
     plan = from_repeng(cv, llama, coeff=-1.3, layer_ids=[-1, 1])
     assert [e.layer for e in plan.entries] == [1, L - 1]
     for backend in ("reference", "torch"):
-        assert (steered_logits(llama, plan, ids, backend) - peer).abs().max().item() <= 1e-5
+        assert (steered_logits(llama, plan, ids, backend) - peer).abs().max().item() <= FP32_ABS
         with fs.attach(llama, plan, backend=backend):
             seq, gen = greedy_logits(llama, ids)
         assert torch.equal(seq, peer_seq)
-        assert (gen - peer_gen).abs().max().item() <= 1e-5
+        assert (gen - peer_gen).abs().max().item() <= FP32_ABS
     with torch.no_grad():
         assert (llama(ids).logits - peer).abs().max().item() > 1e-2, "vacuous parity: steering had no effect"
 
@@ -444,7 +453,7 @@ def test_repeng_gguf_both_ways(llama, tmp_path):
     finally:
         cm.reset()
         cm.unwrap()
-    assert (steered_logits(llama, plan, ids) - peer).abs().max().item() <= 1e-5
+    assert (steered_logits(llama, plan, ids) - peer).abs().max().item() <= FP32_ABS
 
     ours = tmp_path / "ours.gguf"
     write_control_vector(from_repeng(cv, llama), ours)

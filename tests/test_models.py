@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from fusesteer import models
+from fusesteer import models, testing
 from fusesteer.errors import FuseSteerError, ModelLoadError
 
 CLASSES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
@@ -43,9 +43,9 @@ def _natural_vs_shuffled_loss(model, tok):
 # tiny random models
 
 
-@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+@pytest.mark.parametrize("family", testing.TINY_FAMILIES)
 def test_tiny_forward_and_generate(family):
-    model = models.tiny(family)
+    model = testing.tiny(family)
     cfg = model.config
     assert type(model).__name__ == CLASSES[family]
     assert not model.training
@@ -70,19 +70,19 @@ def test_tiny_forward_and_generate(family):
     assert torch.equal(gen[:, 12], out.logits[:, -1].argmax(-1))
 
 
-@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+@pytest.mark.parametrize("family", testing.TINY_FAMILIES)
 def test_tiny_is_deterministic_and_leaves_global_rng_alone(family):
     state = torch.get_rng_state()
-    a, b, c = models.tiny(family), models.tiny(family, seed=0), models.tiny(family, seed=1)
+    a, b, c = testing.tiny(family), testing.tiny(family, seed=0), testing.tiny(family, seed=1)
     assert torch.equal(state, torch.get_rng_state())
     pa, pb, pc = dict(a.named_parameters()), dict(b.named_parameters()), dict(c.named_parameters())
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert not any(torch.equal(pa[k], pc[k]) for k in pa)
 
 
-@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+@pytest.mark.parametrize("family", testing.TINY_FAMILIES)
 def test_tiny_norm_weights_are_not_trivial(family):
-    model = models.tiny(family)
+    model = testing.tiny(family)
     norms = [p for n, p in model.named_parameters() if "norm" in n]
     assert norms
     w = torch.cat([p.flatten() for p in norms])
@@ -93,12 +93,12 @@ def test_tiny_norm_weights_are_not_trivial(family):
 
 
 def test_tiny_gemma3_sliding_window_layers_are_active():
-    model = models.tiny("gemma3")
+    model = testing.tiny("gemma3")
     types = model.config.layer_types
     assert type(model.config).__name__ == "Gemma3TextConfig"
     assert "sliding_attention" in types and "full_attention" in types
     window = model.config.sliding_window
-    wide = models.tiny("gemma3", sliding_window=1000)  # same weights and ropes, window never binds
+    wide = testing.tiny("gemma3", sliding_window=1000)  # same weights and ropes, window never binds
     short, long = _ids(1, window), _ids(1, window + 12)
     with torch.no_grad():
         assert torch.allclose(model(short).logits, wide(short).logits, atol=1e-5)
@@ -106,21 +106,21 @@ def test_tiny_gemma3_sliding_window_layers_are_active():
 
 
 def test_tiny_gemma2_has_softcapping_and_mixed_layers():
-    model = models.tiny("gemma2")
+    model = testing.tiny("gemma2")
     assert model.config.final_logit_softcapping and model.config.attn_logit_softcapping
     assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
 
 
 def test_tiny_qwen2_attention_has_bias():
-    model = models.tiny("qwen2")
+    model = testing.tiny("qwen2")
     assert model.model.layers[0].self_attn.q_proj.bias is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tiny_dtype(dtype):
-    model = models.tiny("llama", dtype=dtype)
+    model = testing.tiny("llama", dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
-    ref = models.tiny("llama")
+    ref = testing.tiny("llama")
     ids = _ids()
     with torch.no_grad():
         got, want = model(ids).logits.float(), ref(ids).logits
@@ -129,16 +129,16 @@ def test_tiny_dtype(dtype):
 
 
 def test_tiny_overrides_and_errors():
-    model = models.tiny("gemma3", num_hidden_layers=2)
+    model = testing.tiny("gemma3", num_hidden_layers=2)
     assert len(model.model.layers) == 2 and len(model.config.layer_types) == 2
-    tied = models.tiny("llama", tie_word_embeddings=True)
+    tied = testing.tiny("llama", tie_word_embeddings=True)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     with pytest.raises(ModelLoadError, match="unknown tiny family 'gpt2'.*llama, gemma2, gemma3, qwen2, qwen3"):
-        models.tiny("gpt2")
+        testing.tiny("gpt2")
     with pytest.raises(ModelLoadError, match="unknown config field.*'not_a_field'"):
-        models.tiny("llama", not_a_field=3)
+        testing.tiny("llama", not_a_field=3)
     with pytest.raises(ModelLoadError, match="unsupported dtype"):
-        models.tiny("llama", dtype=torch.int8)
+        testing.tiny("llama", dtype=torch.int8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def test_local_folder_loads(smollm2, tmp_path):
 def test_local_folder_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         models.load(tmp_path)
-    models.tiny("llama").save_pretrained(tmp_path / "tiny")
+    testing.tiny("llama").save_pretrained(tmp_path / "tiny")
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
         models.load(tmp_path / "tiny")
 

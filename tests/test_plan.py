@@ -23,7 +23,8 @@ def plan():
     (dict(layer=0, site="layer.out", b=torch.zeros(8), gating="decode"), r"unknown gating 'decode'"),
     (dict(layer=0, site="layer.out", b=torch.zeros(7)), r"b has length 7, expected the site width 8"),
     (dict(layer=0, site="mlp.down_proj.in", a=torch.ones(8)), r"a has length 8, expected the site width 12"),
-    (dict(layer=0, site="attn.o_proj.in", dims=[0, 8], a=[1.0, 2.0]), r"dims index 8 is out of range for site 'attn.o_proj.in' of width 8"),
+    (dict(layer=0, site="attn.o_proj.in", dims=[0, 8], a=[1.0, 2.0]),
+     r"dims index 8 is out of range for site 'attn.o_proj.in' of width 8"),
     (dict(layer=0, site="attn.o_proj.in", dims=[1, 1], a=[1.0, 2.0]), r"duplicate"),
     (dict(layer=0, site="attn.o_proj.in", dims=[1, 2], a=[1.0, 2.0, 3.0]), r"a has length 3, expected len\(dims\)=2"),
     (dict(layer=0, site="layer.out", b=torch.full((8,), float("nan"))), r"b contains NaN or Inf"),
@@ -41,7 +42,8 @@ def test_plan_for_other_model_rejected(tiny_models):
     model = tiny_models("llama")
     p = plan()
     p.add(layer=0, site="layer.out", b=torch.ones(8))
-    with pytest.raises(fs.PlanError, match=r"plan 'plan': plan was built for another model: num_layers is 4 in the plan"):
+    with pytest.raises(fs.PlanError,
+                       match=r"plan 'plan': plan was built for another model: num_layers is 4 in the plan"):
         fs.attach(model, p)
     other = fs.SteeringPlan.for_model(tiny_models("qwen3"))
     with pytest.raises(fs.PlanError, match="model_type is 'qwen3' in the plan but 'llama' in the model"):
@@ -137,7 +139,9 @@ def _rewrite_header(path, fn, reseal=True):
     (lambda st, m: m["entries"][0].update(layer=40), "layer 40 is out of range"),
     (lambda st, m: m["entries"][0].update(b={"tensor": "nope"}), "refers to tensor 'nope'"),
     (lambda st, m: m["model"].update(num_layers=-3), "num_layers: expected a positive integer"),
-    (lambda st, m: m["entries"].append({"layer": 0, "site": "layer.out", "gating": "all", "a": {"scalar": "x"}, "b": None, "dims": None}), "a.scalar must be a finite number"),
+    (lambda st, m: m["entries"].append({"layer": 0, "site": "layer.out", "gating": "all", "a": {"scalar": "x"},
+                                        "b": None, "dims": None}),
+     "a.scalar must be a finite number"),
     (lambda st, m: st["entries.0.b"].update(dtype="F16"), "dtype 'F16'"),
     (lambda st, m: st["entries.0.b"].update(data_offsets=[0, 9999]), "data_offsets"),
 ])

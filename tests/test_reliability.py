@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import patched_forward, random_plan
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusesteer as fs
-from conftest import patched_forward, random_plan
 
 PKG = Path(fs.__file__).resolve().parent
 SPEC = fs.ModelSpec("llama", num_layers=4, hidden_size=8, intermediate_size=12, attn_width=8)
@@ -41,7 +41,8 @@ def test_no_pickle_or_torch_load_in_package():
                 v = node.func.value
                 if isinstance(v, ast.Name) and (v.id, node.func.attr) in banned_calls:
                     offenders.append(f"{path}:{node.lineno} calls {v.id}.{node.func.attr}")
-            if isinstance(node, ast.keyword) and node.arg == "weights_only" and getattr(node.value, "value", None) is False:
+            if (isinstance(node, ast.keyword) and node.arg == "weights_only"
+                    and getattr(node.value, "value", None) is False):
                 offenders.append(f"{path}:{node.lineno} weights_only=False")
     assert not offenders, "\n".join(offenders)
 
@@ -149,7 +150,8 @@ def _join(st_header, meta, body, meta_text=None) -> bytes:
 
 BAD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.text(max_size=12), st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
     st.sampled_from(["layer.out", "mlp.in", "all", "sometimes", "prompt", {"scalar": float("nan")},
                      {"scalar": 1e400}, {"tensor": "entries.0.b"}, {"tensor": "missing"}, -1, 10**12]),
 )
@@ -186,12 +188,14 @@ def test_fuzz_header_mutations(valid_bytes, data):
         if key in ("a", "b") and not old_is_tensor and (val is None or val_is_scalar):
             expect_error = False  # a scalar a/b replaced by another scalar or removed: a valid plan
     elif kind == "model_field":
-        key = data.draw(st.sampled_from(["model_type", "num_layers", "hidden_size", "intermediate_size", "attn_width", "x"]))
+        key = data.draw(st.sampled_from(["model_type", "num_layers", "hidden_size", "intermediate_size",
+                                         "attn_width", "x"]))
         val = data.draw(BAD_VALUES)
         expect_error = val != meta["model"].get(key, "<absent>")  # the same value again is the same plan
         meta["model"][key] = val
     elif kind == "top_field":
-        key = data.draw(st.sampled_from(["format", "version", "entries", "metadata", "name", "model", "checksum", "bogus"]))
+        key = data.draw(st.sampled_from(["format", "version", "entries", "metadata", "name", "model", "checksum",
+                                         "bogus"]))
         val = data.draw(BAD_VALUES)
         reseal = key != "checksum"
         if key in ("name",) and (val is None or isinstance(val, str)):
@@ -221,7 +225,7 @@ def test_fuzz_header_mutations(valid_bytes, data):
                                                '{"entries": Infinity}']))
     elif kind in ("nan_data", "huge_dims", "neg_dims", "dup_dims"):
         # rewrite tensor bytes and fix the checksum so the semantic validation is what must catch it
-        plan = fs.SteeringPlan.from_bytes(valid_bytes)
+        fs.SteeringPlan.from_bytes(valid_bytes)  # the unmodified file loads
         tensors = {}
         body = bytearray(body)
         for name, d in st_header.items():
@@ -231,7 +235,8 @@ def test_fuzz_header_mutations(valid_bytes, data):
             dt = torch.float32 if d["dtype"] == "F32" else torch.int64
             tensors[name] = torch.frombuffer(bytearray(body[s:e]), dtype=dt).clone()
         if kind == "nan_data":
-            tensors["entries.0.b"][data.draw(st.integers(0, 7))] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+            tensors["entries.0.b"][data.draw(st.integers(0, 7))] = data.draw(
+                st.sampled_from([math.nan, math.inf, -math.inf]))
         else:
             v = {"huge_dims": 2**40, "neg_dims": -3, "dup_dims": None}[kind]
             if v is None:
@@ -378,7 +383,7 @@ def test_detach_of_other_plan_raising_keeps_model_exact(tiny_models):
 # Concurrency
 # ------------------------------------------------------------------------------------------------
 def test_two_models_in_two_threads_match_running_alone():
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     models = [tiny("llama", seed=1), tiny("qwen3", seed=2)]
     plans = [random_plan(m, fs.SITES, seed=10 + i) for i, m in enumerate(models)]

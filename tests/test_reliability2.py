@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import patched_forward, random_plan
 
 import fusesteer as fs
-from conftest import patched_forward, random_plan
 from fusesteer.cli import main
 
 SPEC = fs.ModelSpec("llama", num_layers=4, hidden_size=8, intermediate_size=12, attn_width=8)
@@ -65,7 +65,8 @@ def test_detached_handle_refuses_every_call(tiny_models, backend):
         "route()": lambda: h.route(["plan", "plan"]),
         "route_all()": lambda: h.route_all("plan"),
         "route_all(None)": lambda: h.route_all(None),
-        "route_tokens()": lambda: h.route_tokens(torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)),
+        "route_tokens()": lambda: h.route_tokens(torch.ones(2, 6, dtype=torch.long),
+                                                 torch.zeros(2, 1, dtype=torch.long)),
         "set_prompt_length()": lambda: h.set_prompt_length(3),
         "add_plan()": lambda: h.add_plan("other", p2),
         "remove_plan()": lambda: h.remove_plan("plan"),
@@ -87,7 +88,7 @@ def test_detached_handle_refuses_every_call(tiny_models, backend):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["fold", "auto", "torch", "reference"])
 def test_moving_an_attached_model_is_refused(backend):
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     model = tiny("qwen2")  # private: it is moved at the end (non-persistent buffers would not come back)
     ids = _ids(model)
@@ -480,7 +481,7 @@ def test_auto_replans_when_plans_are_added_or_routed(tiny_models):
 
 
 def test_attach_never_binds_or_aliases_the_callers_plan(tiny_models):
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     a = tiny_models("llama")
     b = tiny("llama", num_hidden_layers=2)  # same widths, another depth
@@ -491,7 +492,7 @@ def test_attach_never_binds_or_aliases_the_callers_plan(tiny_models):
         pass
     ids = _ids(a)
     plan = random_plan(a, ["layer.out"], seed=2)
-    with fs.attach(a, plan, backend="torch") as h, torch.no_grad():
+    with fs.attach(a, plan, backend="torch"), torch.no_grad():
         before = a(ids).logits
         plan.entries[0].b.mul_(100)  # editing the caller's plan changes nothing until update()
         plan.add(layer=2, site="layer.out", b=torch.ones(64))

@@ -9,17 +9,16 @@ backend's on the twin with the plans, routing and prompt length the machine expe
 """
 
 import os
-import time
 
 import pytest
 import torch
+from conftest import random_plan
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import fusesteer as fs
-from conftest import random_plan
-from fusesteer.models import tiny
+from fusesteer.testing import tiny
 
 SEQUENCES = int(os.environ.get("FUSESTEER_LIFECYCLE_SEQUENCES", "500"))
 STEPS = 10

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import FAMILIES, random_plan
 
 import fusesteer as fs
-from conftest import FAMILIES, random_plan
 from fusesteer.runtime.compat import CACHE_KEYWORDS, cache_keyword, output_cache
 
 SITES3 = ["layer.out", "attn.o_proj.in", "mlp.out"]

@@ -20,9 +20,9 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import fusesteer as fs
-from fusesteer.interop.gguf_cv import write_control_vector
-from fusesteer.serve.server import Server
+import fusesteer as fs  # noqa: E402
+from fusesteer.interop.gguf_cv import write_control_vector  # noqa: E402
+from fusesteer.serve.server import Server  # noqa: E402
 
 MODEL = "smollm2-135m"
 N_TOK = 12
@@ -59,7 +59,7 @@ def env(tmp_path_factory):
     write_control_vector(plans["vec2"], d / "cv2.gguf")  # GGUF control vector: name = file stem
     plans["cv2"] = plans.pop("vec2")
     plans["gains"].save(d / "gains.safetensors")
-    other = fs.SteeringPlan.for_model(fs.models.tiny("llama"))
+    other = fs.SteeringPlan.for_model(fs.testing.tiny("llama"))
     other.add(layer=0, site="layer.out", b=torch.ones(64))
     other.save(d / "othermodel.safetensors")  # for another model: listed as unusable, requests get a 400
     srv = Server(model, tok, MODEL, plans_dir=d, port=0, backend="torch", max_batch=12, plan_slots=12,
@@ -262,7 +262,7 @@ def test_bad_requests_get_specific_400s(env):
     # uploads: not a plan, a plan for another model, a bad name
     up = httpx.post(env["srv"].url + "/v1/steering/plans", params={"name": "junk"}, content=b"\x00" * 100)
     assert up.status_code == 400 and "junk" in up.json()["error"]["message"]
-    other = fs.SteeringPlan.for_model(fs.models.tiny("llama"))
+    other = fs.SteeringPlan.for_model(fs.testing.tiny("llama"))
     other.add(layer=1, site="layer.out", b=torch.ones(64))
     up = httpx.post(env["srv"].url + "/v1/steering/plans", params={"name": "other2"}, content=_plan_bytes(other))
     assert up.status_code == 400 and "another model" in up.json()["error"]["message"]
@@ -315,7 +315,7 @@ def test_metrics_and_health(env):
 @pytest.fixture(scope="module")
 def tiny(env):
     tok = env["tok"]
-    model = fs.models.tiny("llama", vocab_size=len(tok), max_position_embeddings=4096)
+    model = fs.testing.tiny("llama", vocab_size=len(tok), max_position_embeddings=4096)
     srv = Server(model, tok, "tiny", port=0, backend="torch", api_key="sekrit", max_batch=1, max_queue=1,
                  max_tokens=3000, max_plan_bytes=1 << 16).start()
     yield srv

@@ -6,10 +6,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import FAMILIES, random_plan  # noqa: E402
 
 import fusesteer as fs  # noqa: E402
-from conftest import FAMILIES, random_plan  # noqa: E402
 from fusesteer.kernels._common import kernel_mode, triton_available  # noqa: E402
+from fusesteer.testing import FP32_ABS, logit_tolerance  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available("cpu"), reason="triton not installed")
 
@@ -34,9 +35,9 @@ def test_triton_matches_reference_with_cached_decode(tiny_models, family):
                 pre = model(ids).logits
             toks, logits = _greedy(model, ids, 8)
         res[backend] = (pre, toks, logits)
-    assert (res["triton"][0] - res["reference"][0]).abs().max() <= 1e-5
+    assert (res["triton"][0] - res["reference"][0]).abs().max() <= FP32_ABS
     assert torch.equal(res["triton"][1], res["reference"][1])
-    assert (res["triton"][2] - res["reference"][2]).abs().max() <= 1e-5
+    assert (res["triton"][2] - res["reference"][2]).abs().max() <= FP32_ABS
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -55,7 +56,7 @@ def test_triton_per_row_plans_and_gating(tiny_models, family):
             h.route(["calm", None, "bold"])
             res[backend] = _greedy(model, ids, 6, mask)
     assert torch.equal(res["triton"][0], res["reference"][0])
-    assert (res["triton"][1] - res["reference"][1]).abs().max() <= 1e-5
+    assert (res["triton"][1] - res["reference"][1]).abs().max() <= FP32_ABS
 
 
 def test_triton_bf16_within_tolerance(tiny_models):
@@ -69,7 +70,7 @@ def test_triton_bf16_within_tolerance(tiny_models):
                 out[backend] = model(ids).logits.float()
     ref = out["reference"]
     # the fused kernels round once per op in bf16 where HF rounds after every step
-    assert (out["triton"] - ref).abs().max().item() <= 0.03 * ref.abs().max().item() + 2e-2
+    assert (out["triton"] - ref).abs().max().item() <= logit_tolerance("bf16", "triton", ref.abs().max().item())
 
 
 def test_triton_empty_plan_leaves_model_bit_exact(tiny_models):
@@ -97,4 +98,4 @@ def test_triton_identity_row_matches_fused_unsteered(tiny_models):
             alone = model(ids).logits
         vanilla = model(ids).logits
     assert torch.equal(mixed[0], alone[0])
-    assert (mixed[0] - vanilla[0]).abs().max() <= 1e-5
+    assert (mixed[0] - vanilla[0]).abs().max() <= FP32_ABS

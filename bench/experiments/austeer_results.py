@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         pairs = make_pairs(rest, negatives=cfg["negatives"], seed=args.seed, limit=cfg["n_pairs"])
         prov = A.provenance(ds, pairs, args.seed, negatives=cfg["negatives"], split_seed=args.seed,
                             disjoint_from="validation and test slices")
-        log(f"{ds}: {len(val)} val, {len(test)} test, {len(pairs)} pairs from {len({p.id.split('#')[0] for p in pairs})}"
+        log(f"{ds}: {len(val)} val, {len(test)} test, {len(pairs)} pairs from "
+            f"{len({p.id.split('#')[0] for p in pairs})}"
             f" other records")
         em, bs = cfg["eval_method"], args.batch_size
 

@@ -76,7 +76,8 @@ def _notes(report: dict) -> list[str]:
                      f"{q['baseline_same_as_fp32']}/{q['prompts']} (baseline) and {q['segmented_same_as_fp32']}/"
                      f"{q['prompts']} (segmented; plans optimized in fp32); segmented accurate "
                      f"{q['segmented_accurate_8bit']} (8-bit) vs {q['segmented_accurate_fp32']} (fp32).")
-    notes.append("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in tm.items()) + f" ({c['threads']} torch thread(s), "
+    notes.append("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in tm.items())
+                 + f" ({c['threads']} torch thread(s), "
                  "shared 2-core CPU).")
     return notes
 

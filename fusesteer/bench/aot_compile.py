@@ -82,7 +82,9 @@ def call_site_launch(v: dict):
     """The :class:`fusesteer.kernels._common.Launch` the triton backend issues for variant ``v`` (1 row)."""
     import torch
 
-    from fusesteer.kernels import add_rmsnorm as AR, affine as AF, glu as GL
+    from fusesteer.kernels import add_rmsnorm as AR
+    from fusesteer.kernels import affine as AF
+    from fusesteer.kernels import glu as GL
 
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[v["dtype"]]
     W, M = int(v["width"]), 1

@@ -24,12 +24,13 @@ from typing import Callable
 import torch
 
 import fusesteer as fs
+from fusesteer import testing
 
 from . import paths
 from .errors import BenchError
 from .interpreter import INTERPRETER_AT_IMPORT
 
-TINY_FAMILIES = fs.models.TINY_FAMILIES
+TINY_FAMILIES = testing.TINY_FAMILIES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUR_BACKENDS = ("torch", "triton", "fold", "auto")
 PEERS = ("steering-vectors", "repeng")
@@ -94,7 +95,7 @@ def machine_info(device: torch.device) -> dict:
         "fusesteer_commit": _git_commit(),
     }
     try:
-        with open(f"/sys/fs/cgroup/cpu.max") as f:
+        with open("/sys/fs/cgroup/cpu.max") as f:
             info["cgroup_cpu_max"] = f.read().strip()
     except OSError:
         pass
@@ -124,7 +125,7 @@ class Loaded:
 
 
 def tiny_model(family: str, dtype: str = "fp32") -> Loaded:
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     if dtype == "int8":
         return tiny_int8(family)
@@ -134,7 +135,7 @@ def tiny_model(family: str, dtype: str = "fp32") -> Loaded:
 
 def tiny_int8(family: str) -> Loaded:
     """A tiny fp32 model saved and reloaded with bitsandbytes 8-bit linears (fp32 activations)."""
-    from fusesteer.models import tiny
+    from fusesteer.testing import tiny
 
     try:
         import bitsandbytes  # noqa: F401

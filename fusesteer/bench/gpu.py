@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from fusesteer.runtime.compat import output_cache, with_cache
-
 import fusesteer as fs
+from fusesteer.runtime.compat import output_cache, with_cache
 
 from . import common as C
 from . import gpu_kernels as GK

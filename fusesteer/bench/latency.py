@@ -29,8 +29,15 @@ import torch
 
 import fusesteer as fs
 from fusesteer.runtime.compat import output_cache, with_cache
-from fusesteer.timing import (ArmResult, crop_cache, paired_decode_steps, paired_prefill_steps, paired_ratios,
-                              paired_steps, ratio_summary)
+from fusesteer.timing import (
+    ArmResult,
+    crop_cache,
+    paired_decode_steps,
+    paired_prefill_steps,
+    paired_ratios,
+    paired_steps,
+    ratio_summary,
+)
 
 from . import common as C
 
@@ -212,7 +219,6 @@ def run_latency(cfg: LatencyConfig) -> dict:
         loaded = C.real_model(cfg.model, "fp32", device)
     model = loaded.model
     fused = _fused_name(device)
-    nb = max(cfg.batches)
     plans = {
         "blend+gains": C.blend_gains_plan(model, seed=cfg.seed, k=cfg.k),
         "additive": C.additive_plan(model, seed=cfg.seed),

@@ -12,7 +12,7 @@ import argparse
 SUITES = ("parity", "latency", "all", "aot", "gpu")
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ARMS = ("torch", "triton", "fold", "auto", "reference", "hook", "steering-vectors", "repeng")
-# the tiny model families (fusesteer.models.TINY_FAMILIES; kept literal so building the CLI does not import torch,
+# the tiny model families (fusesteer.testing.TINY_FAMILIES; kept literal so building the CLI does not import torch,
 # tests/test_families.py checks the two agree)
 FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "gemma", "granite", "phi3", "olmo2", "qwen3_moe")
 EPILOG = """examples:

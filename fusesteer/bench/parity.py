@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fusesteer.errors import AttachError, ContractError, FuseSteerError
-from fusesteer.runtime.compat import output_cache, with_cache
 from fusesteer.methods.capture import site_recorder
+from fusesteer.runtime.compat import output_cache, with_cache
 
 from . import common as C
 from . import thresholds as TH

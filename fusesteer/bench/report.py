@@ -170,7 +170,8 @@ def latency_md(doc: dict) -> list[str]:
     if r["mode"] == "quick":
         L.append("_quick mode: a tiny random model; these ratios say nothing about the targets._")
         L.append("")
-    L += ["| target | ratio | scenario | batch | phase | median [CI] | limit | met |", "|---|---|---|---|---|---|---|---|"]
+    L += ["| target | ratio | scenario | batch | phase | median [CI] | limit | met |",
+          "|---|---|---|---|---|---|---|---|"]
     for t in r["targets"]:
         L.append(f"| {t['target']} | {t['what']} | {t['scenario']} | {t['batch']} | {t['phase']} | "
                  f"{t['median']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] | ≤ {t['limit']} | "

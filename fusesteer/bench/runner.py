@@ -52,7 +52,8 @@ def _check(args) -> None:
 def run(args) -> int:
     """Run the suites selected by ``args`` (parsed with :func:`add_arguments`); returns the exit status."""
     if args.suite == "aot":
-        from .aot import AOTError, cli as aot_cli
+        from .aot import AOTError
+        from .aot import cli as aot_cli
 
         try:
             return aot_cli(args)
@@ -103,7 +104,8 @@ def _run(args, dev: torch.device) -> int:
         if plots:
             R.plot_parity_layers(R.read_json(out / R.PARITY_JSON), out / R.PARITY_PNG)
         bad = [r for r in res["rows"] if r["status"] in ("FAIL", "ERROR", "vacuous")]
-        print(f"parity gate: {'PASS' if res['ok'] else 'FAIL'} ({', '.join(f'{k} {v}' for k, v in res['counts'].items())}"
+        print(f"parity gate: {'PASS' if res['ok'] else 'FAIL'} "
+              f"({', '.join(f'{k} {v}' for k, v in res['counts'].items())}"
               f"; {res['seconds']} s)")
         for r in bad:
             print(f"  {r['status']}: {r['model']} {r['dtype']} {r['plan']} {r['arm']}: {r.get('reason', '')}")

@@ -190,7 +190,8 @@ async def _first_use(url: str, model: str) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         cold = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
         warm = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
-    return {"cold_ttft_s": round(cold["stamps"][0] - cold["t0"], 4), "warm_ttft_s": round(warm["stamps"][0] - warm["t0"], 4)}
+    return {"cold_ttft_s": round(cold["stamps"][0] - cold["t0"], 4),
+            "warm_ttft_s": round(warm["stamps"][0] - warm["t0"], 4)}
 
 
 def _engine_seconds(url: str) -> dict:
@@ -345,8 +346,9 @@ def main(argv=None) -> int:
             if a["clients"] == c:
                 by_round.setdefault(a["round"], {})[a["arm"]] = a["tokens_per_s"]
         paired = [r["steered"] / r["unsteered"] for r in by_round.values() if len(r) == 2]
-        ratios[str(c)] = {"pooled": round(get[(c, "steered")]["tokens_per_s"] / get[(c, "unsteered")]["tokens_per_s"], 3),
-                          "median_of_rounds": round(statistics.median(paired), 3), "rounds": [round(x, 3) for x in paired]}
+        ratios[str(c)] = {
+            "pooled": round(get[(c, "steered")]["tokens_per_s"] / get[(c, "unsteered")]["tokens_per_s"], 3),
+            "median_of_rounds": round(statistics.median(paired), 3), "rounds": [round(x, 3) for x in paired]}
     res["summary"] = {"tokens_per_s_ratio_steered_vs_unsteered": ratios, "speedup_vs_one_at_a_time": None}
     sc = args.sequential_clients
     if (sc, "steered") in get:

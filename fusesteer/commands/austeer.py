@@ -124,7 +124,8 @@ def _load_model(args):
 def _pairs_from(args, start: int):
     from ..errors import FuseSteerError
     from ..evaluate import tasks
-    from ..methods import austeer, pairs as P
+    from ..methods import austeer
+    from ..methods import pairs as P
 
     _check_positive("pairs", args.pairs)
     if args.pairs_file:

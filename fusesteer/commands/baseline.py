@@ -71,7 +71,8 @@ def register(sub, fmt):
 def _localize(args, model, tok, prs, prov):
     """(plan_fn(row, col), n_units_total) of the method, from one pass over the pairs."""
     from ..errors import FuseSteerError
-    from ..methods import austeer as A, baselines as B
+    from ..methods import austeer as A
+    from ..methods import baselines as B
 
     spec_heads = model.config.num_attention_heads
     if args.method == "caa":

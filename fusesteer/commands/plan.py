@@ -45,7 +45,8 @@ def model_spec(name_or_path: str):
     else:
         folder = Path(name_or_path).expanduser()
         if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"unknown model {name_or_path!r}: not a known name ({', '.join(sorted(models.KNOWN))}) "
+            raise ModelLoadError(f"unknown model {name_or_path!r}: not a known name "
+                                 f"({', '.join(sorted(models.KNOWN))}) "
                                  "and not a local Hugging Face model folder with a config.json")
     try:
         cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -243,7 +244,8 @@ def _layers(layers) -> str:
 def _add_bind_args(p, what: str):
     g = p.add_argument_group("binding (a GGUF control vector holds no model shape)")
     g.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                   help=f"bind {what} to this model's shape (embedded name or local HF folder; only its config is read)")
+                   help=f"bind {what} to this model's shape "
+                        "(embedded name or local HF folder; only its config is read)")
     g.add_argument("--spec", default=None, metavar="SPEC",
                    help="bind to a model shape given as inline JSON, a .json file, or a bound fusesteer plan file")
 

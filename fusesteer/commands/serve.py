@@ -22,7 +22,8 @@ def register(sub, fmt):
                "  fusesteer serve --model smollm2-135m --plans plans/\n"
                "  fusesteer serve --model ./my-hf-model --port 9000 --api-key $KEY --max-batch 16\n"
                "  curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d \\\n"
-               "    '{\"model\": \"smollm2-135m\", \"prompt\": \"Hi\", \"steering\": {\"plan\": \"calm\", \"scale\": 0.8}}'")
+               "    '{\"model\": \"smollm2-135m\", \"prompt\": \"Hi\", "
+               "\"steering\": {\"plan\": \"calm\", \"scale\": 0.8}}'")
     p.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH",
                    help="embedded model name or local Hugging Face folder")
     p.add_argument("--served-name", default=None, help="model id clients send (default: --model)")

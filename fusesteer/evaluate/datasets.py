@@ -1,11 +1,13 @@
 """Evaluation datasets: the bundled JSONL files, loading, record validation, task kinds, splits."""
 
 from __future__ import annotations
+
 import json
 import random
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
 from ..errors import FuseSteerError
 
 

@@ -25,19 +25,27 @@ model must not score 100% by always picking index 0).
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from ..errors import FuseSteerError
-from .datasets import (DatasetError, BUILTIN_DATASETS, KINDS, SCORABLE_KINDS, _YESNO, _builtin_path, _record_kind, validate_record, load_dataset, task_kind, split)  # noqa: F401
+from .datasets import (  # noqa: F401
+    _YESNO,
+    BUILTIN_DATASETS,
+    KINDS,
+    SCORABLE_KINDS,
+    DatasetError,
+    _builtin_path,
+    _record_kind,
+    load_dataset,
+    split,
+    task_kind,
+    validate_record,
+)
 from .stats import wilson_ci
 
 __all__ = [

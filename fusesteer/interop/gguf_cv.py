@@ -47,7 +47,6 @@ not used for the mapping. The file holds no model shape: without a model/spec th
 
 from __future__ import annotations
 
-
 import logging
 import math
 import os
@@ -58,8 +57,8 @@ import numpy as np
 import torch
 
 from ..errors import PlanError
-from ..runtime.plan import ModelSpec, SteeringPlan
 from ..extras import require
+from ..runtime.plan import ModelSpec, SteeringPlan
 
 
 def _gguf():

@@ -29,8 +29,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..errors import FuseSteerError
-
 try:  # Triton is optional (CPU-only installs, macOS).
     import triton  # noqa: F401
 
@@ -41,7 +39,6 @@ except Exception:  # pragma: no cover - depends on the environment
 
 
 from ..errors import KernelInputError, KernelUnavailableError  # noqa: E402,F401 - re-exported
-
 
 MODES = ("auto", "triton", "torch")
 # Elementwise kernels tile the row in blocks of at most this many columns (2-D launch grid).

@@ -25,8 +25,6 @@ per structure value and ``handle.update()`` for each strength (values change in 
 
 from __future__ import annotations
 
-from ..extras import require
-
 import hashlib
 import json
 import math
@@ -39,6 +37,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import FuseSteerError
+from ..extras import require
 from ..runtime.plan import SITES, ModelSpec, SteeringPlan
 from .capture import site_recorder
 from .pairs import ContrastivePair, pair_token_ids
@@ -65,7 +64,8 @@ def resolve_site(site: str) -> str:
     if site in SITES:
         return site
     raise AUSteerError(f"unknown site {site!r}; expected one of {', '.join(AU_SITES)} "
-                       f"(= {', '.join(AU_SITES.values())}) or {', '.join(s for s in SITES if s not in AU_SITES.values())}")
+                       f"(= {', '.join(AU_SITES.values())}) or "
+                       f"{', '.join(s for s in SITES if s not in AU_SITES.values())}")
 
 
 def _variant(site: str) -> str:
@@ -433,7 +433,8 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
             "units": units, "data": dict(loc.provenance)}
     if localization == "random":
         meta["seed"] = int(seed)
-    default = f"austeer-{_variant(loc.site)}" if method == "austeer" else f"{localization}+{steering}-{_variant(loc.site)}"
+    default = (f"austeer-{_variant(loc.site)}" if method == "austeer"
+               else f"{localization}+{steering}-{_variant(loc.site)}")
     return units_plan(loc.spec, loc.site, layer_ids, d, a=a, b=b, name=name or default, metadata=meta)
 
 

@@ -9,8 +9,8 @@ from typing import Mapping
 import torch
 
 from ..errors import AttachError, NonFiniteActivationError, PlanError
-from .families import SUPPORTED_CLASSES, layer_device, model_parts
 from .backends.base import InstallContext
+from .families import SUPPORTED_CLASSES, layer_device, model_parts
 from .guard import FiniteGuard
 from .patching import Patcher
 from .plan import SITES, ModelSpec, SteeringPlan

@@ -22,8 +22,14 @@ import time
 import torch
 
 from ..errors import AttachError, ContractError
-from .compat import (TRANSFORMERS_VERSION, layer_positions, layer_returns_tuple, merged_kwargs, observe_layer_output,
-                     positional_names)
+from .compat import (
+    TRANSFORMERS_VERSION,
+    layer_positions,
+    layer_returns_tuple,
+    merged_kwargs,
+    observe_layer_output,
+    positional_names,
+)
 from .plan import SITES, SteeringPlan
 
 PROBE_TOKENS = 5

@@ -337,7 +337,8 @@ def supported_models() -> list[dict]:
             "family": f.name, "model_types": list(f.model_types), "classes": list(f.classes), "layout": f.layout,
             "notes": f.notes,
             "backends": {"reference": "hooks (the oracle)", "torch": "inlined into the installed forwards",
-                         "triton": _triton_level(f), "fold": _fold_level(f), "auto": "fold where it folds, else triton (CUDA) or torch (CPU)"},
+                         "triton": _triton_level(f), "fold": _fold_level(f),
+                         "auto": "fold where it folds, else triton (CUDA) or torch (CPU)"},
             "capture": True})
     rows.append({"family": "generic", "model_types": ["any other"], "classes": ["any *ForCausalLM with "
                  "model.model.layers[i].self_attn.o_proj and .mlp"], "layout": "unknown",

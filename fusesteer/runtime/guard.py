@@ -3,8 +3,9 @@
 A plan's values are checked for NaN/Inf in the activations they produce: after attach, after add_plan(), and
 after every update(), the first forward that runs each *phase* of that plan (its prompt tokens, its generated
 tokens) records ``isfinite(y).all()`` at every steered site, on the device, and reads them all back with one
-host sync at the end of that forward (forwards routed only to plans already checked are not checked). So a plan gated to generated tokens is checked at the first decode
-step, not only at the prefill, and once every phase of every plan has run finite, forwards cost nothing more.
+host sync at the end of that forward (forwards routed only to plans already checked are not checked). So a plan
+gated to generated tokens is checked at the first decode step, not only at the prefill, and once every phase of
+every plan has run finite, forwards cost nothing more.
 
 When a check fails, the handle raises NonFiniteActivationError at the end of that forward. Values that came
 from update() are taken back first: the plan returns to the values it had just before that update (still to

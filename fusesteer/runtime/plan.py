@@ -15,7 +15,7 @@ import numbers
 import os
 import struct
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -349,7 +349,9 @@ class SteeringPlan:
     def sites_used(self) -> set[tuple[int, str]]:
         return {(e.layer, e.site) for e in self.entries}
 
-    def phase_maps(self, spec: ModelSpec | None = None) -> dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def phase_maps(
+        self, spec: ModelSpec | None = None
+    ) -> dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Dense composed maps: {(layer, site): {"prompt": (a, b), "generated": (a, b)}} (fp32, CPU)."""
         spec = spec or self.spec
         if spec is None:
@@ -564,7 +566,8 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
             raise PlanError(f"{source}: tensor {name!r}: descriptor must be an object")
         dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dt, str) or dt not in _DTYPES:
-            raise PlanError(f"{source}: tensor {name!r} has dtype {dt!r}; plan tensors must be F32 (a, b) or I64 (dims)")
+            raise PlanError(f"{source}: tensor {name!r} has dtype {dt!r}; "
+                            "plan tensors must be F32 (a, b) or I64 (dims)")
         if (not isinstance(shape, list) or len(shape) > 1
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 100_000_000 for s in shape)):
             raise PlanError(f"{source}: tensor {name!r} has shape {shape!r}; expected a 1-D shape")

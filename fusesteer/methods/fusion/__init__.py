@@ -68,14 +68,26 @@ exactly reproducible.
 
 from __future__ import annotations
 
-from .prompts import BLENDS, DEFAULT_LAMBDA, DEFAULT_PPL_CAP, FusionError, MODES, SEGMENTS, VARIANTS, enriched_parts, question_prompt, truth_of, truths_of  # noqa: F401
-from .runner import PromptRunner, normalized_perplexity, objective_score, repetition_rate  # noqa: F401
-from .references import Reference, compute_reference, explanation_for, generate_explanation, token_span  # noqa: F401
-from .plans import average_params, fusion_plan, layer_params, param_space, segment_bounds  # noqa: F401
-from .study import make_storage, run_study, study_name  # noqa: F401
-from .search import PromptSearch, optimize_prompt  # noqa: F401
-from .report import write_report  # noqa: F401
 from .pipeline import evaluate_run, optimize_records  # noqa: F401
+from .plans import average_params, fusion_plan, layer_params, param_space, segment_bounds  # noqa: F401
+from .prompts import (  # noqa: F401
+    BLENDS,
+    DEFAULT_LAMBDA,
+    DEFAULT_PPL_CAP,
+    MODES,
+    SEGMENTS,
+    VARIANTS,
+    FusionError,
+    enriched_parts,
+    question_prompt,
+    truth_of,
+    truths_of,
+)
+from .references import Reference, compute_reference, explanation_for, generate_explanation, token_span  # noqa: F401
+from .report import write_report  # noqa: F401
+from .runner import PromptRunner, normalized_perplexity, objective_score, repetition_rate  # noqa: F401
+from .search import PromptSearch, optimize_prompt  # noqa: F401
+from .study import make_storage, run_study, study_name  # noqa: F401
 
 __all__ = [
     "FusionError", "MODES", "BLENDS", "VARIANTS", "SEGMENTS", "DEFAULT_LAMBDA", "DEFAULT_PPL_CAP",

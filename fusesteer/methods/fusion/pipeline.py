@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ...evaluate.grading import Grade, RuleJudge, extract_answer, grade, summarize
 from ...runtime.attach import attach
 from ...runtime.plan import ModelSpec, SteeringPlan
-from .prompts import BLENDS, DEFAULT_LAMBDA, DEFAULT_PPL_CAP, FUSION_GATINGS, FusionError, MODES, VARIANTS, question_prompt, truth_of, truths_of
-from .runner import PromptRunner
-from .references import Reference, compute_reference, explanation_for
-from .plans import average_params, fusion_plan
-from .study import _safe_url, make_storage, study_name
-from .search import optimize_prompt
 from .files import read_json, safe_id, write_json
+from .plans import average_params, fusion_plan
+from .prompts import (
+    BLENDS,
+    DEFAULT_LAMBDA,
+    DEFAULT_PPL_CAP,
+    FUSION_GATINGS,
+    MODES,
+    VARIANTS,
+    FusionError,
+    question_prompt,
+    truth_of,
+    truths_of,
+)
+from .references import Reference, compute_reference, explanation_for
 from .report import _comparisons
+from .runner import PromptRunner
+from .search import optimize_prompt
+from .study import _safe_url, make_storage, study_name
 
 log = logging.getLogger("fusesteer")
 

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ...runtime.plan import ModelSpec, SteeringPlan
-from .prompts import ALPHA_RANGE, BLENDS, FUSION_GATINGS, FusionError, GAMMA_RANGE, MODES, SEGMENTS
+from .prompts import ALPHA_RANGE, BLENDS, FUSION_GATINGS, GAMMA_RANGE, MODES, SEGMENTS, FusionError
 from .references import Reference
 
 

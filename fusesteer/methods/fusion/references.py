@@ -12,7 +12,18 @@ import torch
 
 from ...evaluate.grading import extract_answer
 from ..capture import capture_span_mean
-from .prompts import EXPLAIN_PROMPT, FusionError, _check_unsteered, _clean_question, _device, _encode, _special_ids, enriched_parts, question_prompt, truth_of
+from .prompts import (
+    EXPLAIN_PROMPT,
+    FusionError,
+    _check_unsteered,
+    _clean_question,
+    _device,
+    _encode,
+    _special_ids,
+    enriched_parts,
+    question_prompt,
+    truth_of,
+)
 from .runner import PromptRunner
 
 

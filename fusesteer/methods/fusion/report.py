@@ -30,7 +30,8 @@ def _comparisons(items: Sequence[Mapping], arms: Sequence[str]) -> list[dict]:
         d = paired_bootstrap_diff(ca, cb, n_boot=2000, seed=0)
         out.append({"a": a, "b": b, "n": len(rows), "diff": d.estimate, "ci": [d.low, d.high],
                     "mcnemar_p": mcnemar_p(ca, cb),
-                    "a_only": sum(x and not y for x, y in zip(ca, cb)), "b_only": sum(y and not x for x, y in zip(ca, cb))})
+                    "a_only": sum(x and not y for x, y in zip(ca, cb)),
+                    "b_only": sum(y and not x for x, y in zip(ca, cb))})
     return out
 
 
@@ -61,9 +62,11 @@ def write_report(report: Mapping, out_dir, stem: str = "fusion_eval", title: str
     if comps:
         lines += ["", "Paired differences in accuracy on the same prompts (A − B; paired bootstrap 95% CI; exact "
                       "McNemar p; prompts only A / only B gets right):", "",
-                  "| A | B | n | A − B | 95% CI | McNemar p | only A | only B |", "|---|---|---:|---:|---|---:|---:|---:|"]
+                  "| A | B | n | A − B | 95% CI | McNemar p | only A | only B |",
+                  "|---|---|---:|---:|---|---:|---:|---:|"]
         for c in comps:
-            lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['diff']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+            lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['diff']:+.3f} | "
+                         f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
                          f"{c['mcnemar_p']:.3g} | {c['a_only']} | {c['b_only']} |")
     if report.get("average_params"):
         lines += ["", "Dataset-average α/γ: " + "; ".join(

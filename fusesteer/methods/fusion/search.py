@@ -9,10 +9,10 @@ from typing import Mapping, Sequence
 from ...evaluate.grading import extract_answer, token_overlap
 from ...runtime.attach import attach
 from ...runtime.plan import ModelSpec, SteeringPlan
-from .prompts import DEFAULT_LAMBDA, DEFAULT_PPL_CAP, FusionError, MODES, _check_unsteered, question_prompt
-from .runner import PromptRunner, normalized_perplexity, objective_score, repetition_rate
-from .references import Reference
 from .plans import fusion_plan, param_space
+from .prompts import DEFAULT_LAMBDA, DEFAULT_PPL_CAP, MODES, FusionError, _check_unsteered, question_prompt
+from .references import Reference
+from .runner import PromptRunner, normalized_perplexity, objective_score, repetition_rate
 from .study import _optuna, run_study, study_name
 
 

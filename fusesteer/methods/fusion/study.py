@@ -3,11 +3,10 @@ touches Optuna's private API."""
 
 from __future__ import annotations
 
-import logging
-
 import bisect
 import hashlib
 import json
+import logging
 import math
 import os
 import re

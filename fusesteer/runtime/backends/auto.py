@@ -24,8 +24,8 @@ import logging
 import torch
 
 from ..patching import Patcher
-from .base import Backend, InstallContext
 from ..sites import in_layer_order
+from .base import Backend, InstallContext
 from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 
 log = logging.getLogger("fusesteer")

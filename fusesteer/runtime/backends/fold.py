@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 
 from ...errors import AttachError, NonFiniteActivationError
-from ..sites import module_at
-from .base import Backend
-from ..sites import site as site_record
 from ..patching import foreign_forward
+from ..sites import module_at
+from ..sites import site as site_record
 from ..tables import slot_of
+from .base import Backend
 
 log = logging.getLogger("fusesteer")
 

@@ -1,17 +1,18 @@
 """The `reference` backend: plain PyTorch hooks applying x' = a*x + b in fp32 (the oracle).
 
 Obviously right, deliberately simple: every hook gathers the per-token (a, b) from the plan table and
-computes ``addcmul(B[slot], A[slot], x.float()).to(x.dtype)`` (b + a*x in fp32). Every other backend is tested against it.
+computes ``addcmul(B[slot], A[slot], x.float()).to(x.dtype)`` (b + a*x in fp32). Every other backend is tested
+against it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Backend
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import hook_site
 from ..tables import SiteTable, affine
+from .base import Backend
 
 
 def reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
@@ -37,7 +38,8 @@ class ReferenceBackend(Backend):
         for (layer_idx, site), table in ctx.tables.items():
             check = ctx.checker(layer_idx, site)
             patcher.add_hook(hook_site(parts.layers[layer_idx], site,
-                                       lambda x, table=table, check=check: check(reference_apply(x, table, ctx.router))))
+                                       lambda x, table=table, check=check: check(
+                                           reference_apply(x, table, ctx.router))))
 
         def stack_pre(mod, args, kwargs):
             ctx.begin_forward()

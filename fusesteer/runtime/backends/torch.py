@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import in_layer_order, module_at, site
 from ..tables import SiteTable, affine
+from .base import Backend
 
 
 def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
@@ -45,8 +45,8 @@ def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
 def tables_by_layer(ctx) -> dict[int, dict]:
     """{layer: {site: SiteTable}} of the attached plans."""
     by_layer: dict[int, dict] = {}
-    for (layer_idx, site), table in ctx.tables.items():
-        by_layer.setdefault(layer_idx, {})[site] = table
+    for (layer_idx, name), table in ctx.tables.items():
+        by_layer.setdefault(layer_idx, {})[name] = table
     return by_layer
 
 

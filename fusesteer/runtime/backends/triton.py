@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend
 from ...errors import AttachError
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..compat import layer_returns_tuple
+from ..families import layer_modules
 from ..patching import foreign_forward
 from ..tables import SiteTable
-from ..families import layer_modules
+from .base import Backend
 from .skeleton import layer_forward
 from .torch import patch_o_proj, routed_forward, tables_by_layer
 
