@@ -328,6 +328,8 @@ def test_generic_reference_path_on_an_architecture_without_adapter(caplog):
             assert torch.equal(model(ids).logits, got)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, van)
+    assert all(patched_forward(m) is None and not m._forward_hooks for m in model.modules())
+    assert not [k for k in model.__dict__ if "fusesteer" in k]  # nothing left on the model
 
 
 def test_unsupported_layout_is_refused_with_what_is_missing():

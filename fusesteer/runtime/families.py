@@ -24,6 +24,7 @@ with a warning naming what is unverified; the fused backends refuse it.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ from ..errors import AttachError, PlanError
 from .sites import SITES, module_at, site
 
 log = logging.getLogger("fusesteer")
+_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # generic models already warned about
 
 LAYOUTS = ("pre", "sandwich", "post")
 
@@ -250,14 +252,11 @@ def model_parts(model: nn.Module) -> ModelParts:
         unverified = ["that every site's module is where the registry says it is (paths are looked up, not checked "
                       "against the architecture)", "the layer layout (norm placement, residual multipliers)",
                       "capture and fold (fold refuses)", "the fused backends (they refuse)"]
-        if not getattr(model, "_fusesteer_generic_warned", False):
+        if model not in _WARNED:  # once per model, and nothing left on the model itself
             log.warning("fusesteer: %s (model_type %r) has no family adapter; only the 'reference' backend is "
                         "available, and it is unverified on this architecture: %s", type(model).__name__, mt,
                         "; ".join(unverified))
-            try:
-                model._fusesteer_generic_warned = True
-            except Exception:  # noqa: BLE001
-                pass
+            _WARNED.add(model)
         return ModelParts(fam, model, base, list(layers)[: getattr(cfg, "num_hidden_layers", len(layers))],
                           getattr(base, "norm", None), unverified)
     if base is None or layers is None:
