@@ -113,7 +113,7 @@ def _rewrite_header(path, fn, reseal=True):
     meta = json.loads(st["__metadata__"]["fusesteer"])
     fn(st, meta)
     if reseal:  # recompute the checksum so the semantic validation is what has to catch the change
-        from fusesteer.runtime.plan import plan_checksum
+        from fusesteer.runtime.planfile import plan_checksum
 
         tensors = {}
         for name, d in st.items():

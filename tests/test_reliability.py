@@ -251,7 +251,7 @@ def test_fuzz_header_mutations(valid_bytes, data):
         body = bytes(body)
     if data.draw(st.integers(0, 9)) > 0 and isinstance(meta, dict) and "checksum" in meta and reseal:
         # usually re-seal the checksum so the semantic validation (not the checksum) must catch the mutation
-        from fusesteer.runtime.plan import plan_checksum
+        from fusesteer.runtime.planfile import plan_checksum
         try:
             meta["checksum"] = plan_checksum(meta, _tensors_of(st_header, body))
         except Exception:  # noqa: BLE001 - descriptors too broken to read: leave the stale checksum

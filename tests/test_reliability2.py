@@ -367,7 +367,7 @@ def _reseal(path, fn):
     st = json.loads(raw[8:8 + n])
     meta = json.loads(st["__metadata__"]["fusesteer"])
     fn(meta)
-    from fusesteer.runtime.plan import plan_checksum
+    from fusesteer.runtime.planfile import plan_checksum
 
     meta["checksum"] = plan_checksum(meta, {})
     st["__metadata__"]["fusesteer"] = json.dumps(meta)
