@@ -179,11 +179,13 @@ class TritonBackend(Backend):
     def _skipped(parts, li: int) -> list:
         """(name, module) of the modules of layer ``li`` whose work the fused layer does without calling them:
         its norms but the pre-attention one (called, or its carried result used), and a dense MLP (a sparse MoE
-        block is called as a module)."""
+        block and its input norm are called as modules)."""
         fam, layer = parts.family, parts.layers[li]
         names = [n for n in (fam.pre_ffn_norm, fam.post_attn_norm, fam.post_ffn_norm) if n]
         if hasattr(layer.mlp, "down_proj"):
             names.insert(0, "mlp")
+        elif fam.pre_ffn_norm:  # sparse MoE layer: its router input norm is called as the HF module
+            names.remove(fam.pre_ffn_norm)
         return [(f"model.layers.{li}.{n}", getattr(layer, n)) for n in names]
 
     def _refuse_bypassed(self, parts, only_layer: int | None = None) -> None:
@@ -255,6 +257,12 @@ class TritonOps:
         return h if self.mult is None else h * self.mult
 
     def mid(self, x, h):  # (post-attn norm) + add + pre-FFN norm, one pass
+        if self.modules.sparse:
+            # a sparse MoE block routes on its input: an ulp of difference from HF's norm can flip an expert,
+            # so the router sees exactly HF's RMSNorm of the (fused, exactly rounded) residual add
+            s, _ = add_map_rmsnorm(x, self._delta(h), None, self.eps, gemma=self.gemma,
+                                   delta_norm_w=self.w_post_attn)
+            return s, self.modules.ffn_norm(s)
         s, n2 = add_map_rmsnorm(x, self._delta(h), self.w_ffn, self.eps, gemma=self.gemma,
                                 delta_norm_w=self.w_post_attn)
         return s, (s if n2 is None else n2)
