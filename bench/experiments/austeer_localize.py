@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from fusesteer import models  # noqa: E402
 from fusesteer.evaluate import stats, tasks  # noqa: E402
 from fusesteer.methods import austeer as A  # noqa: E402
-from fusesteer.methods.pairs import make_pairs, pair_token_ids  # noqa: E402
+from fusesteer.methods.pairs import make_pairs, pair_token_ids, right_padded  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 SITES = ("head", "ffn", "down")
@@ -46,12 +46,7 @@ SITES = ("head", "ffn", "down")
 def forward_only(model, tok, chunk, pad: int) -> None:
     ids_pairs = [pair_token_ids(tok, p) for p in chunk]
     seqs = [a for a, _ in ids_pairs] + [b for _, b in ids_pairs]
-    width = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, q in enumerate(seqs):
-        ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
-        mask[r, :len(q)] = 1
+    ids, mask = right_padded(seqs, pad)
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 

@@ -40,7 +40,7 @@ from ..errors import FuseSteerError
 from ..extras import require
 from ..runtime.plan import SITES, ModelSpec, SteeringPlan
 from .capture import site_recorder
-from .pairs import ContrastivePair, pair_token_ids
+from .pairs import ContrastivePair, pair_token_ids, right_padded
 
 __all__ = [
     "AUSteerError", "AU_SITES", "LOCALIZATIONS", "STEERINGS", "resolve_site", "MomentumStats",
@@ -223,12 +223,7 @@ def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site, *
                 seqs_pos.append(a)
                 seqs_neg.append(b)
             seqs = seqs_pos + seqs_neg
-            width = max(len(q) for q in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, q in enumerate(seqs):
-                ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
-                mask[r, :len(q)] = 1
+            ids, mask = right_padded(seqs, pad)
             last = torch.tensor([len(q) - 1 for q in seqs], dtype=torch.long)
             rows = torch.arange(len(seqs))
             n = len(chunk)

@@ -149,3 +149,16 @@ def pair_token_ids(tokenizer, pair: ContrastivePair, add_special_tokens: bool = 
     pp, pc = tasks.encode_continuation(tokenizer, pair.prompt, pair.positive, add_special_tokens=add_special_tokens)
     np_, nc = tasks.encode_continuation(tokenizer, pair.prompt, pair.negative, add_special_tokens=add_special_tokens)
     return pp + pc, np_ + nc
+
+
+def right_padded(seqs, pad: int):
+    """(ids, attention_mask) int64 [len(seqs), longest]: the token id lists left-aligned, padded with ``pad``."""
+    import torch
+
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+        mask[r, :len(q)] = 1
+    return ids, mask
