@@ -3,10 +3,11 @@ import os
 import pytest
 import torch
 
-# Triton's interpreter must be on before anything imports Triton: its library functions (tl.sum, ...) are
-# built at Triton's import under the setting of that moment. Machines without CUDA run every kernel through it.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests run every Triton kernel through Triton's interpreter (on CPU tensors), unless TRITON_INTERPRET is
+# set already. It must be on before anything imports Triton or fusesteer.kernels: `@triton.jit` builds an
+# interpreted or a compiled kernel when it decorates, and Triton's library functions (tl.sum, ...) and
+# fusesteer's kernels are decorated at import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -12,10 +12,6 @@ import importlib.util
 import json
 import os
 
-# Nothing here compiles in this process (the AOT workers run with TRITON_INTERPRET=0 of their own), but
-# Triton must not be imported with the interpreter off before the interpreter tests run (tests/test_kernels.py)
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 
 if importlib.util.find_spec("triton") is None:
@@ -105,7 +101,7 @@ def test_sweep_compiles_what_the_runtime_launches(full_sweep):
 
 
 @needs_backend
-def test_bf16_store_and_lazy_jit_checks(full_sweep):
+def test_bf16_store_and_helpers_checks(full_sweep):
     r = full_sweep[0]
     check = r["bf16_store_check"]
     assert len(check) == 12 and not any("error" in b for b in check)
@@ -113,10 +109,12 @@ def test_bf16_store_and_lazy_jit_checks(full_sweep):
         assert b["gpu_path_out_bf16"] == 0  # compiled for a GPU, the launch takes the plain cvt store
         assert b["store_bits_cvt"] == b["store_bits_bits"] == 128 and b["spill_cvt"] == b["spill_bits"] == 0
         assert b["sass_cvt"] < b["sass_bits"]  # the bit-level rounding is real work on a GPU
-    lz = r["lazy_jit_check"]
-    assert lz and len(lz["kernels"]) == 3
-    for k in lz["kernels"]:
-        assert k["lazy_type"] == "JITFunction" and k["same_cache_key"] and k["same_ptx"]
+    hc = r["helpers_check"]
+    assert hc and len(hc["kernels"]) == 3 and "error" not in hc
+    for k in hc["kernels"]:
+        # the kernels call the shared device functions, and the compiled binaries have them inlined
+        assert k["type"] == "JITFunction" and {"apply_map", "store_row"} <= set(k["helpers"])
+        assert k["calls"] == 0 and k["funcs"] == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,7 +125,7 @@ def test_gate_fails_on_a_spilling_and_a_32_bit_variant(tmp_path, aot_cache):
     odd = {"kernel": "affine", "dtype": "bf16", "arch": 90, "width": 4100, "map": "uniform", "family": None}
     cfg = A.AOTConfig(out=tmp_path, archs=(90,), kernels=("affine",), dtypes=("bf16",), widths=(4096,),
                       inject=("spill", "unaligned"), extra_variants=[odd], jobs=JOBS, cache_dir=aot_cache,
-                      bf16_check=False, lazy_jit_check=False, progress=False, log=lambda *a: None)
+                      bf16_check=False, helpers_check=False, progress=False, log=lambda *a: None)
     r = A.run_aot(cfg)
     assert r["gate"] == "FAIL"
     by = {(v["kernel"], v["width"], v.get("inject")): v for v in r["variants"]}

@@ -2,10 +2,7 @@
 the quick latency suite runs and writes its outputs; the thresholds are the tests' thresholds."""
 
 import json
-import os
 from pathlib import Path
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any `import triton` (see fusesteer/bench/interpreter.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,14 +1,12 @@
 """Tests of the fused steering kernels (fusesteer/kernels/*) against their torch references.
 
 How the Triton kernels run here: there is no GPU, so every Triton kernel in this file runs under
-the Triton *interpreter* (``TRITON_INTERPRET=1``, set below before anything imports Triton).
-Triton 3.x reads the variable through ``triton.knobs.runtime.interpret``, which re-reads the
-environment on every access unless a program assigned the knob; but ``@triton.jit`` picks
-interpreter vs. compiler when it decorates. fusesteer therefore wraps its kernels with
-``triton.jit`` lazily, on first launch, once per interpreter setting
-(``fusesteer.kernels._common.build_kernel``), so the variable is honoured even if Triton or
-fusesteer was imported earlier by another test module (``test_interpreter_is_honoured`` checks it,
-``test_build_is_lazy_per_interpreter_setting`` shows the switch).
+the Triton *interpreter* (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before anything imports
+Triton). ``@triton.jit`` picks interpreter vs. compiler when it decorates, and fusesteer decorates its
+kernels and their shared device functions (``fusesteer/kernels/_device.py``) at import
+(``fusesteer.kernels._common.jit``); ``test_kernels_are_built_at_import`` checks that they were built for
+the interpreter, ``test_a_late_interpreter_setting_is_reported`` what happens when the variable is set
+too late.
 
 Verified only through the interpreter (what could differ on a GPU):
 * Arithmetic: the interpreter runs numpy fp32 ops: correctly rounded ``exp``/``rsqrt``, no FMA
@@ -27,18 +25,19 @@ Verified only through the interpreter (what could differ on a GPU):
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first Triton launch (see docstring)
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fusesteer.kernels as K  # noqa: E402
-from fusesteer.kernels import _common as C  # noqa: E402
-from fusesteer.kernels.add_rmsnorm import _add_rmsnorm_triton  # noqa: E402
-from fusesteer.kernels.affine import _affine_triton  # noqa: E402
-from fusesteer.kernels.glu import _glu_triton  # noqa: E402
+import fusesteer.kernels as K
+from fusesteer.formula import affine
+from fusesteer.kernels import _common as C
+from fusesteer.kernels.add_rmsnorm import _add_rmsnorm_triton
+from fusesteer.kernels.affine import _affine_triton
+from fusesteer.kernels.glu import _glu_triton
 
 needs_triton = pytest.mark.skipif(not C.HAVE_TRITON, reason="triton is not installed")
 
@@ -120,33 +119,58 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, max_off_frac: float = 0.0
 # the interpreter setting
 # ------------------------------------------------------------------------------------------
 @needs_triton
-def test_interpreter_is_honoured():
+def test_kernels_are_built_at_import():
     import triton
     from triton.runtime.interpreter import InterpretedFunction
+
+    from fusesteer.kernels import _device as D
+    from fusesteer.kernels.add_rmsnorm import _add_rmsnorm_kernel
+    from fusesteer.kernels.affine import _affine_kernel
+    from fusesteer.kernels.glu import _glu_kernel
 
     assert triton.knobs.runtime.interpret, (
         "TRITON_INTERPRET=1 is set but triton.knobs.runtime.interpret is False: some code "
         "assigned the knob programmatically, which overrides the environment variable"
     )
-    assert K.interpreter_enabled() and K.triton_available("cpu") and K.triton_available()
-    from fusesteer.kernels.affine import _affine_kernel
+    assert C.INTERPRETED and K.interpreter_enabled() and K.triton_available("cpu") and K.triton_available()
+    for k in (_affine_kernel, _glu_kernel, _add_rmsnorm_kernel, D.apply_map, D.store_row):
+        assert isinstance(k, InterpretedFunction), k
+    # the kernels call the shared device functions, which hold the only copy of the slot clamp and of the
+    # bf16 rounding
+    src = {p.name: p.read_text() for p in Path(C.__file__).parent.glob("*.py")}
+    for name in ("affine.py", "glu.py", "add_rmsnorm.py"):
+        assert "apply_map(" in src[name] and "store_row(" in src[name], name
+    for fragment in ("tl.minimum(tl.maximum(sl", "0x7FFF"):
+        assert [n for n, t in src.items() if fragment in t] == ["_device.py"], fragment
 
-    assert isinstance(C.build_kernel(_affine_kernel), InterpretedFunction)
+
+LATE = """
+import os, torch
+import fusesteer.kernels as K
+from fusesteer.kernels import _common as C
+from triton.runtime.jit import JITFunction
+from fusesteer.kernels.affine import _affine_kernel
+assert not C.INTERPRETED and type(_affine_kernel) is JITFunction
+os.environ["TRITON_INTERPRET"] = "1"   # too late: the kernels were built for the GPU compiler
+x, a, b, s = torch.randn(3, 8), torch.rand(2, 8), torch.randn(2, 8), torch.tensor([0, 1, 1])
+assert not K.interpreter_enabled() and not K.triton_available("cpu")
+assert torch.equal(K.affine_map(x, a, b, s), K.affine_map_reference(x, a, b, s))  # auto: the torch reference
+try:
+    with K.kernel_mode("triton"):
+        K.affine_map(x, a, b, s)
+except K.KernelUnavailableError as e:
+    print("ERROR:", e)
+"""
 
 
 @needs_triton
-def test_build_is_lazy_per_interpreter_setting(monkeypatch):
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    from fusesteer.kernels.glu import _glu_kernel
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not K.interpreter_enabled()
-    compiled = C.build_kernel(_glu_kernel)
-    assert isinstance(compiled, JITFunction) and not isinstance(compiled, InterpretedFunction)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert isinstance(C.build_kernel(_glu_kernel), InterpretedFunction)
+def test_a_late_interpreter_setting_is_reported():
+    """Kernels built for the compiler at import (no TRITON_INTERPRET), the variable set afterwards: on CPU
+    tensors auto mode takes the torch reference and forced Triton says why it cannot run."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", LATE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR:" in r.stdout and "set after fusesteer.kernels was imported" in r.stdout, r.stdout
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,10 +186,12 @@ def test_affine_matches_reference(dtype, w, m):
     s = slots(m)
     with K.kernel_mode("triton"):
         y = K.affine_map(x, a, b, s)
-    assert_close(y, K.affine_map_reference(x, a, b, s))
-    # the reference itself is the formula
-    expect = (a[s.long()] * x.float() + b[s.long()]).to(dtype)
-    assert torch.equal(K.affine_map_reference(x, a, b, s), expect)
+    ref = K.affine_map_reference(x, a, b, s)
+    assert_close(y, ref)
+    # the reference is the one steering formula, and the kernel computes it with the same single rounding
+    assert torch.equal(ref, affine(x, a[s.long()], b[s.long()]))
+    if dtype == torch.float32:
+        assert torch.equal(y, ref)
 
 
 @needs_triton
@@ -269,7 +295,7 @@ def test_add_rmsnorm_reference_is_the_formula(gemma):
     a, b = tables(64, seed=4)
     s_idx = slots(5).long()
     dd = _hf_rmsnorm(d, dnw, EPS, gemma) if gemma else d
-    s = a[s_idx] * (r + dd) + b[s_idx]
+    s = affine(r + dd, a[s_idx], b[s_idx])
     n = _hf_rmsnorm(s, nw, EPS, gemma)
     got = K.add_map_rmsnorm_reference(
         r, d, nw, EPS, a, b, slots(5), gemma=gemma, delta_norm_w=dnw if gemma else None

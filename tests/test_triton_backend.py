@@ -1,9 +1,5 @@
 """`triton` backend (kernels run through the Triton interpreter on CPU) vs the `reference` hooks."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import FAMILIES, random_plan  # noqa: E402

@@ -99,7 +99,7 @@ class AOTConfig:
     cache_dir: Path | None = None
     inject: tuple = ()
     bf16_check: bool = True
-    lazy_jit_check: bool = True
+    helpers_check: bool = True
     progress: bool = True
     log: object = print
     extra_variants: list = field(default_factory=list)
@@ -394,14 +394,14 @@ def run_aot(cfg: AOTConfig) -> dict:
                                       **({"bf16_store": "bits"} if store == "bits" else {})})
         jobs += [{"variants": b, "cache": str(cache_dir) if cache_dir else None, "sass": True}
                  for b in _batches(check)]
-    if cfg.lazy_jit_check:
-        jobs.append({"lazy_jit_check": True, "variants": []})
+    if cfg.helpers_check:
+        jobs.append({"helpers_check": True, "variants": []})
     log(f"bench aot: {len(variants)} kernel variants ({', '.join(cfg.kernels)}; {', '.join(cfg.dtypes)}; "
         f"{', '.join(f'sm_{a}' for a in cfg.archs)})"
         f"{' + ' + str(len(check)) + ' for the bf16-store check' if check else ''}"
         f", {n_workers} worker processes, cache {cache_dir or 'off'}")
     results = run_jobs(jobs, n_workers, progress=cfg.progress)
-    lazy = next((r["lazy_jit_check"] for r in results if "lazy_jit_check" in r), None)
+    helpers = next((r["helpers_check"] for r in results if "helpers_check" in r), None)
     results = [r for r in results if "variant" in r]
     is_check = [r for r in results if r["variant"].get("purpose") == "bf16_store_check"]
     main = [r for r in results if r["variant"].get("purpose") != "bf16_store_check"]
@@ -421,7 +421,7 @@ def run_aot(cfg: AOTConfig) -> dict:
         "summary": summary,
         "gate": "PASS" if summary["failed"] == 0 else "FAIL",
         "bf16_store_check": bf16_store_check(is_check),
-        "lazy_jit_check": lazy,
+        "helpers_check": helpers,
         "roofline": RL.roofline(),
         "config": {"archs": [f"sm_{a}" for a in cfg.archs], "dtypes": list(cfg.dtypes), "kernels": list(cfg.kernels),
                    "widths": site_widths() if cfg.widths is None else list(cfg.widths), "inject": list(cfg.inject),
@@ -485,14 +485,15 @@ def markdown(r: dict) -> list[str]:
             L.append(f"| {b['kernel']} {b['family'] or ''} {b['map']} | {b['width']} | {b['arch']} | "
                      f"{b['regs_bits']} / {b['regs_cvt']} | {b['sass_bits']} / {b['sass_cvt']} | "
                      f"{b['store_bits_bits']} / {b['store_bits_cvt']} | {b['spill_bits']} / {b['spill_cvt']} |")
-    lz = r.get("lazy_jit_check")
-    if lz:
-        L += ["", "## Lazy `triton.jit` (built on first launch)", ""]
-        if "error" in lz:
-            L.append(f"error: {lz['error']}")
-        for k in lz.get("kernels", []):
-            L.append(f"- {k['kernel']}: lazily built {k['lazy_type']}, same cache key as `triton.jit` at import: "
-                     f"{k['same_cache_key']}, same PTX: {k['same_ptx']}; per-launch lookup {k['lookup_us']} µs (host)")
+    hc = r.get("helpers_check")
+    if hc:
+        L += ["", "## Shared device functions (`fusesteer/kernels/_device.py`)", ""]
+        if "error" in hc:
+            L.append(f"error: {hc['error']}")
+        for k in hc.get("kernels", []):
+            L.append(f"- {k['kernel']}: launches the {k['type']} decorated at import; calls {', '.join(k['helpers'])}; "
+                     f"compiled for sm_90: {k['calls']} call instructions, {k['funcs']} device functions in the PTX "
+                     "(inlined)")
     L += ["", "## Static roofline", ""] + RL.markdown(r["roofline"])
     L += ["", "## All variants", "", "| kernel | family | map | dtype | arch | W | warps | regs | spill | shared | "
           "load bits | store bits | table bits | bytes/row | status |", "|" + "---|" * 15]

@@ -124,7 +124,7 @@ def call_site_launch(v: dict):
             raise VariantError(f"{describe(v)}: bf16_store=bits needs dtype bf16")
         import inspect
 
-        params = list(inspect.signature(launch.fn).parameters)
+        params = list(inspect.signature(launch.fn.fn).parameters)
         outs = {params.index(n) for n, kind in REQUIRED_ROWS[kernel].items() if kind == "store"}
         launch.args = tuple(t.view(torch.int16) if i in outs else t for i, t in enumerate(launch.args))
         launch.constexprs = dict(launch.constexprs, OUT_BF16=True)
@@ -160,10 +160,10 @@ def specialize(launch, arch: int, align: bool = True):
         raise VariantError("the Triton interpreter is on in the AOT worker (TRITON_INTERPRET=1); it must run "
                            "with TRITON_INTERPRET=0 to compile")
     if align:
-        jf = C.build_kernel(launch.fn)  # the runtime's own lazy jit wrapper
+        jf = launch.fn  # the kernel object the runtime launches (decorated at import)
     else:  # the launch minus the alignment / divisibility specialization (the gate's self-test)
-        names = [p.name for p in triton.jit(launch.fn).params if not p.is_constexpr]
-        jf = triton.jit(launch.fn, do_not_specialize=names, do_not_specialize_on_alignment=names)
+        names = [p.name for p in launch.fn.params if not p.is_constexpr]
+        jf = triton.jit(launch.fn.fn, do_not_specialize=names, do_not_specialize_on_alignment=names)
     target = GPUTarget("cuda", int(arch), 32)
     backend = make_backend(target)
     binder = create_binder(jf.signature, jf.params, backend)
@@ -275,39 +275,31 @@ def compile_variant(v: dict, cache_dir: str | None = None, sass: bool = False) -
     }
 
 
-def lazy_jit_check() -> dict:
-    """Does the lazy ``triton.jit`` wrapping (:func:`fusesteer.kernels._common.build_kernel`) change what a GPU
-    runs or costs? Per kernel: the lazily built object is a plain ``JITFunction`` with the same cache key as
-    ``triton.jit`` applied at import, and one variant compiled through both gives the same PTX; plus the host
-    time of the per-launch lookup."""
-    import timeit
+def helpers_check() -> dict:
+    """Do the shared device functions (:mod:`fusesteer.kernels._device`) cost anything on a GPU? Per kernel: the
+    object launched is the ``JITFunction`` decorated at import, the device functions it calls, and whether one
+    variant compiled for sm_90 has them inlined (no ``call`` in the PTX, no ``.func`` besides the kernel)."""
+    import re
 
-    triton, *_ = _triton_api()
-    from fusesteer.kernels import _common as C
+    triton, *_, triton_compile, _ = _triton_api()
+    from triton.runtime.jit import JITFunction
 
     out = {"kernels": []}
     probes = ({"kernel": "add_rmsnorm", "dtype": "bf16", "arch": 90, "width": 4096, "map": "per-row",
                "family": "gemma"},
               {"kernel": "glu", "dtype": "bf16", "arch": 90, "width": 14336, "map": "per-row", "family": "llama"},
               {"kernel": "affine", "dtype": "bf16", "arch": 90, "width": 4096, "map": "uniform", "family": None})
-    *_, triton_compile, _ = _triton_api()
     for v in probes:
         launch = call_site_launch(v)
-        lazy = C.build_kernel(launch.fn)
-        eager = triton.jit(launch.fn)
-        _, src_lazy, target, options = specialize(launch, v["arch"])
-        ptx = []
-        for jf in (lazy, eager):
-            src = type(src_lazy)(jf, src_lazy.signature, {k: c for k, c in src_lazy.constants.items()},
-                                 src_lazy.attrs)
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ptx.append(triton_compile(src, target=target, options=options.__dict__).asm["ptx"])
-        n = 200_000
-        sec = timeit.timeit(lambda fn=launch.fn: C.build_kernel(fn), number=n) / n
-        out["kernels"].append({"kernel": v["kernel"], "lazy_type": type(lazy).__name__,
-                               "same_cache_key": lazy.cache_key == eager.cache_key,
-                               "same_ptx": ptx[0] == ptx[1], "lookup_us": round(sec * 1e6, 3)})
+        fn = launch.fn.fn
+        helpers = sorted(n for n in fn.__code__.co_names if isinstance(fn.__globals__.get(n), JITFunction))
+        _, src, target, options = specialize(launch, v["arch"])
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ptx = triton_compile(src, target=target, options=options.__dict__).asm["ptx"]
+        out["kernels"].append({"kernel": v["kernel"], "type": type(launch.fn).__name__, "helpers": helpers,
+                               "calls": len(re.findall(r"^\s*call", ptx, re.M)),
+                               "funcs": len(re.findall(r"^\.func\b|^\.visible \.func\b", ptx, re.M))})
     return out
 
 
@@ -327,11 +319,11 @@ def main() -> int:
         if not line.strip():
             continue
         job = json.loads(line)
-        if job.get("lazy_jit_check"):
+        if job.get("helpers_check"):
             try:
-                out.write(json.dumps({"id": job["id"], "results": [{"lazy_jit_check": lazy_jit_check()}]}) + "\n")
+                out.write(json.dumps({"id": job["id"], "results": [{"helpers_check": helpers_check()}]}) + "\n")
             except Exception as e:  # noqa: BLE001
-                out.write(json.dumps({"id": job["id"], "results": [{"lazy_jit_check": {
+                out.write(json.dumps({"id": job["id"], "results": [{"helpers_check": {
                     "error": f"{type(e).__name__}: {e}"}}]}) + "\n")
             continue
         results = []

@@ -12,20 +12,21 @@ Dispatch (per call, decided from the first input tensor's device and the kernel 
 
 The initial mode comes from the environment variable ``FUSESTEER_KERNELS`` (auto|triton|torch).
 
-How ``TRITON_INTERPRET`` is read (triton 3.x): ``triton.knobs.runtime.interpret`` re-reads the
-environment variable on every access (``getenv_bool``) unless a program assigned the knob, in
-which case the assigned value wins. ``@triton.jit`` however decides *at decoration time*
-whether to build an ``InterpretedFunction`` or a compiled ``JITFunction``: a kernel module
-decorated at import under one setting keeps it. To honour the variable no matter when Triton or
-this package was first imported, the kernels here are plain functions wrapped with
-``triton.jit`` lazily, on first use, once per interpreter setting (:func:`build_kernel`).
+How ``TRITON_INTERPRET`` is read (triton 3.x): ``@triton.jit`` decides *at decoration time*
+whether to build an ``InterpretedFunction`` or a compiled ``JITFunction``, and Triton's own library
+functions (``tl.sum`` ...) are decorated when Triton is imported. The kernels here and their shared device
+functions (:mod:`fusesteer.kernels._device`) are decorated when this package is imported
+(:func:`jit`), so the variable must be set before that (the test suite sets it in
+``tests/conftest.py``). :func:`interpreter_enabled` is true only when the kernels were built for the
+interpreter and the variable is still on; a setting changed after the import is reported, never run
+half-way (see :func:`use_triton`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -83,11 +84,33 @@ def kernel_mode(mode: str) -> Iterator[None]:
         set_kernel_mode(prev)
 
 
+#: Was Triton's interpreter on when the kernels were decorated (at this module's import)?
+INTERPRETED = HAVE_TRITON and bool(triton.knobs.runtime.interpret)
+
+
+def jit(fn):
+    """``triton.jit`` for the kernels and device functions of this package, applied at import. Every one is
+    built under the interpreter setting recorded in :data:`INTERPRETED`: a kernel and the helpers it calls
+    must be the same kind, so a setting that changed while the kernel modules were imported is an error."""
+    if bool(triton.knobs.runtime.interpret) != INTERPRETED:
+        raise KernelUnavailableError(
+            f"TRITON_INTERPRET changed while fusesteer.kernels was being imported ({fn.__name__}): set it "
+            "before importing fusesteer (or triton)"
+        )
+    return triton.jit(fn)
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton is importable and its interpreter is on (``TRITON_INTERPRET=1``)."""
+    """True when the kernels run under Triton's interpreter: they were built for it at import and
+    ``TRITON_INTERPRET`` is still on."""
     if not HAVE_TRITON:
         return False
-    return bool(triton.knobs.runtime.interpret)
+    return INTERPRETED and bool(triton.knobs.runtime.interpret)
+
+
+def _late_interpreter() -> bool:
+    """``TRITON_INTERPRET=1`` now, but the kernels were compiled for the GPU at import."""
+    return HAVE_TRITON and not INTERPRETED and bool(triton.knobs.runtime.interpret)
 
 
 def triton_available(device: Optional[torch.device | str] = None) -> bool:
@@ -117,23 +140,16 @@ def use_triton(device: torch.device) -> bool:
         raise KernelUnavailableError("kernel mode 'triton' but Triton is not installed")
     if device.type == "cuda" or interpreter_enabled():
         return True
+    if _late_interpreter():
+        raise KernelUnavailableError(
+            f"kernel mode 'triton' on {device.type} tensors: TRITON_INTERPRET=1 was set after "
+            "fusesteer.kernels was imported, so the kernels were built for the GPU compiler; set "
+            "TRITON_INTERPRET=1 before importing fusesteer (or triton)"
+        )
     raise KernelUnavailableError(
         f"kernel mode 'triton' on {device.type} tensors needs the Triton interpreter: "
         "set TRITON_INTERPRET=1 (or use mode 'auto' / 'torch')"
     )
-
-
-_BUILT: dict[tuple[Callable, bool], object] = {}
-
-
-def build_kernel(fn: Callable):
-    """``triton.jit(fn)`` built under the current interpreter setting, cached per setting."""
-    key = (fn, interpreter_enabled())
-    k = _BUILT.get(key)
-    if k is None:
-        k = triton.jit(fn)
-        _BUILT[key] = k
-    return k
 
 
 def next_pow2(n: int) -> int:
@@ -145,9 +161,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 class Launch:
-    """One kernel launch exactly as a host wrapper issues it: the kernel (the plain Python function
-    that :func:`build_kernel` wraps), the grid, the positional arguments, the constexpr
-    meta-parameters and ``num_warps``.
+    """One kernel launch exactly as a host wrapper issues it: the kernel (decorated with :func:`jit`),
+    the grid, the positional arguments, the constexpr meta-parameters and ``num_warps``.
 
     Each kernel file has one ``*_launch`` function that turns the wrapper's tensors into a
     ``Launch``; the wrapper runs it and the ahead-of-time compile check (``python -m bench aot``)
@@ -157,14 +172,13 @@ class Launch:
 
     __slots__ = ("fn", "grid", "args", "constexprs", "num_warps")
 
-    def __init__(self, fn: Callable, grid: tuple, args: tuple, constexprs: dict,
+    def __init__(self, fn, grid: tuple, args: tuple, constexprs: dict,
                  num_warps: int):
         self.fn, self.grid, self.args = fn, grid, args
         self.constexprs, self.num_warps = constexprs, num_warps
 
     def run(self) -> None:
-        kernel = build_kernel(self.fn)
-        kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        self.fn[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
 
 def row_num_warps(block: int, elem_bytes: int = 2) -> int:
@@ -319,7 +333,7 @@ def store_arg(out: torch.Tensor) -> torch.Tensor:
     and the bit-level rounding cost 38-192 extra SASS instructions per thread (+14-55%) and up to
     6 registers, for nothing, on sm_80/90/100.
     """
-    if out.dtype == torch.bfloat16 and interpreter_enabled():
+    if out.dtype == torch.bfloat16 and INTERPRETED:
         return out.view(torch.int16)
     return out
 

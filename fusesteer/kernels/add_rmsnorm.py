@@ -26,12 +26,15 @@ from typing import Optional
 
 import torch
 
+from ..formula import affine
 from . import _common as C
 
 if C.HAVE_TRITON:
-    import triton  # noqa: F401
     import triton.language as tl
 
+    from ._device import apply_map, store_row
+
+    @C.jit
     def _add_rmsnorm_kernel(
         r_ptr, d_ptr, s_ptr, n_ptr, w_ptr, dw_ptr, a_ptr, b_ptr, slot_ptr,
         W, S, eps,
@@ -56,21 +59,8 @@ if C.HAVE_TRITON:
             d = d * d_rstd * dw
         s = r + d
         if HAS_MAP:
-            sl = tl.load(slot_ptr + row).to(tl.int64)
-            ok = (sl >= 0) & (sl < S)
-            sl = tl.minimum(tl.maximum(sl, 0), S - 1)
-            a = tl.load(a_ptr + sl * W + cols, mask=cmask, other=1.0)
-            b = tl.load(b_ptr + sl * W + cols, mask=cmask, other=0.0)
-            s = a * s + b
-            s = tl.where(ok, s, float("nan"))
-        if OUT_BF16:
-            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
-            sb = s.to(tl.uint32, bitcast=True)
-            sb = sb + 0x7FFF + ((sb >> 16) & 1)
-            so = tl.where(s != s, 0x7FC0, sb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        else:
-            so = s.to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * W + cols, so, mask=cmask)
+            s = apply_map(s, a_ptr, b_ptr, slot_ptr, row, cols, cmask, W, S)
+        store_row(s_ptr, row * W, cols, s, cmask, OUT_BF16)
         if HAS_NORM:
             # masked lanes of s are exactly 0 (r = d = 0, a = 1, b = 0) and do not bias the mean
             w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -78,14 +68,7 @@ if C.HAVE_TRITON:
                 w = w + 1.0
             rstd = tl.rsqrt(tl.sum(s * s, axis=0) / W + eps)
             n = s * rstd * w
-            if OUT_BF16:
-                # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
-                nb = n.to(tl.uint32, bitcast=True)
-                nb = nb + 0x7FFF + ((nb >> 16) & 1)
-                no = tl.where(n != n, 0x7FC0, nb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-            else:
-                no = n.to(n_ptr.dtype.element_ty)
-            tl.store(n_ptr + row * W + cols, no, mask=cmask)
+            store_row(n_ptr, row * W, cols, n, cmask, OUT_BF16)
 
 
 OP = "add_map_rmsnorm"
@@ -116,7 +99,7 @@ def add_map_rmsnorm_reference(
     s = r + d
     if a_tab is not None:
         a, b = C.map_rows(a_tab, b_tab, slot)
-        s = a * s + b
+        s = affine(s, a, b)
     normed = None
     if norm_w is not None:
         normed = _rmsnorm_f32(s, norm_w, eps, gemma).to(residual.dtype).reshape(residual.shape)

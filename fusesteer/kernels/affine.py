@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import torch
 
+from ..formula import affine
 from . import _common as C
 
 if C.HAVE_TRITON:
     import triton.language as tl
 
+    from ._device import apply_map, store_row
+
+    @C.jit
     def _affine_kernel(
         x_ptr, y_ptr, a_ptr, b_ptr, slot_ptr,
         W, S,
@@ -30,24 +34,8 @@ if C.HAVE_TRITON:
         cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         cmask = cols < W
         x = tl.load(x_ptr + row * W + cols, mask=cmask, other=0.0).to(tl.float32)
-        # The slot is a scalar load; the table row is then plain pointer arithmetic. An
-        # out-of-range slot is clamped for the address (never reads outside the table) and the
-        # row becomes NaN, so the bug is loud (see check_slot_range).
-        sl = tl.load(slot_ptr + row).to(tl.int64)
-        ok = (sl >= 0) & (sl < S)
-        sl = tl.minimum(tl.maximum(sl, 0), S - 1)
-        a = tl.load(a_ptr + sl * W + cols, mask=cmask, other=1.0)
-        b = tl.load(b_ptr + sl * W + cols, mask=cmask, other=0.0)
-        y = a * x + b
-        y = tl.where(ok, y, float("nan"))
-        if OUT_BF16:
-            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
-            yb = y.to(tl.uint32, bitcast=True)
-            yb = yb + 0x7FFF + ((yb >> 16) & 1)
-            yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        else:
-            yo = y.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + row * W + cols, yo, mask=cmask)
+        y = apply_map(x, a_ptr, b_ptr, slot_ptr, row, cols, cmask, W, S)
+        store_row(y_ptr, row * W, cols, y, cmask, OUT_BF16)
 
 
 OP = "affine_map"
@@ -56,12 +44,10 @@ OP = "affine_map"
 def affine_map_reference(
     x: torch.Tensor, a_tab: torch.Tensor, b_tab: torch.Tensor, slot: torch.Tensor
 ) -> torch.Tensor:
-    """Torch oracle: ``(a_tab[slot] * x.float() + b_tab[slot]).to(x.dtype)``; no input checks."""
+    """Torch oracle: :func:`fusesteer.formula.affine` of each row with its table row; no input checks."""
     W = x.shape[-1]
-    x2 = x.reshape(-1, W).float()
     a, b = C.map_rows(a_tab, b_tab, slot)
-    y = a * x2 + b
-    return y.to(x.dtype).reshape(x.shape)
+    return affine(x.reshape(-1, W), a, b).reshape(x.shape)
 
 
 def affine_launch(x2: torch.Tensor, y: torch.Tensor, a_tab, b_tab, slot) -> C.Launch:

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..formula import affine
 from . import _common as C
 
 ACTS = ("silu", "gelu_tanh")
@@ -24,6 +25,9 @@ ACTS = ("silu", "gelu_tanh")
 if C.HAVE_TRITON:
     import triton.language as tl
 
+    from ._device import apply_map, store_row
+
+    @C.jit
     def _glu_kernel(
         g_ptr, u_ptr, y_ptr, a_ptr, b_ptr, slot_ptr,
         W, S,
@@ -44,21 +48,8 @@ if C.HAVE_TRITON:
             h = g / (1.0 + tl.exp(-2.0 * z))
         y = h * u
         if HAS_MAP:
-            sl = tl.load(slot_ptr + row).to(tl.int64)
-            ok = (sl >= 0) & (sl < S)
-            sl = tl.minimum(tl.maximum(sl, 0), S - 1)
-            a = tl.load(a_ptr + sl * W + cols, mask=cmask, other=1.0)
-            b = tl.load(b_ptr + sl * W + cols, mask=cmask, other=0.0)
-            y = a * y + b
-            y = tl.where(ok, y, float("nan"))
-        if OUT_BF16:
-            # interpreter: fp32 -> bf16 round-to-nearest-even on the bits (_common.store_arg)
-            yb = y.to(tl.uint32, bitcast=True)
-            yb = yb + 0x7FFF + ((yb >> 16) & 1)
-            yo = tl.where(y != y, 0x7FC0, yb >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        else:
-            yo = y.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + row * W + cols, yo, mask=cmask)
+            y = apply_map(y, a_ptr, b_ptr, slot_ptr, row, cols, cmask, W, S)
+        store_row(y_ptr, row * W, cols, y, cmask, OUT_BF16)
 
 
 OP = "glu_map"
@@ -78,7 +69,8 @@ def glu_map_reference(
     slot: Optional[torch.Tensor] = None,
     act: str = "silu",
 ) -> torch.Tensor:
-    """Torch oracle: ``(a[slot] * (act(gate.float()) * up.float()) + b[slot]).to(gate.dtype)``.
+    """Torch oracle: :func:`fusesteer.formula.affine` of ``act(gate.float()) * up.float()`` with the
+    table rows, then cast to gate's dtype.
 
     No input checks beyond ``act``."""
     if act not in ACTS:
@@ -87,7 +79,7 @@ def glu_map_reference(
     y = _act_reference(gate.reshape(-1, W).float(), act) * up.reshape(-1, W).float()
     if a_tab is not None:
         a, b = C.map_rows(a_tab, b_tab, slot)
-        y = a * y + b
+        y = affine(y, a, b)
     return y.to(gate.dtype).reshape(gate.shape)
 
 

@@ -34,13 +34,6 @@ def slot_of(plan_id: int, generated: bool) -> int:
     return 0 if plan_id == 0 else 2 * plan_id - 1 + int(generated)
 
 
-def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x' = a*x + b in fp32 with one rounding (addcmul), cast back to x's dtype: the one steering formula."""
-    if x.dtype == torch.float32:
-        return torch.addcmul(b, x, a)
-    return torch.addcmul(b, x.float(), a).to(x.dtype)
-
-
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ...formula import affine
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import hook_site
-from ..tables import SiteTable, affine
+from ..tables import SiteTable
 from .base import Backend
 
 
