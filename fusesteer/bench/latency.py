@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import fusesteer as fs
+from fusesteer.runtime.backends.base import fused_backend_name
 from fusesteer.runtime.compat import output_cache, with_cache
 from fusesteer.timing import (
     ArmResult,
@@ -75,10 +76,6 @@ class LatencyConfig:
     log: object = print
     checkpoint: object = None  # called with the partial result after every scenario (long runs)
     compiled: bool = False  # also time static-cache torch.compile decode steps on CPU (inductor; minutes)
-
-
-def _fused_name(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch"
 
 
 def _arms_for(cfg: LatencyConfig, model, scenario: str, plans: dict, device) -> tuple[dict, list]:
@@ -218,7 +215,7 @@ def run_latency(cfg: LatencyConfig) -> dict:
     else:
         loaded = C.real_model(cfg.model, "fp32", device)
     model = loaded.model
-    fused = _fused_name(device)
+    fused = fused_backend_name(device)
     plans = {
         "blend+gains": C.blend_gains_plan(model, seed=cfg.seed, k=cfg.k),
         "additive": C.additive_plan(model, seed=cfg.seed),

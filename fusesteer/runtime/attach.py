@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from ..errors import AttachError, NonFiniteActivationError, PlanError
-from .backends.base import InstallContext
+from .backends.base import InstallContext, fused_backend_name, model_device
 from .families import SUPPORTED_CLASSES, layer_device, model_parts
 from .guard import FiniteGuard
 from .patching import Patcher
@@ -56,8 +56,7 @@ def _get_backend(name: str, model, parts=None):
             from .backends.auto import AutoBackend
             return AutoBackend()
         except ImportError:
-            dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-            return _get_backend("triton" if dev.type == "cuda" else "torch", model, parts)
+            return _get_backend(fused_backend_name(model_device(model)), model, parts)
     raise AttachError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 

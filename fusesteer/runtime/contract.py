@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..errors import AttachError, ContractError
+from .backends.base import fused_backend_name, model_device
 from .compat import (
     TRANSFORMERS_VERSION,
     layer_positions,
@@ -44,14 +45,7 @@ def _fused_name(handle) -> str | None:
     if name in ("torch", "triton", "reference"):
         return name
     if name == "auto":
-        dev = next((p.device for p in handle.model.parameters()), torch.device("cpu"))
-        if dev.type == "cuda":
-            try:
-                from .backends import triton as _  # noqa: F401
-                return "triton"
-            except ImportError:
-                return "torch"
-        return "torch"
+        return fused_backend_name(model_device(handle.model))
     return None  # fold: no patched forwards
 
 

@@ -16,10 +16,9 @@ import inspect
 import logging
 from collections import OrderedDict
 
-import torch
-
 from ..errors import AttachError
 from ..runtime.attach import attach
+from ..runtime.backends.base import fused_backend_name, model_device
 from ..runtime.plan import SteeringPlan
 
 log = logging.getLogger("fusesteer.serve")
@@ -36,14 +35,7 @@ def resolve_backend(backend: str, model) -> str:
     per-row plans, so the server never picks 'fold'."""
     if backend != "auto":
         return backend
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if dev.type == "cuda":
-        try:
-            import triton  # noqa: F401
-            return "triton"
-        except ImportError:
-            return "torch"
-    return "torch"
+    return fused_backend_name(model_device(model))
 
 
 class Steerer:

@@ -21,24 +21,18 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..patching import Patcher
 from ..sites import in_layer_order
-from .base import Backend, InstallContext
+from .base import Backend, InstallContext, fused_backend_name, model_device
 from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 
 log = logging.getLogger("fusesteer")
 
 
 def _fused_backend(handle):
-    dev = next((p.device for p in handle.model.parameters()), torch.device("cpu"))
-    if dev.type == "cuda":
-        try:
-            from .triton import TritonBackend
-            return "triton", TritonBackend()
-        except ImportError:
-            pass
+    if fused_backend_name(model_device(handle.model)) == "triton":
+        from .triton import TritonBackend
+        return "triton", TritonBackend()
     from .torch import TorchBackend
     return "torch", TorchBackend()
 

@@ -8,7 +8,23 @@ routing (``on_route``) and react to values changed in place (``on_update``).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+
+import torch
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def fused_backend_name(device) -> str:
+    """The fused backend ``auto`` (and the server) runs on ``device``: ``triton`` on CUDA when Triton is
+    installed, ``torch`` otherwise."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch"
 
 
 @dataclass
