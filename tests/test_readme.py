@@ -20,6 +20,22 @@ def test_readme_test_command_is_what_ci_runs():
     assert ci.index("torch==2.13.0") < ci.index('-e ".[test]"')
 
 
+def test_ci_skips_only_tests_that_exist():
+    """Every test the oldest-transformers pass of .ci/run deselects or ignores exists (a renamed test would
+    silently run there again, or a removed file make the pass skip nothing)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    variables = dict(re.findall(r"^(\w+)=(tests/\S+)$", ci, re.M))
+    deselected = re.findall(r"--deselect (\S+)", ci)
+    ignored = re.findall(r"--ignore=(\S+)", ci)
+    assert deselected and ignored
+    for path in ignored:
+        assert (ROOT / path).is_file(), path
+    for item in deselected:
+        path, name = item.split("::")
+        path = variables.get(path.lstrip("$"), path)
+        assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(), re.M), item
+
+
 def test_public_api_names():
     for name in ("SteeringPlan", "attach", "PlanError", "SITES", "ModelSpec"):
         assert hasattr(fs, name)
