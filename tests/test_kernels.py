@@ -25,6 +25,7 @@ Verified only through the interpreter (what could differ on a GPU):
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +168,7 @@ except K.KernelUnavailableError as e:
 def test_a_late_interpreter_setting_is_reported():
     """Kernels built for the compiler at import (no TRITON_INTERPRET), the variable set afterwards: on CPU
     tensors auto mode takes the torch reference and forced Triton says why it cannot run."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", LATE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ERROR:" in r.stdout and "set after fusesteer.kernels was imported" in r.stdout, r.stdout

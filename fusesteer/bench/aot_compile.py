@@ -281,7 +281,7 @@ def helpers_check() -> dict:
     variant compiled for sm_90 has them inlined (no ``call`` in the PTX, no ``.func`` besides the kernel)."""
     import re
 
-    triton, *_, triton_compile, _ = _triton_api()
+    *_, triton_compile, _ = _triton_api()
     from triton.runtime.jit import JITFunction
 
     out = {"kernels": []}
