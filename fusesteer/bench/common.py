@@ -88,10 +88,12 @@ def machine_info(device: torch.device) -> dict:
         "load_average_1_5_15": load_average(),
         "device": str(device),
         "gpu": None,
-        "versions": {name: _version(dist) for name, dist in (
-            ("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
+        # torch: the running build's own version, with its local tag (+cpu, +cu132): a CUDA wheel's
+        # distribution metadata leaves the tag out
+        "versions": {"torch": torch.__version__, **{name: _version(dist) for name, dist in (
+            ("triton", "triton"), ("transformers", "transformers"),
             ("bitsandbytes", "bitsandbytes"), ("numpy", "numpy"), ("fusesteer", "fusesteer"),
-            ("steering-vectors", "steering-vectors"), ("repeng", "repeng"))},
+            ("steering-vectors", "steering-vectors"), ("repeng", "repeng"))}},
         "fusesteer_commit": _git_commit(),
     }
     try:
