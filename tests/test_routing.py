@@ -234,3 +234,91 @@ def test_add_and_remove_plans_without_repatching(tiny_models, backend):
     with fs.attach(model, {}, backend=backend, capacity=1, sites=[(0, "layer.out")]) as h:
         with pytest.raises(fs.PlanError, match="does not patch"):
             h.add_plan("calm", calm)
+
+
+# ---- rows past the routing tensors' first size, lengths that do not match the batch, route_tokens ---------
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("how", ["int", "list", "learned"])
+def test_gating_past_the_initial_row_count(tiny_models, backend, how):
+    """70 copies of one prompt (more rows than the per-row tensors start with): every row is gated alike."""
+    model = tiny_models("llama")
+    plan = random_plan(model, ["layer.out"], seed=3, gating="generated", scale=1.0)
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    batch = ids.expand(70, 6).contiguous()
+    with fs.attach(model, plan, backend=backend) as h:
+        if how != "learned":
+            h.set_prompt_length(3)
+        with torch.no_grad():
+            one = model(ids).logits
+            if how == "list":
+                h.set_prompt_length([3] * 70)
+            got = model(batch).logits
+    assert (got - got[:1]).abs().amax(dim=(1, 2)).max().item() == 0.0  # rows 64..69 gated like row 0
+    assert (got[0] - one[0]).abs().max().item() < 1e-4  # and row 0 like the prompt alone (batching rounds)
+
+
+def test_prompt_lengths_must_match_the_batch(tiny_models):
+    model = tiny_models("llama")
+    plan = random_plan(model, ["layer.out"], seed=3, gating="generated")
+    ids = torch.randint(1, model.config.vocab_size, (3, 5))
+    with fs.attach(model, plan, backend="torch") as h:
+        h.set_prompt_length([3, 3])
+        with pytest.raises(fs.AttachError, match="2 lengths but the batch has 3 rows"):
+            model(ids)
+        h.set_prompt_length([3, 3, 3])
+        with torch.no_grad():
+            model(ids)
+        for bad in (2 ** 63, 10 ** 30, [2 ** 63], -1):
+            with pytest.raises(fs.AttachError, match=r"set_prompt_length.*\[0, 2\*\*62\)"):
+                h.set_prompt_length(bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_route_tokens_keeps_its_plans_attached(tiny_models, backend):
+    """A plan referenced by route_tokens() cannot be removed (its id would be reused by the next add_plan)."""
+    model = tiny_models("qwen2")
+    calm, bold = _plans(model)
+    ids, _ = _batch(model, [6, 6])
+    with fs.attach(model, {}, backend=backend, capacity=2, sites="all") as h:
+        h.add_plan("calm", calm)
+        h.route_tokens(torch.tensor([[1], [0]]), torch.tensor([[4], [4]]))
+        with torch.no_grad():
+            want = model(ids).logits
+        with pytest.raises(fs.AttachError, match="routed to by route_tokens"):
+            h.remove_plan("calm")
+        h.add_plan("bold", bold)  # takes the other id
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
+        h.route([None, None])
+        h.remove_plan("calm")
+
+
+def test_route_tokens_refuses_what_it_cannot_route(tiny_models):
+    model = tiny_models("llama")
+    calm, _ = _plans(model)
+    ids, _ = _batch(model, [6, 6])
+    with fs.attach(model, {"calm": calm, "other": calm}, backend="torch") as h:
+        for bad in (torch.tensor([True]), torch.tensor([1 + 0j]), torch.tensor([1.0]), torch.zeros(0, dtype=torch.long),
+                    torch.ones(1, 1, 1, dtype=torch.long), [1]):
+            with pytest.raises(fs.AttachError, match="route_tokens: plan_ids must be a non-empty integer tensor"):
+                h.route_tokens(bad, torch.tensor([3]))
+        with pytest.raises(fs.AttachError, match=r"prompt_lens must be in \[0, 2\*\*62\)"):
+            h.route_tokens(torch.tensor([1]), torch.tensor([-1]))
+        h.route_tokens(torch.tensor([1, 1, 1]), torch.tensor([3]))  # broadcasts to [batch, 3] only
+        with pytest.raises(fs.AttachError, match=r"plan_ids has shape \[3\].*\[batch, seq\] = \[2, 6\]"):
+            model(ids)
+
+
+def test_unrouted_forward_says_what_is_attached(tiny_models):
+    model = tiny_models("llama")
+    calm, _ = _plans(model)
+    ids, _ = _batch(model, [4])
+    with fs.attach(model, {}, backend="torch", capacity=2, sites="all") as h:
+        with pytest.raises(fs.AttachError, match="no plan is attached to this handle yet"):
+            model(ids)
+        h.add_plan("calm", calm)
+        with pytest.raises(fs.AttachError, match="plan 'calm' was added with add_plan"):
+            model(ids)
+        h.add_plan("two", calm)
+        with pytest.raises(fs.AttachError, match="2 plans are attached"):
+            model(ids)

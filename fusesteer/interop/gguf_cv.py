@@ -173,13 +173,24 @@ def _open_reader(path: str):
         raise ControlVectorError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+def _cv_path(path) -> str:
+    """``path`` as a str, or ControlVectorError for what is not a usable file path."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ControlVectorError(f"expected a control vector file path (str or os.PathLike), got "
+                                 f"{type(path).__name__} {path!r}")
+    path = os.fsdecode(os.fspath(path))
+    if not path or "\0" in path:
+        raise ControlVectorError(f"expected a control vector file path, got {path!r}")
+    return path
+
+
 def inspect_control_vector(path: str | os.PathLike) -> tuple[dict, dict[int, np.ndarray]]:
     """Read and validate one GGUF control vector: (header info, {layer: float32 vector}).
 
     Checks everything that does not need the model: architecture, required keys and their types, tensor
     names, dtype (F32), rank (1-D), equal lengths, finiteness, duplicate layers.
     """
-    path = os.fspath(path)
+    path = _cv_path(path)
     reader = _open_reader(path)
     try:
         present, arch, types = _field_value(reader, KEY_ARCH, path)
@@ -277,7 +288,7 @@ def read_control_vectors(files: Iterable, spec_or_model=None, layer_range=None,
                 path, scale = item
             except (TypeError, ValueError):
                 raise ControlVectorError(f"expected a path or a (path, scale) pair, got {item!r}") from None
-        path = os.fspath(path)
+        path = _cv_path(path)
         items.append((path, _check_scale(scale, path)))
     if not items:
         raise ControlVectorError("no control vector files given")

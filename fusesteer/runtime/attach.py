@@ -14,11 +14,12 @@ from .families import SUPPORTED_CLASSES, layer_device, model_parts
 from .guard import FiniteGuard
 from .patching import Patcher
 from .plan import SITES, ModelSpec, SteeringPlan
-from .tables import Router, build_tables, plan_keys
+from .tables import Router, build_tables, map_keys
 
 log = logging.getLogger("fusesteer")
 
 BACKENDS = ("auto", "reference", "torch", "triton", "fold")
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _HANDLE_ATTR = "_fusesteer_handle"
 
 
@@ -60,9 +61,13 @@ def _get_backend(name: str, model, parts=None):
     raise AttachError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
+MAX_LENGTH = 2 ** 62  # prompt lengths and positions are int64 on the device
+MAX_CAPACITY = 2 ** 16  # plans one handle can hold
+
+
 def _check_length(v, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-        raise AttachError(f"{where}: expected a prompt length as a non-negative integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < MAX_LENGTH:
+        raise AttachError(f"{where}: expected a prompt length as an integer in [0, 2**62), got {v!r}")
     return int(v)
 
 
@@ -92,29 +97,34 @@ class SteeringHandle:
         self.parts = model_parts(model)
         self.spec = ModelSpec.from_model(model)
         self.backend_name = backend
+        self._compiled: dict[int, tuple] = {}  # id(bound plan) -> (plan, its phase maps): computed once per plan
         self.plans = {}
         for name, p in plans.items():
             self.plans[name] = self._bound(name, p)
         self.plan_names = list(self.plans)
         self.capacity = len(self.plans) if capacity is None else capacity
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < max(1, len(plans)):
-            raise AttachError(f"capacity={capacity!r}: expected an integer >= the number of plans "
-                              f"({max(1, len(plans))})")
+        if (isinstance(self.capacity, bool) or not isinstance(self.capacity, int)
+                or not max(1, len(plans)) <= self.capacity <= MAX_CAPACITY):
+            raise AttachError(f"capacity={capacity!r}: expected an integer from the number of plans "
+                              f"({max(1, len(plans))}) to {MAX_CAPACITY}")
         self._ids = {n: i + 1 for i, n in enumerate(self.plan_names)}
         default_id = self._ids[default] if default is not None else None
         self._devices = {i: layer_device(l) for i, l in enumerate(self.parts.layers)}
         first = next((d for d in self._devices.values() if d is not None), torch.device("cpu"))
         self.router = Router(self.capacity, default_id, device=first)
+        self.router.plan_names = self.plan_names
         self.patcher = Patcher()
         self.check_finite = check_finite
         self.verify = verify
         self.guard = FiniteGuard(check_finite, self.spec)
         for name, p in self.plans.items():
-            self.guard.arm(name, p, "attach")
+            self.guard.arm(name, p, "attach", maps=self._maps(p))
         self.attached = False
         self._depth = 0
-        self.keys = plan_keys(self.plans.values()) | self._extra_keys(sites)
-        self.tables = build_tables(self._by_id(self.plans), self.spec, self._devices, self.keys, self.capacity)
+        self.keys = map_keys(self._maps(p) for p in self.plans.values()) | self._extra_keys(sites)
+        by_id = self._by_id(self.plans)
+        self.tables = build_tables(by_id, self.spec, self._devices, self.keys, self.capacity,
+                                   maps={i: self._maps(p) for i, p in by_id.items()})
         self._written = self._by_id(self.plans)  # plan id -> the plan whose values its table rows hold
         self.backend = _get_backend(backend, model, self.parts)
         self.report: dict = {}
@@ -126,21 +136,31 @@ class SteeringHandle:
         if not isinstance(p, SteeringPlan):
             raise PlanError(f"plan {name!r}: expected a SteeringPlan, got {type(p).__name__}")
         try:
-            p.validate()  # well-formed before it is copied (against its own spec, if any)
-            bound = p.copy().bind(self.spec)
+            bound = p.copy().bind(self.spec)  # bind() validates every entry of the copy
             for i, e in enumerate(bound.entries):  # every site exists on its layer (MoE: no down_proj on sparse ones)
                 why = self.parts.site_problem(e.layer, e.site)
                 if why is not None:
                     raise PlanError(f"{e.describe(i)}: {why}")
+            self._compiled[id(bound)] = (bound, bound.phase_maps(self.spec))
             return bound
         except PlanError as e:
             raise PlanError(f"plan {name!r}: {e}") from None
+
+    def _maps(self, plan: SteeringPlan) -> dict:
+        """The phase maps of a plan bound by this handle (composed once, when it was bound)."""
+        got = self._compiled.get(id(plan))
+        if got is None or got[0] is not plan:
+            got = self._compiled[id(plan)] = (plan, plan.phase_maps(self.spec))
+        return got[1]
 
     def _extra_keys(self, sites) -> set:
         if sites is None:
             return set()
         if sites == "all":  # every site each layer has
             return {(layer, site) for layer in range(self.spec.num_layers) for site in self.parts.sites_of(layer)}
+        if isinstance(sites, (str, bytes, Mapping)) or not hasattr(sites, "__iter__"):
+            raise AttachError(f"sites: expected 'all' or a list of (layer, site) pairs, got {type(sites).__name__} "
+                              f"{sites!r}")
         keys = set()
         for k in sites:
             if (not isinstance(k, tuple) or len(k) != 2 or not isinstance(k[0], int) or isinstance(k[0], bool)
@@ -162,6 +182,7 @@ class SteeringHandle:
             raise AttachError("this model already has a fusesteer plan attached; detach it first, or combine "
                               "plans into one with plan.extend(other) (entries compose in order) or attach "
                               "them together as {name: plan} with per-row routing")
+        self.backend.check(self)
         if self.verify:
             from .contract import verify_contract
             self.contract_ms = verify_contract(self)
@@ -192,6 +213,21 @@ class SteeringHandle:
                             f"the model, then attach again")
                 return _orig(fn, *args, **kwargs)
             self.patcher.set_attr(mod, "_apply", guarded)
+            self.patcher.set_attr(mod, "load_state_dict", self._guarded_load(mod))
+
+    def _guarded_load(self, mod):
+        """``mod.load_state_dict`` refused, before anything is loaded, while plan values are folded into the
+        weights: detach would put the pre-attach weights back over what was loaded."""
+        orig = mod.load_state_dict
+
+        def load_state_dict(*args, **kwargs):
+            if self.attached and self.backend.holds_weights():
+                raise AttachError(
+                    f"cannot load a state dict into {type(mod).__name__} while a fusesteer plan is folded into the "
+                    f"model's weights (backend {self.backend_name!r}): nothing was loaded. Detach first "
+                    f"(handle.detach() or leave the with block), load, then attach again")
+            return orig(*args, **kwargs)
+        return load_state_dict
 
     def _live(self, what: str) -> None:
         if not self.attached:
@@ -278,12 +314,18 @@ class SteeringHandle:
         ``prompt_lens[t]``."""
         self._live("route_tokens()")
         for what, t in (("plan_ids", plan_ids), ("prompt_lens", prompt_lens)):
-            if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dim() > 2:
-                raise AttachError(f"route_tokens: {what} must be an integer tensor of at most 2 dims")
+            if not isinstance(t, torch.Tensor) or t.dtype not in _INT_DTYPES or t.dim() > 2 or t.numel() == 0:
+                got = f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else \
+                    type(t).__name__
+                raise AttachError(f"route_tokens: {what} must be a non-empty integer tensor (int8..int64 or "
+                                  f"uint8) of at most 2 dims, broadcastable to [batch, seq]; got {got}")
         valid = sorted(set(self._ids.values()) | {0})
-        bad = ~torch.isin(plan_ids.cpu(), torch.tensor(valid))
+        bad = ~torch.isin(plan_ids.cpu().to(torch.int64), torch.tensor(valid))
         if bool(bad.any()):
             raise AttachError(f"route_tokens: plan id {int(plan_ids.cpu()[bad][0])} is not attached; ids: {valid}")
+        lens = prompt_lens.cpu().to(torch.int64)
+        if bool((lens < 0).any()) or bool((lens >= MAX_LENGTH).any()):
+            raise AttachError("route_tokens: prompt_lens must be in [0, 2**62)")
         self._before_route(sorted(set(plan_ids.cpu().reshape(-1).tolist())))
         self.router.set_tokens(plan_ids, prompt_lens)
         return self
@@ -328,7 +370,7 @@ class SteeringHandle:
         if self.backend.static:
             raise AttachError(f"backend {self.backend_name!r} bakes values into weights; detach and attach again")
         plan = self._bound(name, plan)
-        missing = sorted(plan_keys([plan]) - self.keys)
+        missing = sorted(map_keys([self._maps(plan)]) - self.keys)
         if missing:
             raise PlanError(f"plan {name!r} acts at (layer, site) {missing[0]} which this handle does not patch; "
                             f"attach with sites='all' (or list the sites) to add plans there later")
@@ -339,7 +381,7 @@ class SteeringHandle:
                               f"with a larger capacity")
         old = dict(self.plans)
         self._commit({**old, name: plan}, old, ids={**self._ids, name: free})
-        self.guard.arm(name, plan, "add_plan()")
+        self.guard.arm(name, plan, "add_plan()", maps=self._maps(plan))
         return free
 
     def remove_plan(self, name: str) -> None:
@@ -348,8 +390,11 @@ class SteeringHandle:
         pid = self.plan_id(name)
         if pid == 0:
             raise AttachError("remove_plan: expected a plan name, got None")
-        if self.router.host_rows is not None and pid in self.router.host_rows:
-            raise AttachError(f"remove_plan: plan {name!r} is routed to a batch row; route() without it first")
+        r = self.router
+        if (r.tokens is not None or r.host_rows is not None) and pid in r.plans_in_use():
+            how = "route_tokens()" if r.tokens is not None else "route()"
+            raise AttachError(f"remove_plan: plan {name!r} is routed to by {how}; route without it first (its id "
+                              f"would be reused by the next add_plan(), and those rows would run that plan)")
         if self.router.default_plan == pid:
             self.router.default_plan = None
             self.router.set_rows(self.router.host_rows)
@@ -381,19 +426,21 @@ class SteeringHandle:
         if self.backend.static:
             raise AttachError(f"backend {self.backend_name!r} bakes values into weights; detach and attach again")
         plan = self._bound(name, plan)
-        outside = sorted(plan_keys([plan]) - self.keys)
+        outside = sorted(map_keys([self._maps(plan)]) - self.keys)
         if outside:
             raise AttachError(f"update() can only change values at the (layer, site) pairs this handle patches; "
                               f"{outside[0]} is not one of them: detach and attach again (or attach with sites=...) "
                               f"to change where the plan acts")
         old = dict(self.plans)
         self._commit({**old, name: plan}, old)
-        self.guard.arm(name, plan, "update()", previous=old[name])
+        self.guard.arm(name, plan, "update()", previous=old[name], maps=self._maps(plan))
 
     def _set_plans(self, plans: dict, ids: dict) -> None:
         self._ids = ids
-        self.plan_names = sorted(ids, key=ids.get)
+        self.plan_names = self.router.plan_names = sorted(ids, key=ids.get)
         self.plans = plans
+        live = {id(p) for p in plans.values()}  # keep the compiled maps of attached plans only
+        self._compiled = {k: v for k, v in self._compiled.items() if k in live}
         self._write_tables()
 
     def _commit(self, plans: dict, old: dict, ids: dict | None = None) -> None:
@@ -423,7 +470,7 @@ class SteeringHandle:
 
     def _write_plan(self, plan_id: int, plan: SteeringPlan | None) -> None:
         """Only the rows of one plan id (add_plan / remove_plan): the other plans' rows are not touched."""
-        maps = plan.phase_maps(self.spec) if plan is not None else {}
+        maps = self._maps(plan) if plan is not None else {}
         for k, table in self.tables.items():
             table.write_plan(plan_id, maps.get(k))
 

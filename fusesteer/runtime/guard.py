@@ -19,10 +19,11 @@ import torch
 from .plan import PHASES, SteeringPlan
 
 
-def plan_phases(plan: SteeringPlan, spec) -> tuple[set, bool]:
-    """(phases where the plan's map is not the identity somewhere, whether both phases map alike)."""
+def plan_phases(plan: SteeringPlan, spec, maps=None) -> tuple[set, bool]:
+    """(phases where the plan's map is not the identity somewhere, whether both phases map alike); ``maps``:
+    the plan's phase maps when the caller has them already."""
     phases = set()
-    for m in plan.phase_maps(spec).values():
+    for m in (plan.phase_maps(spec) if maps is None else maps).values():
         for ph in PHASES:
             a, b = m[ph]
             if not (bool((a == 1).all()) and bool((b == 0).all())):
@@ -43,7 +44,8 @@ class FiniteGuard:
         self._marks: list = []
 
     # ---- arming ------------------------------------------------------------------------------------
-    def arm(self, name: str, plan: SteeringPlan, origin: str, previous: SteeringPlan | None = None) -> None:
+    def arm(self, name: str, plan: SteeringPlan, origin: str, previous: SteeringPlan | None = None,
+            maps=None) -> None:
         """``plan`` takes effect under ``name`` (``previous``: the values it replaces, for a rollback)."""
         if not self.enabled:
             return
@@ -53,7 +55,7 @@ class FiniteGuard:
             pending = set(self.pending.get(name, ()))
             self.fallback[name] = (previous, pending, self.origin.get(name, "attach"),
                                    self.fallback.get(name) if pending else None)
-        self.pending[name], self.free[name] = plan_phases(plan, self.spec)
+        self.pending[name], self.free[name] = plan_phases(plan, self.spec, maps)
         self.origin[name] = origin
         if not self.pending[name]:
             self.fallback.pop(name, None)

@@ -29,6 +29,21 @@ def foreign_forward(module: nn.Module, skipped: bool) -> str | None:
     return None
 
 
+def foreign_hooks(module: nn.Module, kind: str) -> str | None:
+    """The forward hooks (``kind="output"``: forward hooks, global ones included) or forward pre-hooks
+    (``kind="input"``) another library put on ``module``, named for an error message; None if there are none."""
+    from torch.nn.modules import module as _m
+
+    if kind == "output":
+        hooks = list(_m._global_forward_hooks.values()) + list(module._forward_hooks.values())
+    else:
+        hooks = list(_m._global_forward_pre_hooks.values()) + list(module._forward_pre_hooks.values())
+    if not hooks:
+        return None
+    what = "forward hook" if kind == "output" else "forward pre-hook"
+    return f"{len(hooks)} {what}{'s' if len(hooks) > 1 else ''} ({', '.join(_name(h) for h in hooks[:3])})"
+
+
 def _name(fn) -> str:
     f = getattr(fn, "func", fn)  # functools.partial
     return repr(getattr(f, "__qualname__", getattr(f, "__name__", "?")))

@@ -116,6 +116,11 @@ def load_plan(path: str | os.PathLike) -> SteeringPlan:
     return plan_from_bytes(data, source=path)
 
 def plan_from_bytes(data: bytes, source: str = "<bytes>") -> SteeringPlan:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PlanError(f"SteeringPlan.from_bytes() expects the bytes of a plan file, got {type(data).__name__}"
+                        + (" (read the file in binary mode, or use SteeringPlan.load(path))"
+                           if isinstance(data, str) else ""))
+    data = bytes(data)
     header, tensors = _read_safetensors(data, source)
     return _plan_from_header(header, tensors, source)
 
@@ -146,6 +151,8 @@ def _path_arg(path, verb: str) -> str:
         path = os.fsdecode(path)
     if not path:
         raise PlanError(f"SteeringPlan.{verb}() got an empty path")
+    if "\0" in path:
+        raise PlanError(f"SteeringPlan.{verb}() got a path with a NUL character: {path!r}")
     return path
 
 
@@ -208,7 +215,8 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
     if not isinstance(meta["fusesteer"], str):
         raise PlanError(f"{source}: metadata 'fusesteer' must be a JSON string")
     try:
-        header = json.loads(meta["fusesteer"], parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(meta["fusesteer"], parse_constant=_reject_constant, parse_float=_finite_float,
+                            object_pairs_hook=_no_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise PlanError(f"{source}: plan header is not valid JSON ({e})") from None
     if len(st_header) > 3 * MAX_ENTRIES:
@@ -249,6 +257,15 @@ def _read_safetensors(data: bytes, source: str) -> tuple[dict, dict[str, torch.T
 def _fits_f32(v) -> bool:
     """A JSON number that is finite and stays finite as float32 (ints of any size included)."""
     return abs(v) <= F32_MAX if isinstance(v, int) else (math.isfinite(v) and abs(v) <= F32_MAX)
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number literal as a float; one that overflows (1e400) is refused, like NaN/Infinity: the plan
+    could be loaded but never saved again."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} is out of the float range")
+    return v
 
 
 def _reject_constant(name):

@@ -94,10 +94,11 @@ def _row_flags(A: torch.Tensor, B: torch.Tensor):
     return ident, addit, free
 
 
-def host_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, keys, capacity: int) -> dict:
-    """{(layer, site): (A, B)} float32 host tensors for plans {plan id: plan} over the given keys."""
+def host_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, keys, capacity: int, maps=None) -> dict:
+    """{(layer, site): (A, B)} float32 host tensors for plans {plan id: plan} over the given keys (``maps``:
+    their phase maps {plan id: maps} when the caller has them already)."""
     n_slots = 1 + 2 * capacity
-    maps = {pid: p.phase_maps(spec) for pid, p in plans.items()}
+    maps = {pid: p.phase_maps(spec) for pid, p in plans.items()} if maps is None else maps
     out = {}
     for key in keys:
         width = spec.site_width(key[1])
@@ -116,15 +117,39 @@ def plan_keys(plans) -> set:
     return {k for p in plans for k in p.phase_maps()}
 
 
+def map_keys(maps) -> set:
+    """The (layer, site) pairs of several plans' phase maps."""
+    return {k for m in maps for k in m}
+
+
 def build_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, devices: dict[int, torch.device], keys,
-                 capacity: int) -> dict:
+                 capacity: int, maps=None) -> dict:
     """Compile plans {plan id: plan} into {(layer, site): SiteTable} over ``keys``."""
+    try:
+        return _build_tables(plans, spec, devices, keys, capacity, maps)
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "alloc" in str(e)):
+            raise
+        need = 2 * 4 * (1 + 2 * capacity) * sum(spec.site_width(k[1]) for k in keys)
+        raise AttachError(f"capacity={capacity}: the plan tables for {len(keys)} (layer, site) pairs would take "
+                          f"{need / 2**30:.3g} GiB, which could not be allocated ({type(e).__name__}); attach with "
+                          f"a smaller capacity or fewer sites") from None
+
+
+def _build_tables(plans, spec, devices, keys, capacity, maps) -> dict:
     tables = {}
-    for key, (A, B) in host_tables(plans, spec, sorted(keys), capacity).items():
+    for key, (A, B) in host_tables(plans, spec, sorted(keys), capacity, maps).items():
         ident, addit, free = _row_flags(A, B)
         dev = devices.get(key[0])
         tables[key] = SiteTable(key[0], key[1], A.to(dev), B.to(dev), ident, addit, free)
     return tables
+
+
+def _broadcasts(shape, to) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(tuple(shape), tuple(to))) == tuple(to)
+    except RuntimeError:
+        return False
 
 
 class Router:
@@ -142,7 +167,11 @@ class Router:
         self.host_rows: list[int] | None = None  # route(): plan id per row
         self.n_rows = 0  # len(host_rows), read under compile instead of the list
         self.tokens = None  # route_tokens(): (plan ids, prompt lengths) broadcastable to [batch, seq]
+        self.token_plans: frozenset = frozenset()  # the plan ids route_tokens() refers to (host side)
         self.explicit = False  # set_prompt_length() was given lengths
+        self.plen_fill = 0  # the prompt length of a row the host did not set one for (set_prompt_length(int))
+        self.n_plen: int | None = None  # set_prompt_length([...]): how many rows it gave lengths for
+        self.plan_names: list = []  # the attached plans (for error messages only)
         self.device = device
         self.plan = _static(torch.zeros(rows, 1, dtype=torch.int64, device=device))
         self.plen = _static(torch.zeros(rows, 1, dtype=torch.int64, device=device))
@@ -166,13 +195,14 @@ class Router:
     def _grow(self, rows: int) -> None:
         if rows <= self.plan.shape[0]:
             return
+        # the new rows get what the host asked for every row (the default plan, set_prompt_length(int)), never
+        # a zero nobody asked for; rows of a route() / set_prompt_length([...]) list are checked against the batch
         n = max(rows, 2 * self.plan.shape[0])
-        plan = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
-        plen = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
-        plan[: self.plan.shape[0]] = self.plan
+        plan = torch.full((n, 1), self.default_plan or 0, dtype=torch.int64, device=self.device)
+        plen = torch.full((n, 1), self.plen_fill, dtype=torch.int64, device=self.device)
+        if self.host_rows is not None:
+            plan[: self.plan.shape[0]] = self.plan
         plen[: self.plen.shape[0]] = self.plen
-        if self.host_rows is None:
-            plan.fill_(self.default_plan or 0)
         self.plan, self.plen = _static(plan), _static(plen)
 
     def set_default(self, plan_id: int) -> None:
@@ -181,7 +211,7 @@ class Router:
         self.set_rows(None)
 
     def set_rows(self, row_plans: list[int] | None) -> None:
-        self.tokens = None
+        self.tokens, self.token_plans = None, frozenset()
         if row_plans is None:
             self.host_rows, self.n_rows = None, 0
             self._fill_default()
@@ -193,19 +223,22 @@ class Router:
 
     def set_tokens(self, plan_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
         self.tokens = (plan_ids.to(self.device, torch.int64), prompt_lens.to(self.device, torch.int64))
+        self.token_plans = frozenset(int(i) for i in plan_ids.reshape(-1).unique().tolist())
         self.host_rows, self.n_rows = None, 0
         self._update_ready()
 
     def set_prompt_length(self, n) -> None:
         if n is None:
-            self.explicit = False
+            self.explicit, self.plen_fill, self.n_plen = False, 0, None
             self.flags.copy_(torch.tensor([0, 1]))
             return
-        vals = [n] if isinstance(n, int) else list(n)
-        self._grow(len(vals))
-        if len(vals) == 1:
-            self.plen.fill_(vals[0])
+        if isinstance(n, int):
+            self.plen_fill, self.n_plen = n, None
+            self.plen.fill_(n)
         else:
+            vals = list(n)
+            self.plen_fill, self.n_plen = 0, len(vals)
+            self._grow(len(vals))
             self.plen[: len(vals), 0].copy_(torch.tensor(vals, dtype=torch.int64))
         self.explicit = True
         self.flags.copy_(torch.tensor([0, 0]))
@@ -248,13 +281,22 @@ class Router:
             raise AttachError("cannot route: the decoder layer received no position_ids; gating needs the token "
                               "positions every layer gets from the model")
         if not self.ready:
-            raise AttachError("several plans are attached: call handle.route([...]) with one plan name "
-                              "(or None) per batch row before running the model")
+            raise AttachError(self._unrouted())
         if self.host_rows is not None and self.n_rows != batch:
             raise AttachError(
                 f"routing has {self.n_rows} rows but the batch has {batch}; call handle.route() with one entry "
                 f"per batch row (generate() with num_return_sequences or beams expands the batch: route "
                 f"every expanded row)")
+        if self.n_plen is not None and self.n_plen != batch and self.tokens is None:
+            raise AttachError(
+                f"set_prompt_length() was given {self.n_plen} lengths but the batch has {batch} rows; give one "
+                f"length per batch row, one int for every row, or None to learn the lengths again")
+        if self.tokens is not None:
+            for what, t in zip(("plan_ids", "prompt_lens"), self.tokens):
+                if not _broadcasts(t.shape, (batch, seqlen)):
+                    raise AttachError(f"route_tokens: {what} has shape {list(t.shape)}, which does not broadcast "
+                                      f"to this forward's [batch, seq] = [{batch}, {seqlen}]; route again with "
+                                      f"tensors of shape [batch, seq], [batch, 1] or [seq]")
         self._grow(batch)
         pos = positions.to(torch.int64)
         if pos.dim() == 1:
@@ -276,6 +318,27 @@ class Router:
         self.slots = slots.reshape(-1).to(torch.int32)
         self.row_slots = None if self.tokens is not None else torch.where(plan == 0, 0, 2 * plan - 1).reshape(-1)
         self.batch = batch
+
+    def _unrouted(self) -> str:
+        n = len(self.plan_names)
+        if n == 0:
+            return ("no plan is attached to this handle yet: add_plan() one and say which rows use it with "
+                    "handle.route([...]) (one plan name or None per batch row) or handle.route_all(name); "
+                    "route_all(None) runs every row unsteered")
+        if n == 1:
+            return (f"plan {self.plan_names[0]!r} was added with add_plan(), so no row uses it yet: call "
+                    f"handle.route([...]) with one plan name (or None) per batch row, or handle.route_all(name), "
+                    f"before running the model")
+        return (f"{n} plans are attached ({', '.join(map(repr, self.plan_names))}): call handle.route([...]) with "
+                f"one plan name (or None) per batch row, or handle.route_all(name), before running the model")
+
+    def plans_in_use(self) -> set[int]:
+        """The plan ids some row or token is routed to now (host side: route, route_all, route_tokens)."""
+        if self.tokens is not None:
+            return set(self.token_plans) - {0}
+        if self.host_rows is not None:
+            return set(self.host_rows) - {0}
+        return {self.default_plan} - {None, 0}
 
     def uniform_plan(self) -> int | None:
         """The one plan id every row uses, when the host knows it (eager only; None under compile)."""

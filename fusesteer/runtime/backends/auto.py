@@ -58,6 +58,9 @@ class AutoBackend(Backend):
         self._patcher = Patcher()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
+    def check(self, handle) -> None:
+        _fused_backend(handle)[1].check(handle)  # what the fused part would refuse, before the contract probe
+
     def install(self, ctx) -> None:
         handle = ctx.handle
         handle.patcher.add_undo(self._restore)  # first: a failure below, or detach, restores all of it
@@ -116,6 +119,9 @@ class AutoBackend(Backend):
         else:
             part2 = "nothing left to fuse (no patched forwards)"
         return f"{part1}; {part2}"
+
+    def holds_weights(self) -> bool:
+        return self.result is not None and bool(self.result.modules)
 
     # ---- re-planning while attached ----------------------------------------------------------------
     def _reinstall(self, handle, level: int) -> None:

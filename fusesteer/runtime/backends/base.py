@@ -58,6 +58,15 @@ class Backend:
     def install(self, ctx: InstallContext) -> None:
         raise NotImplementedError
 
+    def check(self, handle) -> None:
+        """Called at attach before anything is patched (and before the contract probe): raise AttachError for
+        a model this backend cannot steer as the reference would."""
+
+    def holds_weights(self) -> bool:
+        """Whether steering values are folded into the model's weights now (so loading a state dict while
+        attached would be lost or corrupted at detach)."""
+        return False
+
     def on_route(self, handle, ids) -> None:
         """Called before a routing takes effect: raise to refuse it, or re-plan."""
 

@@ -30,13 +30,14 @@ fold what folds and run the rest on the fused path.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from ...errors import AttachError, NonFiniteActivationError
-from ..patching import foreign_forward
+from ..patching import foreign_forward, foreign_hooks
 from ..sites import module_at
 from ..sites import site as site_record
 from ..tables import slot_of
@@ -137,12 +138,12 @@ def _path_problem(parts, layer: int, site: str) -> Refusal | None:
     path = {"attn.o_proj.in": [("self_attn.o_proj", False)],
             "mlp.down_proj.in": [down],
             "mlp.out": [down, ("mlp", True)],
-            "layer.out": [down, ("mlp", True), ("", False)]}[site]
+            "layer.out": [down, ("mlp", True), ("", True)]}[site]
     for name, out_hooks in path:
         mod = module_at(lay, name)
         what = foreign_forward(mod, skipped=False)
-        if what is None and out_hooks and mod._forward_hooks:
-            what = f"{len(mod._forward_hooks)} forward hook(s)"
+        if what is None and out_hooks:
+            what = foreign_hooks(mod, "output")
         if what is not None:
             full = f"model.layers.{layer}" + (f".{name}" if name else "")
             return Refusal("foreign forward", f"{full} has {what} installed by another library, and a folded map "
@@ -386,6 +387,27 @@ def _check_layout(name: str, t, was: tuple) -> None:
             f"through .data). Put it back as it was and call detach() again")
 
 
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(t) -> tuple | None:
+    """What changes when a tensor is written by anyone (copy_, set_, .data = ..., .data.copy_, load_state_dict):
+    its storage address, version counter and the sum of its bits."""
+    if t is None:
+        return None
+    d = t.detach()
+    bits = d.contiguous().view(_INT_VIEW[d.element_size()]).sum(dtype=torch.int64)
+    return d.data_ptr(), (-1 if d.is_inference() else t._version), int(bits)
+
+
+def _written_since(name: str, t, fp) -> str | None:
+    """A warning when ``t`` was written since the fold left it with fingerprint ``fp`` (else None)."""
+    if fp is None or _fingerprint(t) == fp:
+        return None
+    return (f"fusesteer: {name} was written while a plan was folded into it (load_state_dict, copy_, set_ or "
+            f".data); detach() keeps what was written there instead of restoring its pre-attach values")
+
+
 def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
     mod = f.module
     W = mod.weight
@@ -415,6 +437,8 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
             info["bias"] = "changed"
     kept_idx = [t for t in (cols, rows) if t is not None]
 
+    prints: dict = {}  # fingerprints of the weight and bias as the fold leaves them (filled in below)
+
     def undo(mod=mod, saved_full=saved_full, saved_cols=saved_cols, saved_rows=saved_rows,
              saved_bias=saved_bias, cols=cols, rows=rows, created=created, had_bias_key=had_bias_key,
              was=_layout(W)):
@@ -424,17 +448,24 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
         _check_layout(f.name + ".weight", W, was)
         if saved_bias is not None:
             _check_layout(f.name + ".bias", mod.bias, _layout(saved_bias))
+        # a tensor written behind fusesteer's back keeps what was written (said out loud): restoring would
+        # silently replace it with the pre-attach values
+        notes = {k: _written_since(f"{f.name}.{k}", getattr(mod, k), prints.get(k)) for k in ("weight", "bias")}
+        for note in filter(None, notes.values()):
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+            log.warning("%s", note)
         with torch.inference_mode(False), torch.no_grad():
-            if created:
-                if had_bias_key:
-                    mod._parameters["bias"] = None
-                else:
-                    mod._parameters.pop("bias", None)
-            elif saved_bias is not None:
-                mod.bias.copy_(saved_bias)
-            if saved_full is not None:
+            if notes["bias"] is None:
+                if created:
+                    if had_bias_key:
+                        mod._parameters["bias"] = None
+                    else:
+                        mod._parameters.pop("bias", None)
+                elif saved_bias is not None:
+                    mod.bias.copy_(saved_bias)
+            if notes["weight"] is None and saved_full is not None:
                 W.copy_(saved_full)
-            else:
+            elif notes["weight"] is None:
                 if saved_rows is not None:
                     W.index_copy_(0, rows, saved_rows)
                 if saved_cols is not None:
@@ -451,6 +482,7 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
             res.created_biases.append(f.name)
         else:
             mod.bias.copy_(p["new_bias"])
+    prints.update(weight=_fingerprint(W), bias=_fingerprint(mod.bias) if p["new_bias"] is not None else None)
     kept_w = [t for t in (saved_full, saved_cols, saved_rows) if t is not None]
     slice_b = sum(t.numel() * t.element_size() for t in kept_w)
     bias_b = 0 if saved_bias is None else saved_bias.numel() * saved_bias.element_size()
@@ -510,6 +542,9 @@ class FoldBackend(Backend):
                          "model_bytes": model_bytes(handle.model)}
         log.debug("fold: folded %d entries into %d weights (kept %d bytes for restore)",
                   entry_count(handle, res.keys), len(res.modules), res.restore_bytes)
+
+    def holds_weights(self) -> bool:
+        return bool(getattr(self, "result", None) is not None and self.result.modules)
 
     def on_route(self, handle, ids) -> None:
         if any(i != 1 for i in ids):

@@ -29,7 +29,7 @@ from ...errors import AttachError
 from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..compat import layer_returns_tuple
 from ..families import layer_modules
-from ..patching import foreign_forward
+from ..patching import foreign_forward, foreign_hooks
 from ..tables import SiteTable
 from .base import Backend
 from .skeleton import layer_forward
@@ -120,12 +120,39 @@ class _SlotCache:
 class TritonBackend(Backend):
     name = "triton"
 
+    def check(self, handle) -> None:
+        if handle.tables:
+            self._refuse_bypassed(handle.parts)
+            self.refuse_reordered(handle.parts, handle.tables)
+
+    @staticmethod
+    def refuse_reordered(parts, tables) -> None:
+        """AttachError for another library's hooks that would run on the other side of a map than they do with
+        the ``reference`` hooks: forward hooks on a layer whose ``layer.out`` map the fused residual kernel
+        applies inside the layer (the reference applies it after them), forward pre-hooks on a ``down_proj``
+        whose input map the fused GLU kernel applies before calling it (the reference after them)."""
+        for (li, name) in sorted(tables):
+            if name == "layer.out":
+                mod, kind, full = parts.layers[li], "output", f"model.layers.{li}"
+            elif name == "mlp.down_proj.in" and hasattr(parts.layers[li].mlp, "down_proj"):
+                mod, kind, full = parts.layers[li].mlp.down_proj, "input", f"model.layers.{li}.mlp.down_proj"
+            else:
+                continue
+            what = foreign_hooks(mod, kind)
+            if what is not None:
+                raise AttachError(
+                    f"{full} has {what} installed by another library, and the 'triton' backend applies the "
+                    f"{name} map of layer {li} inside its fused kernel, on the other side of that hook from where "
+                    f"the reference applies it: attach with backend='torch' (which runs the map after such "
+                    f"hooks, like the reference) or 'reference', or remove the hook first")
+
     def install(self, ctx) -> None:
         parts, patcher = ctx.parts, ctx.patcher
         if not ctx.tables:  # nothing to steer: leave the model untouched (bit-exact)
             return
         fam = parts.family
         self._refuse_bypassed(parts)
+        self.refuse_reordered(parts, ctx.tables)
         from ..contract import observe_conventions
         observe_conventions(parts)  # tuple or tensor: the fused forward returns what the HF layer returns
         gemma = fam.rms == "gemma"
