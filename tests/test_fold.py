@@ -491,3 +491,60 @@ def test_auto_unsteered_rows_move_folds_to_fused_path(tiny_models):
     assert (got[1] - ref[1]).abs().max() <= FP32_ABS
     assert_bit_identical(model, snap)
     no_patches(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# weights written while a plan is folded into them
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["fold", "auto"])
+def test_load_state_dict_refused_while_folded(tiny_models, backend):
+    model = copy.deepcopy(tiny_models("llama"))
+    plan = fs.SteeringPlan.for_model(model)
+    w = model.config.intermediate_size
+    plan.add(layer=0, site="mlp.down_proj.in", a=1 + 0.1 * torch.randn(w, generator=torch.Generator().manual_seed(0)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new = {k: v + 0.5 for k, v in before.items()}
+    with fs.attach(model, plan, backend=backend) as h:
+        for target in (model, model.model.layers[0].mlp.down_proj, model.model.layers[1]):
+            sd = {k[len(p):]: v for p in [_prefix(model, target)] for k, v in new.items() if k.startswith(p)}
+            with pytest.raises(fs.AttachError, match="cannot load a state dict .* nothing was loaded"):
+                target.load_state_dict(sd)
+        assert h.attached
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with fs.attach(model, plan, backend="torch"):  # nothing folded: loading is the user's business
+        model.load_state_dict(new)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, new["model.layers.0.mlp.down_proj.weight"])
+
+
+def _prefix(model, target) -> str:
+    name = next(n for n, m in model.named_modules() if m is target)
+    return f"{name}." if name else ""
+
+
+@pytest.mark.parametrize("how", ["copy_", "data_copy_", "data_assign", "set_"])
+def test_weights_written_behind_fusesteers_back_are_kept(tiny_models, how):
+    """A folded weight written while attached (not through load_state_dict) keeps what was written, and detach
+    says so, instead of silently putting the pre-attach values back over it."""
+    model = copy.deepcopy(tiny_models("llama"))
+    plan = fs.SteeringPlan.for_model(model)
+    plan.add(layer=0, site="mlp.down_proj.in", a=1.5, b=0.1)
+    lin = model.model.layers[0].mlp.down_proj
+    other_lin = model.model.layers[1].mlp.down_proj
+    other_before = other_lin.weight.detach().clone()
+    h = fs.attach(model, plan, backend="fold")
+    written = torch.full_like(lin.weight, 0.25)
+    with torch.no_grad():
+        if how == "copy_":
+            lin.weight.copy_(written)
+        elif how == "data_copy_":
+            lin.weight.data.copy_(written)
+        elif how == "data_assign":
+            lin.weight.data = written.clone()
+        else:
+            lin.weight.set_(written.clone())
+    with pytest.warns(RuntimeWarning, match=r"model\.layers\.0\.mlp\.down_proj\.weight was written while a plan "
+                                            r"was folded into it"):
+        h.detach()
+    assert torch.equal(lin.weight, written)
+    assert lin.bias is None  # the bias the fold created is removed: it was not written
+    assert torch.equal(other_lin.weight, other_before)

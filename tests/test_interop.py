@@ -477,3 +477,12 @@ def test_repeng_errors(llama):
     nan = repeng.ControlVector(model_type="llama", directions={1: np.full(H, np.nan, dtype=np.float32)})
     with pytest.raises(fs.PlanError, match=r"NaN"):
         from_repeng(nan, llama)
+
+
+@pytest.mark.parametrize("path", [None, 5, 2.5, ["a.gguf"], "", "a\0b.gguf"])
+def test_control_vector_path_must_be_a_path(path):
+    from fusesteer.interop.gguf_cv import ControlVectorError, inspect_control_vector, read_control_vector
+
+    for call in (lambda: read_control_vector(path), lambda: inspect_control_vector(path)):
+        with pytest.raises(ControlVectorError, match="expected a control vector file path"):
+            call()

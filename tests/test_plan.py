@@ -180,3 +180,45 @@ def test_truncated_and_garbage_files(tmp_path):
         fs.SteeringPlan.load(path)
     with pytest.raises(fs.PlanError, match="cannot read plan file"):
         fs.SteeringPlan.load(tmp_path / "missing.safetensors")
+
+
+def _with_header(path, edit):
+    """Rewrite the fusesteer JSON header of a saved plan file (keeping the file otherwise valid)."""
+    data = path.read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    st = json.loads(data[8:8 + hlen])
+    st["__metadata__"]["fusesteer"] = edit(st["__metadata__"]["fusesteer"])
+    raw = json.dumps(st).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen:])
+
+
+def test_metadata_numbers_out_of_float_range_are_refused(tmp_path):
+    """1e400 parses as inf: such a plan would load but never save again."""
+    p = plan()
+    p.metadata = {"score": 1.5}
+    p.add(layer=0, site="layer.out", b=torch.randn(8))
+    path = tmp_path / "p.safetensors"
+    p.save(path)
+    _with_header(path, lambda h: h.replace("1.5", "1e400"))
+    with pytest.raises(fs.PlanError, match=r"not valid JSON \(number 1e400 is out of the float range"):
+        fs.SteeringPlan.load(path)
+
+
+def test_load_and_from_bytes_refuse_what_is_not_a_file():
+    with pytest.raises(fs.PlanError, match="path with a NUL character"):
+        fs.SteeringPlan.load("a\0b.safetensors")
+    with pytest.raises(fs.PlanError, match=r"from_bytes\(\) expects the bytes of a plan file, got str \(read"):
+        fs.SteeringPlan.from_bytes("not bytes")
+    with pytest.raises(fs.PlanError, match="got NoneType"):
+        fs.SteeringPlan.from_bytes(None)
+
+
+def test_entry_bound():
+    from fusesteer.runtime.plan import MAX_ENTRIES
+
+    p = plan()
+    for _ in range(MAX_ENTRIES):
+        p.add(layer=0, site="layer.out", a=1.0)
+    with pytest.raises(fs.PlanError, match=f"too many entries \\(limit {MAX_ENTRIES}\\)"):
+        p.add(layer=0, site="layer.out", a=1.0)

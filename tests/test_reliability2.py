@@ -539,3 +539,59 @@ def test_plan_show_escapes_untrusted_text_and_json_is_strict(tmp_path, capsys):
         raise ValueError(f"non-finite constant {name} in --json output")
     s = json.loads(out, parse_constant=strict)
     assert s["entries"][0]["b_norm"] == pytest.approx(3.0e38 * 8 ** 0.5, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4b. forward hooks of another library that edit a steered layer's (or MLP's) output
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["layer", "mlp"])
+def test_foreign_output_hooks_are_honoured_by_torch_and_refused_by_triton(tiny_models, where):
+    """The reference applies an output map after the hooks present at attach; torch does the same (it moves the
+    map into a hook registered after them), triton refuses naming the hook. The contract probe on the hooked
+    layer (layer 0, the first of its class) passes for torch instead of blaming transformers."""
+    from fusesteer.runtime import contract
+
+    model = tiny_models("llama")
+    ids = _ids(model)
+    site, mod = ("layer.out", model.model.layers[0]) if where == "layer" else ("mlp.out", model.model.layers[0].mlp)
+    w = model.config.hidden_size
+    plan = fs.SteeringPlan.for_model(model)
+    plan.add(layer=0, site=site, a=1.5 + torch.rand(w, generator=torch.Generator().manual_seed(1)), b=0.3)
+    vec = torch.randn(w, generator=torch.Generator().manual_seed(2))
+
+    def shift_output(m, args, out):
+        return (out[0] + vec,) + tuple(out[1:]) if isinstance(out, tuple) else out + vec
+    hk = mod.register_forward_hook(shift_output)
+    try:
+        out = {}
+        for backend in ("reference", "torch", "auto"):
+            contract._VERIFIED.clear()  # the first attach in a process probes the hooked layer
+            with fs.attach(model, plan, backend=backend), torch.no_grad():
+                out[backend] = model(ids).logits
+            assert len(mod._forward_hooks) == 1
+        assert torch.equal(out["torch"], out["reference"])
+        torch.testing.assert_close(out["auto"], out["reference"], atol=1e-5, rtol=1e-5)
+        if where == "layer":
+            contract._VERIFIED.clear()
+            with pytest.raises(fs.AttachError, match=r"model\.layers\.0 has 1 forward hook \('.*shift_output'\).*"
+                                                     r"'triton' backend applies the layer\.out map"):
+                fs.attach(model, plan, backend="triton")
+            assert not hasattr(model, "_fusesteer_handle")
+    finally:
+        hk.remove()
+
+
+def test_foreign_pre_hook_on_down_proj_refused_by_triton(tiny_models):
+    model = tiny_models("llama")
+    ids = _ids(model)
+    plan = random_plan(model, ["mlp.down_proj.in"], seed=4)
+    hk = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * 1.1,))
+    try:
+        with fs.attach(model, plan, backend="reference"), torch.no_grad():
+            want = model(ids).logits
+        with fs.attach(model, plan, backend="torch"), torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
+        with pytest.raises(fs.AttachError, match=r"model\.layers\.1\.mlp\.down_proj has 1 forward pre-hook"):
+            fs.attach(model, plan, backend="triton")
+    finally:
+        hk.remove()

@@ -263,3 +263,55 @@ def test_bitsandbytes_torch_matches_reference(tiny_8bit, family, bits):
     assert (res["torch"][1] - res["reference"][1]).abs().max() <= FP32_ABS
     with torch.no_grad():
         assert torch.equal(model(ids).logits, vanilla)
+
+
+def test_attach_arguments_are_checked(tiny_models):
+    model = tiny_models("llama")
+    p = random_plan(model, ["layer.out"], seed=1)
+    for bad in (5, "some", {"a": 1}, 2.5):
+        with pytest.raises(fs.AttachError, match=r"sites: expected 'all' or a list of \(layer, site\) pairs"):
+            fs.attach(model, p, sites=bad)
+    for cap in (2 ** 40, 2 ** 16 + 1, 0, True, 1.5):
+        with pytest.raises(fs.AttachError, match=r"capacity=.*expected an integer from the number of plans \(1\) "
+                                                 r"to 65536"):
+            fs.attach(model, {"a": p}, capacity=cap)
+    assert not hasattr(model, "_fusesteer_handle")
+
+
+def test_plan_tables_that_cannot_be_allocated_are_an_attach_error(tiny_models, monkeypatch):
+    from fusesteer.runtime import tables
+
+    model = tiny_models("llama")
+    p = random_plan(model, ["layer.out"], seed=1)
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(tables, "host_tables", no_memory)
+    with pytest.raises(fs.AttachError, match=r"capacity=3: the plan tables for .* could not be allocated"):
+        fs.attach(model, {"a": p}, capacity=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unsteered_rows_per_backend(tiny_models, dtype):
+    """What the README promises for an unsteered row in a batch with steered ones: bit-identical on reference and
+    torch; on triton (fused add + RMSNorm kernels, which sum in another order than HF's norm) within the
+    Triton logit tolerance of fusesteer.testing, and not bit-identical."""
+    from fusesteer.testing import logit_tolerance
+
+    model = tiny_models("llama", dtype)
+    plan = random_plan(model, SITES, seed=4)
+    ids = ids_for(model, batch=3)
+    with torch.no_grad():
+        vanilla = model(ids).logits
+    for backend in ("reference", "torch", "triton"):
+        with fs.attach(model, {"p": plan}, backend=backend) as h:
+            h.route([None, "p", None])
+            with torch.no_grad():
+                out = model(ids).logits
+        rows = out[[0, 2]].float()
+        want = vanilla[[0, 2]].float()
+        if backend != "triton":
+            assert torch.equal(rows, want), backend
+        else:
+            tol = logit_tolerance("fp32" if dtype == torch.float32 else "bf16", "triton", want.abs().max().item())
+            assert (rows - want).abs().max().item() <= tol
