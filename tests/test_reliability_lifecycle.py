@@ -9,6 +9,7 @@ backend's on the twin with the plans, routing and prompt length the machine expe
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.old = None  # the last detached handle
 
     @initialize(family=st.sampled_from(FAMILIES), first=st.sampled_from(BACKENDS + BACKENDS + (None,)),
-                kind=st.sampled_from(["static", "gated", "multi"]), seed=st.integers(0, 5))
+                kind=st.sampled_from(["static", "gated", "multi", "multi"]), seed=st.integers(0, 5))
     def start(self, family, first, kind, seed):
         STATS["sequences"] += 1
         self.family = family
@@ -98,12 +99,15 @@ class Lifecycle(RuleBasedStateMachine):
 
     def teardown(self):
         if self.h is not None:
-            self.h.detach()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.h.detach()
 
     # ---- the expected state ------------------------------------------------------------------------
     def _expect_attached(self, h, backend, plans, kinds, routing, multi):
         self.h, self.backend, self.plans, self.kinds = h, backend, plans, kinds
         self.routing, self.plen, self.multi = routing, None, multi
+        self.tainted = False  # a folded weight was written behind the plan: steering there is the user's now
 
     def _names(self):
         return list(self.plans)
@@ -182,6 +186,61 @@ class Lifecycle(RuleBasedStateMachine):
         self.h.route_all(name)
         self.routing = ("all", name)
 
+    @precondition(lambda self: self.h is not None and self.multi)
+    @rule(data=st.data(), plen=st.integers(0, 6))
+    def route_tokens(self, data, plen):
+        """Per-row plan ids as a [2, 1] tensor (names kept: ids are reused after remove_plan/add_plan)."""
+        _count("route_tokens")
+        rows = data.draw(st.lists(st.sampled_from(self._names() + [None]), min_size=2, max_size=2))
+        pids = torch.tensor([[self.h.plan_id(r)] for r in rows])
+        self.h.route_tokens(pids, torch.full((2, 1), plen))
+        self.routing = ("tokens", rows, plen)
+
+    @precondition(lambda self: self.h is not None and self.routing is not None and self.routing[0] == "all"
+                  and not isinstance(self.plen, list) and not self.tainted)
+    @rule()
+    def big_batch(self):
+        """70 copies of row 0: more rows than the routing tensors start with; every row runs like row 0."""
+        _count("big_batch")
+        big = self.ids[:1].expand(70, -1).contiguous()
+        with torch.no_grad():
+            got = self.model(big).logits
+        assert torch.equal(got, got[:1].expand_as(got)), "a row past 64 was routed or gated differently"
+
+    @precondition(lambda self: self.h is not None)
+    @rule(how=st.sampled_from(["load_state_dict", "copy_", "data_copy_", "data", "set_"]))
+    def write_weight(self, how):
+        """Write new values into layer 0's down_proj (model and twin alike) while attached: load_state_dict is
+        refused while something is folded (nothing loaded); other writes go through, and a folded weight keeps
+        what was written at detach (the twin has it too)."""
+        lin, twin_lin = self.model.model.layers[0].mlp.down_proj, self.twin.model.layers[0].mlp.down_proj
+        new = twin_lin.weight.detach().clone() * 1.01 + 1e-3
+        folded = self.h.backend.holds_weights()
+        if how == "load_state_dict" and folded:
+            before = lin.weight.detach().clone()
+            with pytest.raises(fs.AttachError, match="nothing was loaded"):
+                lin.load_state_dict({"weight": new.to(lin.weight.dtype)})
+            assert torch.equal(lin.weight, before)
+            _count("  load_state_dict refused while folded")
+            return
+        _count(f"write_weight {how}")
+        folded_here = folded and any(m["name"] == "model.layers.0.mlp.down_proj"
+                                     for m in self.h.report.get("modules", []))
+        new = new.to(lin.weight.dtype)
+        with torch.no_grad():
+            if how == "load_state_dict":
+                lin.load_state_dict({"weight": new} | ({"bias": lin.bias} if lin.bias is not None else {}))
+            elif how == "copy_":
+                lin.weight.copy_(new)
+            elif how == "data_copy_":
+                lin.weight.data.copy_(new)
+            elif how == "data":
+                lin.weight.data = new.clone()
+            else:
+                lin.weight.set_(new.clone())
+            twin_lin.weight.copy_(new)
+        self.tainted = self.tainted or folded_here
+
     @precondition(lambda self: self.h is not None)
     @rule(n=st.one_of(st.none(), st.integers(0, 6), st.lists(st.integers(0, 6), min_size=2, max_size=2)))
     def set_prompt_length(self, n):
@@ -220,9 +279,11 @@ class Lifecycle(RuleBasedStateMachine):
     def add_or_remove_plan(self, seed):
         _count("add_or_remove_plan")
         if "c" in self.plans:
-            if self.routing is not None and "c" in (self.routing[1] if self.routing[0] == "rows" else []):
-                with pytest.raises(fs.AttachError, match="is routed to a batch row"):
+            if self.routing is not None and "c" in (self.routing[1] if self.routing[0] in ("rows", "tokens") else []):
+                how = "route_tokens" if self.routing[0] == "tokens" else "route"
+                with pytest.raises(fs.AttachError, match=f"is routed to by {how}"):
                     self.h.remove_plan("c")
+                _count(f"  remove_plan refused: routed by {how}")
                 return
             self.h.remove_plan("c")
             self.plans = {k: v for k, v in self.plans.items() if k != "c"}
@@ -252,8 +313,10 @@ class Lifecycle(RuleBasedStateMachine):
     @rule()
     def detach(self):
         _count("detach")
-        self.h.detach()
-        self.h.detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "... was written while a plan was folded into it"
+            self.h.detach()
+            self.h.detach()
         self.old, self.h = self.h, None
 
     @precondition(lambda self: self.old is not None)
@@ -288,9 +351,11 @@ class Lifecycle(RuleBasedStateMachine):
         """The reference backend on the twin with the expected plans, routing and prompt length."""
         kw = dict(sites="all", capacity=3) if self.multi else {}
         ref = fs.attach(self.twin, self.plans if self.multi else self.plans["plan"], backend="reference", **kw)
-        kind, what = self.routing
+        kind, what = self.routing[:2]
         if kind == "all":
             ref.route_all(what)
+        elif kind == "tokens":
+            ref.route_tokens(torch.tensor([[ref.plan_id(r)] for r in what]), torch.full((2, 1), self.routing[2]))
         else:
             ref.route(what)
         ref.set_prompt_length(self.plen)
@@ -306,12 +371,14 @@ class Lifecycle(RuleBasedStateMachine):
                 for k, v in now.items():
                     assert v.dtype == want[k].dtype and torch.equal(v, want[k]), k
                 for n, mod in self.model.named_modules():
-                    assert not {"forward", "_apply", "generate"} & set(mod.__dict__), n
+                    assert not {"forward", "_apply", "generate", "load_state_dict"} & set(mod.__dict__), n
                 assert torch.equal(self.model(self.ids).logits, self.twin(self.ids).logits)
                 return
             if self.routing is None:
                 with pytest.raises(fs.AttachError, match="route"):
                     self.model(self.ids)
+                return
+            if self.tainted:  # the user replaced a folded weight: steering there is not what the plan says
                 return
             got = self.model(self.ids).logits
             with self._reference():
