@@ -1,5 +1,6 @@
-"""GPU readiness without a GPU: the AOT compile check (`fusesteer bench aot`), its gate, the static roofline
-and `fusesteer bench gpu --dry-run`.
+"""GPU readiness without a GPU: the AOT compile check (`python -m bench.aot`, developer tooling in the checkout's
+``bench/`` folder, not installed), its gate and the static roofline of its report. (`fusesteer bench gpu`, the
+installed GPU suite, is tests/test_bench_gpu.py.)
 
 The full AOT sweep (every kernel variant for sm_80 / sm_90 / sm_100, 1152 variants, 360 distinct binaries)
 runs once per session in worker processes with a fresh cache: about 2 minutes on 2 cores. The gate's
@@ -17,9 +18,10 @@ import pytest  # noqa: E402
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fusesteer.bench import aot as A  # noqa: E402
-from fusesteer.bench import aot_ptx as P  # noqa: E402
-from fusesteer.bench import roofline as RL  # noqa: E402
+from bench import aot as A  # noqa: E402
+from bench import aot_ptx as P  # noqa: E402
+from bench import roofline as RL  # noqa: E402
+from fusesteer.bench import traffic as TR  # noqa: E402
 
 REQUIRED = ("kernel", "dtype", "arch", "width", "num_warps", "regs", "spill_bytes", "shared_bytes", "load_bits",
             "store_bits", "bytes_per_row")
@@ -145,21 +147,40 @@ def test_gate_fails_on_a_spilling_and_a_32_bit_variant(tmp_path, aot_cache):
 
 @needs_backend
 def test_cli_exit_status(tmp_path, monkeypatch, capsys, aot_cache):
-    import fusesteer.bench as bench
-
     monkeypatch.setenv("FUSESTEER_CACHE", str(aot_cache.parent))
     monkeypatch.setattr(A, "default_cache_dir", lambda: aot_cache)
     monkeypatch.setattr(A, "MODELS", (("Llama-3-8B", "llama", 4096, 14336, 4096),))
-    rc = bench.main(["aot", "--out", str(tmp_path), "--archs", "90", "--dtypes", "bf16", "--inject", "spill",
-                     "--jobs", "1", "--no-progress"])
+    rc = A.main(["--out", str(tmp_path), "--archs", "90", "--dtypes", "bf16", "--inject", "spill", "--jobs", "1",
+                 "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 1 and "aot gate: FAIL" in out and "inject=spill" in out
     assert json.loads((tmp_path / "aot.json").read_text())["gate"] == "FAIL"
-    rc = bench.main(["aot", "--out", str(tmp_path), "--archs", "90", "--dtypes", "bf16", "--jobs", "1",
-                     "--no-progress"])
+    rc = A.main(["--out", str(tmp_path), "--archs", "90", "--dtypes", "bf16", "--jobs", "1", "--no-progress"])
     assert rc == 0 and "aot gate: PASS" in capsys.readouterr().out
-    assert bench.main(["aot", "--dtypes", "int8", "--out", str(tmp_path)]) == 2
-    assert "bench aot compiles fp32" in capsys.readouterr().err
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    """Options of the dev tool only; a bad value is a usage error (exit 2) before anything compiles."""
+    with pytest.raises(SystemExit) as e:
+        A.main(["--dtypes", "int8", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert A.main(["--out", str(tmp_path / "a-file")]) == 2
+    assert "bench.aot: error: output folder" in capsys.readouterr().err
+    help_text = A.build_parser().format_help()
+    assert "--archs" in help_text and "--inject" in help_text and "--budget" not in help_text
+    assert A.DEFAULT_OUT == A.CHECKOUT / "bench" / "results" / "aot"
+
+
+def test_module_runs_from_the_checkout_root():
+    """The one spelling: `python -m bench.aot` from the checkout's root (here: its --help)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "bench.aot", "--help"], cwd=A.CHECKOUT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(A.FUSESTEER_PARENT)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m bench.aot") and "--archs" in r.stdout
 
 
 def test_ptx_access_attribution():
@@ -193,62 +214,15 @@ def test_ptx_access_attribution():
 # roofline (a prediction)
 # --------------------------------------------------------------------------------------------------
 def test_roofline_numbers():
-    b = RL.kernel_bytes("add_rmsnorm", "bf16", 4096, "uniform", "llama")
-    assert b == {"per_row": 4 * 4096 * 2, "fixed": 4096 * 2, "table": 2 * 4096 * 4}
-    assert RL.call_bytes(b, 1, "uniform") == 73728
-    assert RL.predicted_us(73728, 3.35) == pytest.approx(0.022, rel=1e-2)
-    assert RL.call_bytes(RL.kernel_bytes("affine", "fp32", 4096, "per-row"), 64, "per-row") == \
-        64 * 2 * 4096 * 4 + 8 * 2 * 4096 * 4
-    assert RL.LLAMA3_8B.step_weight_bytes() == pytest.approx(15.01e9, rel=1e-3)
+    assert RL.predicted_us(TR.call_bytes(TR.kernel_bytes("add_rmsnorm", "bf16", 4096, "uniform", "llama"), 1,
+                                         "uniform"), 3.35) == pytest.approx(0.022, rel=1e-2)
     rows = RL.decode_table()
     assert [(d["batch"], d["plans"]) for d in rows] == [(1, 1), (8, 1), (8, 8), (64, 1), (64, 8)]
     ratio = {(d["batch"], d["plans"]): d["predicted_ratio"] for d in rows}
     assert all(1.0 < x < 1.01 for x in ratio.values())
     assert ratio[(1, 1)] < ratio[(8, 1)] < ratio[(8, 8)] and ratio[(8, 1)] < ratio[(64, 1)] < ratio[(64, 8)]
     assert rows[0]["predicted_ratio"] == pytest.approx(1 + 32 * (2 * 4 * (4096 + 14336 + 4096) + 2 * 4096 * 2)
-                                                       / RL.LLAMA3_8B.step_weight_bytes())
+                                                       / TR.LLAMA3_8B.step_weight_bytes())
     assert rows[0]["predicted_vanilla_us"]["H100"] == pytest.approx(15.01e9 / 3.35e12 * 1e6, rel=1e-3)
     md = "\n".join(RL.markdown())
     assert "PREDICTION" in md and "H200" in md
-
-
-# --------------------------------------------------------------------------------------------------
-# bench gpu without a GPU
-# --------------------------------------------------------------------------------------------------
-def test_bench_gpu_dry_run_on_cpu(capsys):
-    import fusesteer.bench as bench
-
-    assert bench.main(["gpu", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "bench gpu --dry-run" in out and "nothing is timed" in out
-    for step in ("kernel parity", "kernel bandwidth", "smollm2-135m: blend+gains batch 1: eager",
-                 "gemma3-270m: per-row batch 8: CUDA graphs + zero-recompile", "write results"):
-        assert step in out, step
-    assert "kernel parity inputs on CPU" in out
-
-
-def test_bench_gpu_without_cuda_is_a_usage_error(capsys):
-    import torch
-
-    import fusesteer.bench as bench
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is visible")
-    assert bench.main(["gpu"]) == 2
-    assert "--dry-run" in capsys.readouterr().err
-
-
-def test_bench_gpu_pipeline_smoke_on_cpu(tmp_path):
-    """The GPU run's own code end to end on CPU with stand-ins (tiny model, torch backend, kernels in torch
-    mode, torch.compile with the eager backend): results, the zero-recompile check, JSON and PNG."""
-    from fusesteer.bench.gpu import GPUConfig, run_gpu
-
-    cfg = GPUConfig(device="cpu", models=("tiny-llama",), dtype="fp32", backend="torch", compile_mode=None,
-                    compile_backend="eager", kernel_mode="torch", kernel_cases=4, bandwidth=False, cycles=5,
-                    warmup=1, scenarios=(("per-row", 8),), out=tmp_path, progress=False, log=lambda *a: None)
-    r = run_gpu(cfg)
-    assert r["ok"], r
-    (sc,) = r["models"]["tiny-llama"]["scenarios"]
-    assert sc["model parity"]["ok"] and sc["eager"]["steered"]["n"] == 5
-    assert sc["compiled"]["zero_recompile"] == "pass" and sc["compiled"]["update_changed_logits"]
-    assert (tmp_path / "gpu-cpu-smoke.json").is_file() and (tmp_path / "gpu-cpu-smoke.png").is_file()

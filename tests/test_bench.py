@@ -1,7 +1,9 @@
-"""The bench command: the quick parity gate passes on the current code and fails on an injected regression;
-the quick latency suite runs and writes its outputs; the thresholds are the tests' thresholds."""
+"""The bench command (`fusesteer bench SUITE`): the quick parity gate passes on the current code and fails on an
+injected regression; the quick latency suite runs and writes its outputs; the thresholds are the tests' thresholds;
+each suite has its own options."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest  # noqa: E402
@@ -9,6 +11,8 @@ import torch  # noqa: E402
 
 import fusesteer.bench as bench  # noqa: E402
 from fusesteer.bench import thresholds as TH  # noqa: E402
+from fusesteer.bench.options import VERBS  # noqa: E402
+from fusesteer.cli import main as cli_main  # noqa: E402
 
 
 def _load(path):
@@ -18,7 +22,7 @@ def _load(path):
 @pytest.fixture(scope="module")
 def quick_parity(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-parity")
-    rc = bench.main(["parity", "--quick", "--out", str(out)])
+    rc = cli_main(["bench", "parity", "--quick", "--out", str(out)])
     return rc, out
 
 
@@ -61,7 +65,7 @@ def test_quick_parity_gate_fails_on_injected_regression(tmp_path, monkeypatch, c
         return real(x, table, router) + 1e-3
 
     monkeypatch.setattr(fused.TorchBackend, "apply", staticmethod(perturbed))
-    rc = bench.main(["parity", "--quick", "--families", "llama", "--dtypes", "fp32", "--arms", "torch",
+    rc = cli_main(["bench", "parity", "--quick", "--families", "llama", "--dtypes", "fp32", "--arms", "torch",
                      "--out", str(tmp_path)])
     assert rc == 1
     rows = _load(tmp_path / "parity.json")["result"]["rows"]
@@ -71,7 +75,7 @@ def test_quick_parity_gate_fails_on_injected_regression(tmp_path, monkeypatch, c
 
 
 def test_quick_latency_runs_and_reports(tmp_path):
-    rc = bench.main(["latency", "--quick", "--out", str(tmp_path), "--cycles", "5", "--prefill-cycles", "5",
+    rc = cli_main(["bench", "latency", "--quick", "--out", str(tmp_path), "--cycles", "5", "--prefill-cycles", "5",
                      "--scenarios", "blend+gains", "per-row", "--arms", "torch", "fold", "auto", "reference"])
     assert rc == 0
     doc = _load(tmp_path / "latency.json")
@@ -103,19 +107,54 @@ def test_thresholds_are_the_tests_thresholds():
 
 
 def test_cli_usage_errors(capsys):
-    from fusesteer.cli import main as cli_main
-
     assert cli_main(["bench", "latency", "--quick", "--cycles", "3"]) == 2
     assert "at least 5 timed cycles" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert bench.main(["parity", "--quick", "--device", "cuda"]) == 2
+        assert cli_main(["bench", "parity", "--quick", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["parity", "--dtypes", "fp64"])
+        cli_main(["bench", "parity", "--dtypes", "fp64"])
+    with pytest.raises(SystemExit):  # a latency option is not a parity option
+        cli_main(["bench", "parity", "--quick", "--cycles", "5"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "aot"])  # the AOT check is developer tooling: `python -m bench.aot` in a checkout
+    assert "invalid choice: 'aot'" in capsys.readouterr().err
+
+
+def test_each_suite_has_its_own_options(capsys):
+    def help_of(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["bench", *argv, "--help"])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+
+    assert set(VERBS) == {"parity", "latency", "all", "gpu", "serve"}
+    top = help_of()
+    assert all(v in top for v in VERBS) and "aot" not in top
+    opts = {v: set(re.findall(r"(--[a-z][a-z-]+)", help_of(v))) for v in VERBS}
+    latency_only = {"--cycles", "--prefill-cycles", "--warmup", "--scenarios", "--batches", "--phases", "--protocol",
+                    "--compiled", "--check-finite", "--progress"}
+    parity_only = {"--steps", "--dtypes", "--families", "--all-triton"}
+    assert latency_only <= opts["latency"] and not parity_only & opts["latency"]
+    assert parity_only <= opts["parity"] and not latency_only & opts["parity"]
+    assert opts["all"] >= latency_only | parity_only
+    assert {"--dry-run", "--budget"} <= opts["gpu"] and not (parity_only | {"--scenarios", "--quick"}) & opts["gpu"]
+    assert {"--clients", "--rounds", "--arm-time-cap", "--quick"} <= opts["serve"]
+    for v, o in opts.items():  # the AOT tool's options are nowhere, the GPU ones only on gpu, serve's only on serve
+        assert not {"--archs", "--inject", "--jobs", "--no-cache"} & o, v
+        assert v == "gpu" or not {"--dry-run", "--budget"} & o, v
+        assert v == "serve" or not {"--clients", "--arm-time-cap"} & o, v
+
+
+def test_serve_usage_error_before_any_server(capsys, tmp_path):
+    assert cli_main(["bench", "serve", "--clients", "0", "--out", str(tmp_path)]) == 2
+    assert "--clients and --requests must be >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_quick_latency_copies_protocol(tmp_path):
-    rc = bench.main(["latency", "--quick", "--protocol", "copies", "--out", str(tmp_path), "--cycles", "5",
+    rc = cli_main(["bench", "latency", "--quick", "--protocol", "copies", "--out", str(tmp_path), "--cycles", "5",
                      "--prefill-cycles", "5", "--scenarios", "additive", "--batches", "2", "--arms", "torch", "hook",
                      "--no-plots"])
     assert rc == 0

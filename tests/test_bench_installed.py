@@ -1,7 +1,9 @@
 """The bench from an installed package, no source checkout: the suites import from ``fusesteer.bench``, and
 `python -m fusesteer bench parity --quick` runs in a folder that is not a checkout and writes its results to
 ``--out`` or, by default, to ``./fusesteer-bench-results/quick`` there. Plus the checkout detection behind that
-default, and the package discovery that puts ``fusesteer.bench`` in the wheel.
+default, the package discovery that puts ``fusesteer.bench`` in the wheel, and the wheel itself: the user suites,
+none of the developer tooling (the AOT compile check, its PTX/cubin analysis, the roofline: ``bench/`` in the
+checkout).
 
 The subprocess runs see a copy of the ``fusesteer`` package alone (what a wheel installs: no ``bench/`` folder,
 no ``pyproject.toml``, no tests) through ``PYTHONPATH``, from a temporary working directory, with the packages of
@@ -12,12 +14,14 @@ dependencies only (no matplotlib: the plots are skipped with a note; no Triton, 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -59,7 +63,7 @@ def _run(args, env, cwd, timeout=300):
 
 def test_suites_import_from_the_installed_package(installed, cwd):
     env, site = installed
-    r = _run(["-c", "import fusesteer, fusesteer.bench.parity, fusesteer.bench.latency, fusesteer.bench.aot, "
+    r = _run(["-c", "import fusesteer, fusesteer.bench.parity, fusesteer.bench.latency, fusesteer.bench.traffic, "
                     "fusesteer.bench.gpu, fusesteer.bench.serve, fusesteer.bench.runner as R; "
                     "print(fusesteer.__file__); print(R.__file__)"], env, cwd)
     assert r.returncode == 0, r.stderr
@@ -87,11 +91,14 @@ def test_quick_parity_runs_outside_a_checkout(installed, cwd, tmp_path):
 
 def test_quick_parity_default_folder_outside_a_checkout(installed, cwd):
     env, _ = installed
-    r = _run(["-m", "fusesteer.bench", *QUICK[1:]], env, cwd)
+    r = _run(["-m", "fusesteer", *QUICK], env, cwd)
     assert r.returncode == 0, r.stdout + r.stderr
     out = cwd / paths.OUTSIDE_CHECKOUT / "quick"
     assert (out / "parity.json").is_file() and (out / "report.md").is_file()
     assert f"results: {out}" in r.stdout
+    # one spelling: `fusesteer bench` (`python -m fusesteer bench`), no `python -m fusesteer.bench`
+    r = _run(["-m", "fusesteer.bench", "parity", "--help"], env, cwd)
+    assert r.returncode != 0 and "cannot be directly executed" in r.stderr
 
 
 def _checkout(folder: Path, name: str = "fusesteer", bench: bool = True) -> Path:
@@ -134,7 +141,7 @@ def test_output_folder_errors(tmp_path):
 
 def test_package_discovery_includes_the_bench_subpackage():
     """pyproject's setuptools ``packages.find`` selects fusesteer.bench (so the wheel carries the suites) and
-    none of the checkout-only folders."""
+    none of the checkout-only folders (``bench/``: the developer tooling)."""
     setuptools = pytest.importorskip("setuptools")
     text = (ROOT / "pyproject.toml").read_text()
     section = re.search(r"^\[tool\.setuptools\.packages\.find\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S).group(1)
@@ -142,3 +149,41 @@ def test_package_discovery_includes_the_bench_subpackage():
     found = setuptools.find_packages(where=str(ROOT), include=include)
     assert "fusesteer.bench" in found and "fusesteer.commands" in found
     assert not any(p == "bench" or p.startswith(("bench.", "tests")) for p in found), found
+
+
+#: what only the developer tooling (bench/aot*.py, bench/roofline.py) holds: Triton's compiler API, the cubin and
+#: PTX readers, the AOT run, the roofline's predicted times
+DEV_TOOLING_MARKERS = ("ASTSource", "GPUTarget", "cuobjdump", "ld.global", "AOTConfig", "run_aot", "predicted_us")
+
+
+def test_wheel_carries_the_suites_and_no_developer_tooling(tmp_path):
+    """`pip wheel --no-deps .` (on a copy of what the build reads, so the checkout gets no build/ or egg-info):
+    every module of fusesteer/ and nothing else; no AOT, PTX/cubin or roofline code, nothing importing the
+    checkout's ``bench`` tooling."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "results", "experiments")
+    for name in ("fusesteer", "bench"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    tooling = "".join((src / "bench" / f).read_text() for f in ("aot.py", "aot_compile.py", "aot_ptx.py",
+                                                                  "roofline.py"))
+    assert all(m in tooling for m in DEV_TOOLING_MARKERS)  # the tooling is there to be left out, and recognizable
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w",
+                        str(tmp_path / "dist")], cwd=src, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (whl,) = (tmp_path / "dist").glob("fusesteer-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        py = {n: z.read(n).decode() for n in z.namelist() if n.endswith(".py")}
+    package = {str(f.relative_to(ROOT)) for f in (ROOT / "fusesteer").rglob("*.py")}
+    assert set(py) == package, sorted(set(py) ^ package)
+    assert {"fusesteer/bench/parity.py", "fusesteer/bench/latency.py", "fusesteer/bench/gpu.py",
+            "fusesteer/bench/serve.py", "fusesteer/bench/traffic.py"} <= set(py)
+    assert not [n for n in py if re.search(r"aot|ptx|roofline", Path(n).name)]
+    for name, text in py.items():
+        assert not [m for m in DEV_TOOLING_MARKERS if m in text], name
+        for node in ast.walk(ast.parse(text)):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [m for m in mods if m == "bench" or m.startswith("bench.")], (name, mods)

@@ -151,6 +151,7 @@ def test_graph_reader_sees_real_edges():
     assert "fusesteer.bench" in g and "fusesteer.bench.common" in g
     assert "fusesteer.bench.options" in g["fusesteer.commands.bench"]  # module level
     assert "fusesteer.bench.interpreter" in g["fusesteer.bench.common"]  # `from .interpreter import ...`
+    assert "fusesteer.bench.traffic" in g["fusesteer.bench.gpu_kernels"]  # `from . import traffic as TR`
     assert "fusesteer.bench.runner" not in g["fusesteer.commands.bench"]  # imported inside run()
     assert "fusesteer.bench.runner" in import_graph(module_level_only=False)["fusesteer.commands.bench"]
 

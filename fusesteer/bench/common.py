@@ -25,6 +25,7 @@ import torch
 
 import fusesteer as fs
 from fusesteer import testing
+from fusesteer.runtime.backends.base import model_device
 
 from . import paths
 from .errors import BenchError
@@ -182,10 +183,6 @@ def prompt_ids(loaded: Loaded, batch: int, length: int, device, seed: int = 0) -
             i += 1
         rows.append(toks[:length])
     return torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Steps, in order (each is skipped with a note when the time budget, ``--budget`` 
      zero-recompile check: ``handle.update()`` with new values must add no graph, frame or recompile and
      must change the logits.
 5. ``gpu-<device>.json`` and ``gpu-<device>.png`` (kernel % of peak; ratios eager vs CUDA graphs next to the
-   roofline prediction) in ``--out`` (default: the results folder, see :mod:`fusesteer.bench.paths`).
+   ratio the traffic model predicts, :mod:`fusesteer.bench.traffic`) in ``--out`` (default: the results folder,
+   see :mod:`fusesteer.bench.paths`).
 
 Exit status: 0 when every parity check and zero-recompile check passed, 1 otherwise, 2 on a usage error
 (no CUDA device without ``--dry-run``).
@@ -38,8 +39,8 @@ from fusesteer.runtime.compat import output_cache, with_cache
 
 from . import common as C
 from . import gpu_kernels as GK
-from . import roofline as RL
 from . import thresholds as TH
+from . import traffic as TR
 from .paths import resolve_out
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -314,9 +315,9 @@ def dry_run(cfg: GPUConfig) -> dict:
             arms.append(f"{scen} b{B}: {len(p) if isinstance(p, dict) else 1} plan(s), "
                         f"{len(next(iter(p.values())).entries) if isinstance(p, dict) else len(p.entries)} entries")
         built["models"][name] = {"status": "built", "arms": arms,
-                                 "predicted_ratio": {f"b{B}/{pl}": RL.predicted_ratio(RL.ARCHS[name], B, pl)
+                                 "predicted_ratio": {f"b{B}/{pl}": TR.predicted_ratio(TR.ARCHS[name], B, pl)
                                                      for B, pl in ((1, 1), (8, 1), (8, 8))}
-                                 if name in RL.ARCHS else None}
+                                 if name in TR.ARCHS else None}
         log(f"  {name}: loaded on CPU, plans and {len(arms) * 2} steered arms built ({'; '.join(arms)})")
         del loaded
     log(f"  built {built['kernel_cases']} kernel parity inputs on CPU, listed {built['bandwidth_cases']} "
@@ -397,14 +398,14 @@ def run_gpu(cfg: GPUConfig) -> dict:
             entry["error"] = f"{type(e).__name__}: {e}"[:500]
             log(f"{name}: cannot load: {entry['error']}")
             continue
-        arch = RL.ARCHS.get(name)
+        arch = TR.ARCHS.get(name)
         plans = scenario_plans(loaded.model)
         work = []
         for scen, B in cfg.scenarios:
             p, p2 = plans[scen]
             rows = list(p) if isinstance(p, dict) else None
             sc = {"scenario": scen, "batch": B, "plans": len(p) if rows else 1,
-                  "predicted_ratio": RL.predicted_ratio(arch, B, len(p) if rows else 1) if arch else None}
+                  "predicted_ratio": TR.predicted_ratio(arch, B, len(p) if rows else 1) if arch else None}
             entry["scenarios"].append(sc)
             work.append((sc, p, p2, rows, C.prompt_ids(loaded, B, cfg.prompt_len, dev)))
         loaded_models[name] = (loaded, work)
@@ -542,10 +543,19 @@ def plot(result: dict, path: Path) -> Path | None:
 
 
 def cli(args) -> int:
-    """`fusesteer bench gpu [--dry-run]` / `python -m fusesteer.bench gpu`."""
+    """`fusesteer bench gpu [--dry-run]` (``args`` parsed with :func:`fusesteer.bench.options.add_gpu_arguments`)."""
+    if args.budget <= 0:
+        raise C.BenchError(f"--budget must be positive, got {args.budget}")
+    if args.cycles < 5 or args.warmup < 0:
+        raise C.BenchError(f"--cycles must be >= 5 and --warmup >= 0, got {args.cycles} and {args.warmup}")
+    try:
+        kind = torch.device(args.device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind != "cuda":
+        raise C.BenchError(f"--device {args.device!r}: bench gpu runs on a CUDA device (cuda or cuda:N)")
     out = resolve_out(args.out, create=False)
-    cfg = GPUConfig(device=args.device if args.device != "cpu" else "cuda", cycles=args.cycles or 200,
-                    warmup=args.warmup if args.warmup is not None else 10, budget_s=float(args.budget),
+    cfg = GPUConfig(device=args.device, cycles=args.cycles, warmup=args.warmup, budget_s=float(args.budget),
                     dry_run=args.dry_run, progress=not args.no_progress, out=out)
     if args.dry_run:
         dry_run(cfg)

@@ -10,9 +10,9 @@ elements 1 ulp off.
 
 Bandwidth: each kernel at Llama-3-8B widths (and the small models' widths) x 8 and 4096 rows, bf16 and fp32,
 timed with CUDA events over ``INNER`` back-to-back launches captured in one CUDA graph (device time; the eager
-time per call, host overhead included, is recorded too); GB/s = the roofline bytes
-(:func:`fusesteer.bench.roofline.call_bytes`) / time, and % of the peak from NVML (or a measured device-to-device copy
-when pynvml is missing, said so in the result).
+time per call, host overhead included, is recorded too); GB/s = the bytes the kernel must move
+(:func:`fusesteer.bench.traffic.call_bytes`) / time, and % of the peak from NVML (or a measured device-to-device
+copy when pynvml is missing, said so in the result).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from . import roofline as RL
+from . import traffic as TR
 
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARITY_WIDTHS = {"add_rmsnorm": (576, 640, 4096), "glu": (1536, 2048, 14336), "affine": (576, 1024, 4096)}
@@ -191,8 +191,8 @@ def peak_bandwidth() -> tuple[float, str]:
 
 
 def case_bytes(case: dict) -> int:
-    b = RL.kernel_bytes(case["kernel"], case["dtype"], case["width"], case["map"], case["family"])
-    return RL.call_bytes(b, case["rows"], case["map"], PLANS)
+    b = TR.kernel_bytes(case["kernel"], case["dtype"], case["width"], case["map"], case["family"])
+    return TR.call_bytes(b, case["rows"], case["map"], PLANS)
 
 
 def _time_loop(call, inner: int, repeats: int) -> float:

@@ -1,8 +1,8 @@
 """Where the bench writes: the results folder of a fusesteer source checkout, or one under the current directory.
 
 A *checkout* is a folder holding a ``pyproject.toml`` whose project is ``fusesteer`` next to a ``bench/`` folder
-(the experiments and the checked-in results). Run from anywhere inside one, the suites write to its
-``bench/results``; anywhere else (a plain ``pip install fusesteer``) to ``./fusesteer-bench-results``.
+(the developer tooling, the experiments and the checked-in results). Run from anywhere inside one, the suites write
+to its ``bench/results``; anywhere else (a plain ``pip install fusesteer``) to ``./fusesteer-bench-results``.
 ``--out`` always wins.
 """
 

@@ -1,25 +1,22 @@
-"""`fusesteer bench {parity,latency,all,aot,gpu} ...` (and `python -m fusesteer.bench ...`): runs the suites and
-writes results.
+"""`fusesteer bench {parity,latency,all,gpu,serve} ...`: runs the suite a parsed command line names and writes
+its results (the options of each verb: :mod:`fusesteer.bench.options`).
 
-Exit status: 0 when the gate of the suite passes (parity; aot: no spills, 128-bit access; gpu: kernel parity,
-model parity and zero recompiles) or only latency ran, 1 when it fails, 2 on a usage error (bad option, model
-that cannot load, CUDA requested without a GPU).
+Exit status: 0 when the gate of the suite passes (parity; gpu: kernel parity, model parity and zero recompiles)
+or only latency / serve ran, 1 when it fails, 2 on a usage error (bad option, model that cannot load, CUDA
+requested without a GPU: a :class:`~fusesteer.errors.FuseSteerError`, which the `fusesteer` command prints).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import torch
-
-from fusesteer.errors import FuseSteerError
 
 from . import common as C
 from . import report as R
 from .latency import LatencyConfig, run_latency
-from .options import DTYPES, build_parser
+from .options import DTYPES
 from .parity import ParityConfig, run_parity
 from .paths import resolve_out
 
@@ -37,34 +34,30 @@ def _device(name: str) -> torch.device:
 
 
 def _check(args) -> None:
+    """The checks argparse cannot make; an option the verb does not have is not checked."""
     for name in ("cycles", "prefill_cycles", "steps", "threads"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise C.BenchError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.warmup is not None and args.warmup < 0:
-        raise C.BenchError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.cycles is not None and args.cycles < 5:
-        raise C.BenchError(f"--cycles {args.cycles}: at least 5 timed cycles are needed for a median and a CI")
-    if any(b < 1 for b in args.batches):
+    warmup, cycles = getattr(args, "warmup", None), getattr(args, "cycles", None)
+    if warmup is not None and warmup < 0:
+        raise C.BenchError(f"--warmup must be >= 0, got {warmup}")
+    if cycles is not None and cycles < 5:
+        raise C.BenchError(f"--cycles {cycles}: at least 5 timed cycles are needed for a median and a CI")
+    if any(b < 1 for b in getattr(args, "batches", ())):
         raise C.BenchError(f"--batches must be positive, got {args.batches}")
 
 
 def run(args) -> int:
-    """Run the suites selected by ``args`` (parsed with :func:`add_arguments`); returns the exit status."""
-    if args.suite == "aot":
-        from .aot import AOTError
-        from .aot import cli as aot_cli
-
-        try:
-            return aot_cli(args)
-        except AOTError as e:
-            raise C.BenchError(str(e)) from None
+    """Run the suite ``args.suite`` names (``args`` parsed with the verb's options); returns the exit status."""
     if args.suite == "gpu":
         from .gpu import cli as gpu_cli
 
-        if args.budget <= 0:
-            raise C.BenchError(f"--budget must be positive, got {args.budget}")
         return gpu_cli(args)
+    if args.suite == "serve":
+        from .serve import cli as serve_cli
+
+        return serve_cli(args)
     _check(args)
     dev = _device(args.device)
     threads = torch.get_num_threads()
@@ -139,16 +132,3 @@ def _run(args, dev: torch.device) -> int:
     print(f"results: {out} ({', '.join([path.name] + mine)})")
     return rc
 
-
-def main(argv=None, prog: str = "python -m fusesteer.bench") -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and :func:`run`; a usage error prints and returns 2."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FuseSteerError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130

@@ -1,10 +1,11 @@
-"""Load test of `fusesteer serve` on loopback: aggregate throughput and latency under concurrent clients.
+"""`fusesteer bench serve`: load test of `fusesteer serve` on loopback: aggregate throughput and latency under
+concurrent clients.
 
-    python -m fusesteer.bench.serve [--model smollm2-135m] [--clients 1 8 32] [--requests 2] [--max-tokens 32]
-                                    [--arm-time-cap 180] [--out DIR] [--quick]
+    fusesteer bench serve [--model smollm2-135m] [--clients 1 8 32] [--requests 2] [--max-tokens 32]
+                          [--arm-time-cap 180] [--out DIR] [--quick]
 
-(``python -m bench.serve`` in a source checkout.) ``--out`` defaults to ``serve/`` in the results folder
-(:mod:`fusesteer.bench.paths`: ``bench/results/serve`` inside a checkout, else ``./fusesteer-bench-results/serve``).
+``--out`` defaults to ``serve/`` in the results folder (:mod:`fusesteer.bench.paths`: ``bench/results/serve``
+inside a checkout, else ``./fusesteer-bench-results/serve``).
 
 Starts ``fusesteer serve`` as a subprocess on 127.0.0.1 (a free port; nothing else is contacted) with one plan
 per client (all-layer ``layer.out`` blend + k = 100 gains at ``attn.o_proj.in`` and ``mlp.down_proj.in``,
@@ -23,7 +24,6 @@ Bounded: a fixed number of requests per arm, no new request after ``--arm-time-c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import BenchError
 from .paths import PACKAGE_PARENT, resolve_out
 from .report import plots_unavailable
 
@@ -261,39 +262,35 @@ def _plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fusesteer.bench.serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=1, help="requests per client per arm and round")
-    p.add_argument("--rounds", type=int, default=3, help="paired (unsteered, steered) rounds per client count")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--arm-time-cap", type=float, default=180.0, help="no new requests after this many seconds")
-    p.add_argument("--sequential-clients", type=int, default=8)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the server process")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: serve/ in bench/results inside a fusesteer checkout, else in "
-                        "./fusesteer-bench-results)")
-    p.add_argument("--quick", action="store_true", help="1 and 2 clients, 1 request, 8 tokens (a smoke run)")
-    args = p.parse_args(argv)
+def _command(args) -> str:
+    """The command line that reproduces ``args`` (every option, before ``--quick`` rewrites them)."""
+    parts = ["fusesteer bench serve", "--model", args.model, "--clients", *map(str, args.clients),
+             "--requests", str(args.requests), "--rounds", str(args.rounds), "--max-tokens", str(args.max_tokens),
+             "--arm-time-cap", str(args.arm_time_cap), "--sequential-clients", str(args.sequential_clients),
+             "--backend", args.backend]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.out is not None:
+        parts += ["--out", str(args.out)]
+    if args.quick:
+        parts.append("--quick")
+    return " ".join(parts)
+
+
+def cli(args) -> int:
+    """`fusesteer bench serve ...` (``args`` parsed with :func:`fusesteer.bench.options.add_serve_arguments`)."""
+    command = _command(args)
     if args.quick:
         args.clients, args.requests, args.max_tokens, args.sequential_clients, args.rounds = [1, 2], 1, 8, 2, 1
     if min(args.clients) < 1 or args.requests < 1 or not 1 <= args.max_tokens <= 4096:
-        p.error("--clients and --requests must be >= 1 and --max-tokens in 1..4096")
-    from .errors import BenchError
-
-    try:
-        out = resolve_out(args.out, "serve")
-    except BenchError as e:
-        p.error(str(e))
+        raise BenchError("--clients and --requests must be >= 1 and --max-tokens in 1..4096")
+    out = resolve_out(args.out, "serve")
     import torch
 
     from .common import machine_info
 
     n_plans = max(max(args.clients), args.sequential_clients)
-    res: dict = {"model": args.model, "command": "python -m fusesteer.bench.serve " + " ".join(argv or sys.argv[1:]),
+    res: dict = {"model": args.model, "command": command,
                  "max_tokens": args.max_tokens, "requests_per_client": args.requests, "arms": []}
     with tempfile.TemporaryDirectory(prefix="fusesteer-bench-serve-") as plans_dir:
         res["plan"] = _write_plans(args.model, n_plans, plans_dir)
@@ -365,7 +362,3 @@ def main(argv=None) -> int:
     print(json.dumps(res["summary"], indent=1))
     print(f"wrote {out / 'serve.json'}" + (f"; no serve.png: {why}" if why else f" and {out / 'serve.png'}"))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -165,7 +165,7 @@ class Launch:
     the grid, the positional arguments, the constexpr meta-parameters and ``num_warps``.
 
     Each kernel file has one ``*_launch`` function that turns the wrapper's tensors into a
-    ``Launch``; the wrapper runs it and the ahead-of-time compile check (``python -m bench aot``)
+    ``Launch``; the wrapper runs it and the ahead-of-time compile check (``python -m bench.aot``)
     builds the same ``Launch`` from meta tensors and compiles it for sm_80/90/100, so the checked
     binaries are the ones the runtime launches (same BLOCK sizes, constexprs, num_warps, dtypes).
     """
@@ -185,7 +185,7 @@ def row_num_warps(block: int, elem_bytes: int = 2) -> int:
     """Warps for one-row-per-program reductions (ignored by the interpreter): 4 up to 1024
     columns, 8 up to 4096, 16 up to 16384, else 32; float32 rows get at least one warp per 256
     columns (8 elements = two 128-bit vectors per thread): with 16 elements per thread ptxas
-    spilled on sm_80 at 4096 columns (``python -m bench aot``)."""
+    spilled on sm_80 at 4096 columns (``python -m bench.aot``)."""
     if block <= 1024:
         w = 4
     elif block <= 4096:
@@ -329,7 +329,7 @@ def store_arg(out: torch.Tensor) -> torch.Tensor:
     kernels round from float32 to nearest-even themselves (``OUT_BF16``): the interpreter's own
     fp32 -> bf16 cast truncates, which would make interpreter results differ from both torch and
     the GPU. Compiled for a GPU the kernels store with ``.to(tl.bfloat16)`` (``cvt.rn.bf16.f32``:
-    round-to-nearest-even, the same bits; NaN stays NaN): ``python -m bench aot`` compiled both,
+    round-to-nearest-even, the same bits; NaN stays NaN): ``python -m bench.aot`` compiled both,
     and the bit-level rounding cost 38-192 extra SASS instructions per thread (+14-55%) and up to
     6 registers, for nothing, on sm_80/90/100.
     """

@@ -1,4 +1,5 @@
-"""`fusesteer bench aot --out DIR`: compile every Triton kernel variant the backends launch for sm_80, sm_90 and
+"""`python -m bench.aot --out DIR` (from the source checkout's root; developer tooling, not installed): compile
+every Triton kernel variant the backends launch for sm_80, sm_90 and
 sm_100 on a machine without a GPU, read registers / spills / shared memory from the cubins and the global
 access widths from the PTX, and gate on them.
 
@@ -7,7 +8,7 @@ plan, per-row = 8 plans; ``affine_map`` always has a map) x Llama / Gemma conven
 ``1 + w`` with Gemma's post-norm; SiLU vs tanh-GELU) x the widths of :data:`MODELS` at the site each kernel
 serves (hidden size for the residual add + norm and ``mlp.out``, intermediate size for the GLU, heads x
 head_dim for ``attn.o_proj.in``) x arch. Each variant is compiled in worker processes
-(:mod:`fusesteer.bench.aot_compile`) through the kernel file's own ``*_launch`` function and Triton's own launch
+(:mod:`bench.aot_compile`) through the kernel file's own ``*_launch`` function and Triton's own launch
 binder, so the binary is the one a real launch of that shape gets; variants that map to the same Triton cache
 key (e.g. every GLU width above 1024: same BLOCK_W, same specialization) share one binary. Facts are cached
 on disk per binary (``$FUSESTEER_CACHE/aot``, ``--no-cache`` to recompile).
@@ -23,6 +24,7 @@ divisibility specialization), to show that the gate fails.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -35,9 +37,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fusesteer
+from fusesteer.bench.paths import resolve_out
+from fusesteer.errors import FuseSteerError
+
 from . import roofline as RL
 from .aot_compile import DTYPES, KERNELS, REQUIRED_ROWS, describe
-from .paths import PACKAGE_PARENT, resolve_out
+
+#: the checkout's root (holds the ``bench`` package) and the folder holding the ``fusesteer`` this process imported
+CHECKOUT = Path(__file__).resolve().parents[1]
+FUSESTEER_PARENT = Path(fusesteer.__file__).resolve().parents[1]
+#: the default ``--out``: the checkout's results folder
+DEFAULT_OUT = CHECKOUT / "bench" / "results" / "aot"
 
 AOT_JSON = "aot.json"
 JOB_TIMEOUT_S = 600  # one job = the widths of one (kernel, family, map, dtype, arch): seconds, normally
@@ -134,8 +145,9 @@ def _worker_env(triton_cache: str) -> dict:
     env["TRITON_INTERPRET"] = "0"  # compile for real: @triton.jit must build JITFunctions
     env["TRITON_ALWAYS_COMPILE"] = "1"  # run ptxas every time: its -v log is where the spill bytes come from
     env["TRITON_CACHE_DIR"] = triton_cache  # a private scratch cache, never the user's
-    repo = str(PACKAGE_PARENT)  # the workers import this very fusesteer, installed or a checkout
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the workers import this very fusesteer (installed or a checkout) and this checkout's bench package
+    paths = list(dict.fromkeys([str(FUSESTEER_PARENT), str(CHECKOUT)]))
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
@@ -157,9 +169,8 @@ def run_jobs(jobs: list[dict], n_workers: int, progress: bool = True, desc: str 
 
         def work(k: int) -> None:
             errf = open(os.path.join(scratch, f"worker{k}.err"), "w+")
-            proc = subprocess.Popen([sys.executable, "-m", "fusesteer.bench.aot_compile"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=errf, text=True, env=env,
-                                    cwd=str(PACKAGE_PARENT))
+            proc = subprocess.Popen([sys.executable, "-m", "bench.aot_compile"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=errf, text=True, env=env, cwd=str(CHECKOUT))
             try:
                 while True:
                     try:
@@ -396,7 +407,7 @@ def run_aot(cfg: AOTConfig) -> dict:
                  for b in _batches(check)]
     if cfg.helpers_check:
         jobs.append({"helpers_check": True, "variants": []})
-    log(f"bench aot: {len(variants)} kernel variants ({', '.join(cfg.kernels)}; {', '.join(cfg.dtypes)}; "
+    log(f"bench.aot: {len(variants)} kernel variants ({', '.join(cfg.kernels)}; {', '.join(cfg.dtypes)}; "
         f"{', '.join(f'sm_{a}' for a in cfg.archs)})"
         f"{' + ' + str(len(check)) + ' for the bf16-store check' if check else ''}"
         f", {n_workers} worker processes, cache {cache_dir or 'off'}")
@@ -449,7 +460,7 @@ def markdown(r: dict) -> list[str]:
     s = r["summary"]
     c = r["config"]
     L = [f"# AOT compile check of the fusesteer kernels ({', '.join(c['archs'])}, triton {c['triton']})", "",
-         f"`fusesteer bench aot`: {s['variants']} variants ({s['binaries']} distinct binaries), gate "
+         f"`python -m bench.aot`: {s['variants']} variants ({s['binaries']} distinct binaries), gate "
          f"**{r['gate']}**: {s['failed']} failing, spill bytes total {s['spill_bytes_total']}, max registers "
          f"{s['max_regs']} ({s['max_regs_variant']}); narrowest global access in the {s['width_gated_variants']} "
          f"width-gated variants: activation loads {_b(s['min_load_bits_gated'])} / stores "
@@ -505,16 +516,37 @@ def markdown(r: dict) -> list[str]:
     return L
 
 
-def cli(args) -> int:
-    """`fusesteer bench aot` / `python -m fusesteer.bench aot`: exit 0 when the gate passes, 1 when it fails."""
-    out = resolve_out(args.out, "aot", create=False)
-    dtypes = tuple(args.dtypes) if args.dtypes else DTYPES
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        raise AOTError(f"--dtypes {bad}: bench aot compiles {', '.join(DTYPES)}")
-    resolve_out(out)  # created (or refused) before minutes of compiling
-    cfg = AOTConfig(out=out, archs=tuple(args.archs), dtypes=dtypes, jobs=args.jobs, cache=not args.no_cache,
-                    inject=tuple(args.inject or ()), progress=not args.no_progress)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.aot", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (aot.json, aot.md)")
+    p.add_argument("--archs", nargs="+", type=int, choices=ARCHS, default=list(ARCHS),
+                   help="compute capabilities to compile for")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="activation dtypes")
+    p.add_argument("--jobs", type=int, default=None, help="compile worker processes (default: min(4, CPUs))")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompile every binary (default: reuse facts cached in $FUSESTEER_CACHE/aot)")
+    p.add_argument("--inject", nargs="+", choices=sorted(INJECT), default=None,
+                   help="add a variant built to fail the gate (1 warp for an 8192-wide fp32 row; no alignment "
+                        "specialization) to show the gate bites")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    """`python -m bench.aot ...`: exit 0 when the gate passes, 1 when it fails, 2 on a usage error."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (AOTError, FuseSteerError) as e:
+        print(f"bench.aot: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    out = resolve_out(args.out)  # created (or refused) before minutes of compiling
+    cfg = AOTConfig(out=out, archs=tuple(args.archs), dtypes=tuple(args.dtypes), jobs=args.jobs,
+                    cache=not args.no_cache, inject=tuple(args.inject or ()), progress=not args.no_progress)
     r = run_aot(cfg)
     s = r["summary"]
     print(f"aot gate: {r['gate']} ({s['variants']} variants, {s['binaries']} binaries, {s['failed']} failing; "
@@ -532,3 +564,7 @@ def cli(args) -> int:
                   f"{b['sass_cvt']}; store {b['store_bits_bits']} vs {b['store_bits_cvt']} bits")
     print(f"results: {out / AOT_JSON}, {out / AOT_MD}")
     return 0 if r["gate"] == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """Compile one kernel variant for an NVIDIA target without a GPU and read its facts (the worker of
-``fusesteer bench aot``; run as ``python -m fusesteer.bench.aot_compile`` with ``TRITON_INTERPRET=0``).
+``python -m bench.aot``; run as ``python -m bench.aot_compile`` with ``TRITON_INTERPRET=0``).
 
 A *variant* is a dict: ``kernel`` (add_rmsnorm | glu | affine), ``dtype`` (fp32 | fp16 | bf16), ``arch``
 (80 | 90 | 100), ``width``, ``map`` (none | uniform | per-row), ``family`` (llama | gemma: RMSNorm
@@ -25,7 +25,7 @@ How a variant becomes a binary, exactly as a real launch would:
 Facts: registers, stack, spill stores/loads from the ``ptxas -v`` log Triton prints, REG / SHARED / LOCAL from
 ``cuobjdump --dump-resource-usage`` of the cubin (shipped in the triton wheel), Triton's dynamic shared memory
 from the kernel metadata, and the width of every global access attributed to its pointer argument from the
-PTX (:mod:`fusesteer.bench.aot_ptx`).
+PTX (:mod:`bench.aot_ptx`).
 """
 
 from __future__ import annotations
@@ -142,9 +142,9 @@ def _triton_api():
         from triton.compiler import compile as triton_compile
         from triton.runtime.jit import JITFunction, create_function_from_signature
     except ImportError as e:  # pragma: no cover - depends on the triton version
-        raise VariantError(f"bench aot needs triton with its NVIDIA backend (tested with 3.9): {e}") from None
+        raise VariantError(f"bench.aot needs triton with its NVIDIA backend (tested with 3.9): {e}") from None
     if not hasattr(JITFunction, "_pack_args"):  # pragma: no cover
-        raise VariantError(f"triton {triton.__version__}: JITFunction has no _pack_args; bench aot reads the "
+        raise VariantError(f"triton {triton.__version__}: JITFunction has no _pack_args; bench.aot reads the "
                            "launch specialization through Triton's own binder (tested with triton 3.9)")
     return triton, GPUTarget, ASTSource, make_backend, triton_compile, create_function_from_signature
 
@@ -234,7 +234,7 @@ def compile_variant(v: dict, cache_dir: str | None = None, sass: bool = False) -
     unknown = sorted(set(pointers) - set(roles))
     if unknown:
         raise VariantError(f"{describe(v)}: pointer arguments {unknown} have no role in POINTER_ROLES "
-                           f"(fusesteer/bench/aot_compile.py); known: {sorted(roles)}")
+                           f"(bench/aot_compile.py); known: {sorted(roles)}")
     key = _cache_key(src, target, options, sass)
     facts = _MEMO.get(key)
     path = Path(cache_dir) / f"{key}.json" if cache_dir else None

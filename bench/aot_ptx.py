@@ -139,7 +139,7 @@ def cuobjdump_path() -> Path:
         raise PTXAnalysisError("triton is not installed")
     p = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not p.is_file():
-        raise PTXAnalysisError(f"no cuobjdump in the triton wheel (looked for {p}); bench aot reads the cubin's "
+        raise PTXAnalysisError(f"no cuobjdump in the triton wheel (looked for {p}); bench.aot reads the cubin's "
                                "resource usage with it")
     return p
 
