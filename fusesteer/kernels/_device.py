@@ -1,7 +1,7 @@
 """Triton device functions shared by the kernels: the steering map of one row and the store of a result.
 
 Both are ``@triton.jit`` functions (decorated at import through :func:`fusesteer.kernels._common.jit`, like
-the kernels that call them); Triton inlines them into each kernel (``fusesteer bench aot`` checks that the
+the kernels that call them); Triton inlines them into each kernel (``python -m bench.aot`` checks that the
 compiled kernels contain no calls).
 
 * :func:`apply_map` — ``a_tab[slot] ⊙ y + b_tab[slot]`` for the columns ``cols`` of row ``row``, as one fma
