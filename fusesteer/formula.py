@@ -16,3 +16,13 @@ def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32:
         return torch.addcmul(b, x, a)
     return torch.addcmul(b, x.float(), a).to(x.dtype)
+
+
+def is_identity(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether the map (a, b) is exactly x' = x (None: the default, a = 1 or b = 0)."""
+    return is_gain_free(a) and (b is None or bool((b == 0).all()))
+
+
+def is_gain_free(a: torch.Tensor | None) -> bool:
+    """Whether a == 1 everywhere (the map is x + b: one add suffices)."""
+    return a is None or bool((a == 1).all())

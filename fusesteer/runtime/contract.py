@@ -22,7 +22,7 @@ import time
 import torch
 
 from ..errors import AttachError, ContractError
-from .backends.base import fused_backend_name, model_device
+from .backends import fused_name
 from .compat import (
     TRANSFORMERS_VERSION,
     layer_positions,
@@ -39,14 +39,13 @@ _VERIFIED: set = set()
 
 
 def _fused_name(handle) -> str | None:
-    name = handle.backend_name
+    """The patched-forward backend the handle runs (``auto``: the one it fuses with), None for ``fold``."""
     if handle.parts.family.generic:
-        return "reference"  # the only backend on a model without an adapter (auto included)
-    if name in ("torch", "triton", "reference"):
-        return name
+        return "reference"
+    name = handle.backend_name
     if name == "auto":
-        return fused_backend_name(model_device(handle.model))
-    return None  # fold: no patched forwards
+        return fused_name(handle.model, handle.parts)
+    return None if name == "fold" else name
 
 
 def _tolerance(backend: str, dtype: torch.dtype) -> tuple[float, float]:

@@ -223,6 +223,28 @@ class ModelParts:
         if why is not None:
             raise PlanError(why)
 
+    def site_keys(self, sites) -> set:
+        """attach(sites=...) as (layer, site) pairs: "all" (every site each layer has) or a list of pairs."""
+        n = len(self.layers)
+        if sites is None:
+            return set()
+        if sites == "all":
+            return {(layer, s) for layer in range(n) for s in self.sites_of(layer)}
+        if isinstance(sites, (str, bytes, dict)) or not hasattr(sites, "__iter__"):
+            raise AttachError(f"sites: expected 'all' or a list of (layer, site) pairs, got {type(sites).__name__} "
+                              f"{sites!r}")
+        keys = set()
+        for k in sites:
+            if (not isinstance(k, tuple) or len(k) != 2 or not isinstance(k[0], int) or isinstance(k[0], bool)
+                    or not 0 <= k[0] < n or k[1] not in SITES):
+                raise AttachError(f"sites: expected 'all' or (layer, site) pairs with layer in 0..{n - 1} and site "
+                                  f"in {SITES}, got {k!r}")
+            why = self.site_problem(*k)
+            if why is not None:
+                raise AttachError(f"sites: {k!r}: {why}")
+            keys.add(k)
+        return keys
+
 
 def _generic_problem(model, layers) -> str | None:
     for i, layer in enumerate(layers):

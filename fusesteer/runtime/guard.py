@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from ..formula import is_identity
 from .plan import PHASES, SteeringPlan
+from .tables import slot_of
 
 
 def plan_phases(plan: SteeringPlan, spec, maps=None) -> tuple[set, bool]:
@@ -25,8 +27,7 @@ def plan_phases(plan: SteeringPlan, spec, maps=None) -> tuple[set, bool]:
     phases = set()
     for m in (plan.phase_maps(spec) if maps is None else maps).values():
         for ph in PHASES:
-            a, b = m[ph]
-            if not (bool((a == 1).all()) and bool((b == 0).all())):
+            if not is_identity(*m[ph]):
                 phases.add(ph)
     return phases, all(e.gating == "all" for e in plan.entries)
 
@@ -130,7 +131,7 @@ class FiniteGuard:
             pid = ids.get(name)
             if not phases or pid is None:
                 continue
-            got = {ph for ph, s in (("prompt", 2 * pid - 1), ("generated", 2 * pid)) if s in seen_slots}
+            got = {ph for ph in PHASES if slot_of(pid, ph == "generated") in seen_slots}
             if got and self.free.get(name):
                 got = set(PHASES)
             if got & phases:

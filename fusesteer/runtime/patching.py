@@ -7,7 +7,10 @@ step that fails stays registered (the others still run), so a later ``restore()`
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+
+from ..errors import AttachError
 
 
 def foreign_forward(module: nn.Module, skipped: bool) -> str | None:
@@ -110,3 +113,50 @@ class Patcher:
         self._undo = failed[::-1]
         if errors:
             raise errors[0]
+
+
+# ---- what may not happen to a model while a plan is attached ------------------------------------------
+def move_problem(module, fn) -> str | None:
+    """What ``module._apply(fn)`` (model.to / .half / .cuda ...) would change: a dtype or a device, or None."""
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.dtype, t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            out = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+        except Exception:  # noqa: BLE001 - the move itself will raise the same error
+            return None
+        if isinstance(out, torch.Tensor) and (out.dtype, out.device) != key:
+            return f"{t.dtype} on {t.device} -> {out.dtype} on {out.device}"
+    return None
+
+
+def guard_model(patcher: Patcher, model: nn.Module, live, holds_weights, backend: str) -> None:
+    """On the model and every module, before anything changes: refuse ``_apply`` moves (model.to(dtype/device),
+    .half(), .cuda(), ...) while ``live()`` — the plan tables, the routing state and fold's restore data stay
+    where they were made — and ``load_state_dict`` while ``live() and holds_weights()`` — detach would put the
+    pre-attach weights back over what was loaded. Both are undone by ``patcher``."""
+    for mod in model.modules():
+        orig_apply, orig_load = mod._apply, mod.load_state_dict
+
+        def guarded_apply(fn, *args, _mod=mod, _orig=orig_apply, **kwargs):
+            if live():
+                what = move_problem(_mod, fn)
+                if what is not None:
+                    raise AttachError(
+                        f"cannot move {type(_mod).__name__} ({what}) while a fusesteer plan is attached: "
+                        f"nothing was changed. Detach first (handle.detach() or leave the with block), move "
+                        f"the model, then attach again")
+            return _orig(fn, *args, **kwargs)
+
+        def guarded_load(*args, _mod=mod, _orig=orig_load, **kwargs):
+            if live() and holds_weights():
+                raise AttachError(
+                    f"cannot load a state dict into {type(_mod).__name__} while a fusesteer plan is folded into "
+                    f"the model's weights (backend {backend!r}): nothing was loaded. Detach first "
+                    f"(handle.detach() or leave the with block), load, then attach again")
+            return _orig(*args, **kwargs)
+        patcher.set_attr(mod, "_apply", guarded_apply)
+        patcher.set_attr(mod, "load_state_dict", guarded_load)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import PlanError
+from ..formula import is_identity
 from .sites import SITES, site
 
 GATINGS = ("all", "prompt", "generated")
@@ -334,12 +335,7 @@ class SteeringPlan:
             e.validate(self.spec, i)
 
     def is_identity(self) -> bool:
-        for e in self.entries:
-            if e.a is not None and not bool((e.a == 1).all()):
-                return False
-            if e.b is not None and not bool((e.b == 0).all()):
-                return False
-        return True
+        return all(is_identity(e.a, e.b) for e in self.entries)
 
     def phase_maps(
         self, spec: ModelSpec | None = None

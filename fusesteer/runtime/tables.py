@@ -1,23 +1,16 @@
-"""Plan tables and per-token routing shared by every run-time backend.
+"""The plan table: the one owner of attached plans, their ids and their compiled per-site tables.
 
 Several plans attached at once are compiled into one table per touched (layer, site):
-``A, B: float32 [S, W]`` with S = 1 + 2 * capacity. Row 0 is the identity; plan p (1-based) owns row
-``2p - 1`` (its map for prompt tokens) and row ``2p`` (its map for generated tokens), each the composition
-of that plan's entries whose gating admits the phase. A token's *slot* therefore encodes both the routing
-(which plan its batch row uses) and the gating (prompt or generated position), and a backend only ever
-computes ``x' = A[slot] * x + B[slot]``.
+``A, B: float32 [S, W]`` with S = 1 + 2 * capacity. Row 0 is the identity; plan p (1-based) owns the two rows
+:func:`slot_of` gives (its map for prompt tokens, its map for generated tokens), each the composition of that
+plan's entries whose gating admits the phase. A token's *slot* therefore encodes both the routing (which plan
+its batch row uses) and the gating (prompt or generated position), and a backend only ever computes
+``x' = A[slot] * x + B[slot]``. This module is the only place that knows the encoding: :func:`slot_of` on the
+host, :func:`slots_of` on the device.
 
-Routing is computed on the device, once per forward, from tensors the model already has: the token positions
-every decoder layer receives (``position_ids``), a persistent per-row plan-id tensor and a persistent per-row
-prompt-length tensor, all written in place. No host sync, no Python branch on tensor values, no HF keyword for
-the KV cache: the same code runs eagerly, under ``torch.compile(fullgraph=True)`` and inside CUDA graphs, and
-changing the routing or a plan's values never recompiles.
-
-A token at position ``p`` of row ``r`` is a *generated* token iff ``p >= prompt_len[r]``. The prompt length is
-learnt on the device: inside ``generate()`` at its first forward (``max position + 1`` per row, so left padding
-with positions from the attention mask gives each row its own length, and ``use_cache=False``, which re-runs
-the whole sequence every step, keeps the length of the real prompt); outside ``generate()`` at every forward
-whose row starts at position 0 (a hand-written loop's prefill). ``set_prompt_length`` overrides both.
+:class:`PlanTable` owns the plan names and ids, the capacity, the bound plans and their composed maps, the
+per-site tables and their row flags (computed when a row is written, in one place), and writes with rollback.
+The router (per-token routing on the device) lives in :mod:`.routing`.
 """
 
 from __future__ import annotations
@@ -27,24 +20,27 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AttachError
+from ..formula import is_gain_free, is_identity
 from .plan import PHASES, ModelSpec, SteeringPlan
 
 
 def slot_of(plan_id: int, generated: bool) -> int:
+    """The table row of plan ``plan_id`` (0 = unsteered) for prompt or generated tokens."""
     return 0 if plan_id == 0 else 2 * plan_id - 1 + int(generated)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _static(t: torch.Tensor) -> torch.Tensor:
+def static_address(t: torch.Tensor) -> torch.Tensor:
     """Mark a persistent tensor as a static input for torch.compile / CUDA graphs (written in place only)."""
     try:
         torch._dynamo.mark_static_address(t)
     except Exception:  # noqa: BLE001 - older torch, or a tensor dynamo cannot mark: plain input then
         pass
     return t
+
+
+def slots_of(plan: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """:func:`slot_of` on the device: per-token plan ids and 0/1 generated flags (int64) -> slots."""
+    return torch.where(plan == 0, torch.zeros_like(plan), 2 * plan - 1 + generated)
 
 
 @dataclass
@@ -62,8 +58,8 @@ class SiteTable:
     def __post_init__(self):
         self.rows_a = [self.A[s] for s in range(self.A.shape[0])]
         self.rows_b = [self.B[s] for s in range(self.B.shape[0])]
-        _static(self.A)
-        _static(self.B)
+        static_address(self.A)
+        static_address(self.B)
 
     @property
     def n_slots(self) -> int:
@@ -73,32 +69,28 @@ class SiteTable:
         """The two rows of one plan in place: ``maps`` = {phase: (a, b)} dense fp32, or None (identity)."""
         for ph in PHASES:
             s = slot_of(plan_id, ph == "generated")
-            if maps is None:
-                a, b = torch.ones(self.A.shape[1]), torch.zeros(self.A.shape[1])
-            else:
+            if maps is not None:
                 a, b = maps[ph]
-            self.A[s].copy_(a)
-            self.B[s].copy_(b)
-            self.identity_rows[s] = bool((a == 1).all() and (b == 0).all())
-            self.additive_rows[s] = bool((a == 1).all())
-        self.phase_free[plan_id] = maps is None or (torch.equal(maps["prompt"][0], maps["generated"][0])
-                                                    and torch.equal(maps["prompt"][1], maps["generated"][1]))
+                self.A[s].copy_(a)
+                self.B[s].copy_(b)
+            else:
+                self.A[s].fill_(1.0)
+                self.B[s].zero_()
+        self.flag_plan(plan_id)
+
+    def flag_plan(self, plan_id: int) -> None:
+        """The row flags of one plan, from the rows as written (the one place they are computed)."""
+        p, g = slot_of(plan_id, False), slot_of(plan_id, True)
+        for s in {p, g}:
+            self.additive_rows[s] = is_gain_free(self.A[s])
+            self.identity_rows[s] = self.additive_rows[s] and is_identity(None, self.B[s])
+        self.phase_free[plan_id] = plan_id == 0 or (torch.equal(self.A[p], self.A[g])
+                                                    and torch.equal(self.B[p], self.B[g]))
 
 
-def _row_flags(A: torch.Tensor, B: torch.Tensor):
-    n = A.shape[0]
-    ident = [bool((A[s] == 1).all() and (B[s] == 0).all()) for s in range(n)]
-    addit = [bool((A[s] == 1).all()) for s in range(n)]
-    free = [True] + [bool(torch.equal(A[2 * p - 1], A[2 * p]) and torch.equal(B[2 * p - 1], B[2 * p]))
-                     for p in range(1, (n - 1) // 2 + 1)]
-    return ident, addit, free
-
-
-def host_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, keys, capacity: int, maps=None) -> dict:
-    """{(layer, site): (A, B)} float32 host tensors for plans {plan id: plan} over the given keys (``maps``:
-    their phase maps {plan id: maps} when the caller has them already)."""
+def host_tables(spec: ModelSpec, keys, capacity: int, maps: dict) -> dict:
+    """{(layer, site): (A, B)} float32 host tensors for plans' phase maps {plan id: maps} over the given keys."""
     n_slots = 1 + 2 * capacity
-    maps = {pid: p.phase_maps(spec) for pid, p in plans.items()} if maps is None else maps
     out = {}
     for key in keys:
         width = spec.site_width(key[1])
@@ -113,20 +105,23 @@ def host_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, keys, capacity:
     return out
 
 
-def plan_keys(plans) -> set:
-    return {k for p in plans for k in p.phase_maps()}
-
-
 def map_keys(maps) -> set:
     """The (layer, site) pairs of several plans' phase maps."""
     return {k for m in maps for k in m}
 
 
-def build_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, devices: dict[int, torch.device], keys,
-                 capacity: int, maps=None) -> dict:
-    """Compile plans {plan id: plan} into {(layer, site): SiteTable} over ``keys``."""
+def build_tables(spec: ModelSpec, devices: dict[int, torch.device], keys, capacity: int, maps: dict) -> dict:
+    """Compile plans' phase maps {plan id: maps} into {(layer, site): SiteTable} over ``keys``."""
     try:
-        return _build_tables(plans, spec, devices, keys, capacity, maps)
+        out = {}
+        for key, (A, B) in host_tables(spec, sorted(keys), capacity, maps).items():
+            dev = devices.get(key[0])
+            n = A.shape[0]
+            t = out[key] = SiteTable(key[0], key[1], A.to(dev), B.to(dev), [True] * n, [True] * n,
+                                     [True] * (capacity + 1))
+            for pid in range(capacity + 1):
+                t.flag_plan(pid)
+        return out
     except (MemoryError, RuntimeError) as e:
         if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "alloc" in str(e)):
             raise
@@ -136,230 +131,80 @@ def build_tables(plans: dict[int, SteeringPlan], spec: ModelSpec, devices: dict[
                           f"a smaller capacity or fewer sites") from None
 
 
-def _build_tables(plans, spec, devices, keys, capacity, maps) -> dict:
-    tables = {}
-    for key, (A, B) in host_tables(plans, spec, sorted(keys), capacity, maps).items():
-        ident, addit, free = _row_flags(A, B)
-        dev = devices.get(key[0])
-        tables[key] = SiteTable(key[0], key[1], A.to(dev), B.to(dev), ident, addit, free)
-    return tables
+class PlanTable:
+    """The attached plans of one handle: names -> ids (1..capacity; 0 is unsteered), the bound plans and their
+    composed maps, the per-site tables (``tables``: {(layer, site): SiteTable}) over ``keys``.
 
+    :meth:`commit` makes a new set of plans current, writing only the rows of the plan ids whose plan changed;
+    ``on_change`` (the backend re-planning) runs after the write, and if it raises, the previous plans are
+    written back and it runs again before the error is re-raised."""
 
-def _broadcasts(shape, to) -> bool:
-    try:
-        return tuple(torch.broadcast_shapes(tuple(shape), tuple(to))) == tuple(to)
-    except RuntimeError:
-        return False
+    def __init__(self, spec: ModelSpec, capacity: int, plans: dict, devices: dict, extra_keys: set = frozenset()):
+        self.spec = spec
+        self.capacity = capacity
+        self._compiled: dict[int, tuple] = {}  # id(bound plan) -> (plan, its phase maps): composed once per plan
+        self.plans: dict[str, SteeringPlan] = dict(plans)
+        self.ids: dict[str, int] = {n: i + 1 for i, n in enumerate(self.plans)}
+        self.names: list[str] = list(self.plans)
+        self.keys = map_keys(self.maps(p) for p in self.plans.values()) | set(extra_keys)
+        by_id = self.by_id()
+        self.tables = build_tables(spec, devices, self.keys, capacity, {i: self.maps(p) for i, p in by_id.items()})
+        self._written = by_id  # plan id -> the plan whose values its rows hold
 
+    # ---- what the table holds ----------------------------------------------------------------------
+    def maps(self, plan: SteeringPlan) -> dict:
+        """The phase maps of a bound plan (composed once per plan object)."""
+        got = self._compiled.get(id(plan))
+        if got is None or got[0] is not plan:
+            got = self._compiled[id(plan)] = (plan, plan.phase_maps(self.spec))
+        return got[1]
 
-class Router:
-    """Computes, once per forward and on the device, the slot of every token.
+    def by_id(self) -> dict[int, SteeringPlan]:
+        return {self.ids[n]: p for n, p in self.plans.items()}
 
-    Host-side it remembers what ``route`` / ``route_all`` asked (for the eager fast paths and for error
-    messages); device-side it keeps ``plan`` (per-row plan ids) and ``plen`` (per-row prompt lengths), both
-    int64 ``[capacity_rows, 1]`` written in place, plus two flags ``[force, auto]`` that say when the prompt
-    length is learnt.
-    """
+    def plan_id(self, name: str) -> int | None:
+        return self.ids.get(name)
 
-    def __init__(self, n_plans: int, default_plan: int | None, device=None, rows: int = 64):
-        self.n_plans = n_plans
-        self.default_plan = default_plan
-        self.host_rows: list[int] | None = None  # route(): plan id per row
-        self.n_rows = 0  # len(host_rows), read under compile instead of the list
-        self.tokens = None  # route_tokens(): (plan ids, prompt lengths) broadcastable to [batch, seq]
-        self.token_plans: frozenset = frozenset()  # the plan ids route_tokens() refers to (host side)
-        self.explicit = False  # set_prompt_length() was given lengths
-        self.plen_fill = 0  # the prompt length of a row the host did not set one for (set_prompt_length(int))
-        self.n_plen: int | None = None  # set_prompt_length([...]): how many rows it gave lengths for
-        self.plan_names: list = []  # the attached plans (for error messages only)
-        self.device = device
-        self.plan = _static(torch.zeros(rows, 1, dtype=torch.int64, device=device))
-        self.plen = _static(torch.zeros(rows, 1, dtype=torch.int64, device=device))
-        self.flags = _static(torch.tensor([0, 1], dtype=torch.int64, device=device))  # [force, auto]
-        self._fill_default()
-        self._update_ready()
-        # per-forward state (reset by the decoder stack's wrapper)
-        self.slots: torch.Tensor | None = None  # [B*T] int32
-        self.row_slots: torch.Tensor | None = None  # [B] int64: the slot of each row when phase does not matter
-        self._on: dict = {}  # the same two, moved to the devices of other layers (models split over devices)
-        self.batch = 0
+    def free_id(self) -> int | None:
+        used = set(self.ids.values())
+        return next((i for i in range(1, self.capacity + 1) if i not in used), None)
 
-    def _update_ready(self) -> None:
-        # a plain bool read under torch.compile (a guard on it stays true), instead of the plan ids themselves
-        self.ready = self.tokens is not None or self.host_rows is not None or self.default_plan is not None
+    def outside(self, plan: SteeringPlan) -> list:
+        """The (layer, site) pairs ``plan`` acts at that the tables do not cover, sorted."""
+        return sorted(map_keys([self.maps(plan)]) - self.keys)
 
-    # ---- what the handle asks --------------------------------------------------------------------------
-    def _fill_default(self) -> None:
-        self.plan.fill_(self.default_plan or 0)
+    @property
+    def n_slots(self) -> int:
+        return 1 + 2 * self.capacity
 
-    def _grow(self, rows: int) -> None:
-        if rows <= self.plan.shape[0]:
+    # ---- writes ------------------------------------------------------------------------------------
+    def commit(self, plans: dict, ids: dict | None = None, on_change=None) -> None:
+        """Make ``plans`` {name: bound plan} current with ids ``ids`` (default: unchanged)."""
+        old_plans, old_ids = dict(self.plans), dict(self.ids)
+        self._set(plans, dict(old_ids if ids is None else ids))
+        if on_change is None:
             return
-        # the new rows get what the host asked for every row (the default plan, set_prompt_length(int)), never
-        # a zero nobody asked for; rows of a route() / set_prompt_length([...]) list are checked against the batch
-        n = max(rows, 2 * self.plan.shape[0])
-        plan = torch.full((n, 1), self.default_plan or 0, dtype=torch.int64, device=self.device)
-        plen = torch.full((n, 1), self.plen_fill, dtype=torch.int64, device=self.device)
-        if self.host_rows is not None:
-            plan[: self.plan.shape[0]] = self.plan
-        plen[: self.plen.shape[0]] = self.plen
-        self.plan, self.plen = _static(plan), _static(plen)
+        try:
+            on_change()
+        except BaseException as err:
+            self._set(old_plans, old_ids)
+            try:
+                on_change()
+            except BaseException as e2:
+                raise AttachError(f"the new values were refused ({err}) and the previous ones could not be "
+                                  f"installed again ({type(e2).__name__}: {e2}); detach this handle") from err
+            raise
 
-    def set_default(self, plan_id: int) -> None:
-        """Every row uses one plan, whatever the batch size."""
-        self.default_plan = plan_id
-        self.set_rows(None)
-
-    def set_rows(self, row_plans: list[int] | None) -> None:
-        self.tokens, self.token_plans = None, frozenset()
-        if row_plans is None:
-            self.host_rows, self.n_rows = None, 0
-            self._fill_default()
-        else:
-            self._grow(len(row_plans))
-            self.host_rows, self.n_rows = list(row_plans), len(row_plans)
-            self.plan[: len(row_plans), 0].copy_(torch.tensor(row_plans, dtype=torch.int64))
-        self._update_ready()
-
-    def set_tokens(self, plan_ids: torch.Tensor, prompt_lens: torch.Tensor) -> None:
-        self.tokens = (plan_ids.to(self.device, torch.int64), prompt_lens.to(self.device, torch.int64))
-        self.token_plans = frozenset(int(i) for i in plan_ids.reshape(-1).unique().tolist())
-        self.host_rows, self.n_rows = None, 0
-        self._update_ready()
-
-    def set_prompt_length(self, n) -> None:
-        if n is None:
-            self.explicit, self.plen_fill, self.n_plen = False, 0, None
-            self.flags.copy_(torch.tensor([0, 1]))
-            return
-        if isinstance(n, int):
-            self.plen_fill, self.n_plen = n, None
-            self.plen.fill_(n)
-        else:
-            vals = list(n)
-            self.plen_fill, self.n_plen = 0, len(vals)
-            self._grow(len(vals))
-            self.plen[: len(vals), 0].copy_(torch.tensor(vals, dtype=torch.int64))
-        self.explicit = True
-        self.flags.copy_(torch.tensor([0, 0]))
-
-    def begin_generate(self) -> bool:
-        """generate() starts: learn the prompt length at its first forward only. Returns whether it armed."""
-        if self.explicit:
-            return False
-        self.flags.copy_(torch.tensor([1, 0]))
-        return True
-
-    def end_generate(self) -> None:
-        if not self.explicit:
-            self.flags.copy_(torch.tensor([0, 1]))
-
-    # ---- per forward -----------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.slots = self.row_slots = None
-        self._on = {}
-
-    def on(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(slots, row_slots) of this forward on ``device``."""
-        if self.slots.device == device:
-            return self.slots, self.row_slots
-        got = self._on.get(device)
-        if got is None:
-            rs = None if self.row_slots is None else self.row_slots.to(device)
-            got = self._on[device] = (self.slots.to(device), rs)
-        return got
-
-    def prepare(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> None:
-        """Compute this forward's slots from the positions the first steered layer receives."""
-        if self.slots is not None:
-            return
-        if hidden.dim() != 3:
-            raise AttachError(f"cannot route: decoder layer input has shape {tuple(hidden.shape)}, expected "
-                              f"[batch, seq, hidden]")
-        batch, seqlen = hidden.shape[0], hidden.shape[1]
-        if positions is None:
-            raise AttachError("cannot route: the decoder layer received no position_ids; gating needs the token "
-                              "positions every layer gets from the model")
-        if not self.ready:
-            raise AttachError(self._unrouted())
-        if self.host_rows is not None and self.n_rows != batch:
-            raise AttachError(
-                f"routing has {self.n_rows} rows but the batch has {batch}; call handle.route() with one entry "
-                f"per batch row (generate() with num_return_sequences or beams expands the batch: route "
-                f"every expanded row)")
-        if self.n_plen is not None and self.n_plen != batch and self.tokens is None:
-            raise AttachError(
-                f"set_prompt_length() was given {self.n_plen} lengths but the batch has {batch} rows; give one "
-                f"length per batch row, one int for every row, or None to learn the lengths again")
-        if self.tokens is not None:
-            for what, t in zip(("plan_ids", "prompt_lens"), self.tokens):
-                if not _broadcasts(t.shape, (batch, seqlen)):
-                    raise AttachError(f"route_tokens: {what} has shape {list(t.shape)}, which does not broadcast "
-                                      f"to this forward's [batch, seq] = [{batch}, {seqlen}]; route again with "
-                                      f"tensors of shape [batch, seq], [batch, 1] or [seq]")
-        self._grow(batch)
-        pos = positions.to(torch.int64)
-        if pos.dim() == 1:
-            pos = pos.unsqueeze(0)
-        pos = pos.expand(batch, seqlen)
-        if self.tokens is not None:
-            plan = self.tokens[0].expand(batch, seqlen)
-            plen = self.tokens[1].expand(batch, seqlen)
-        else:
-            plan = self.plan[:batch]
-            cur = self.plen[:batch]
-            force, auto = self.flags[0], self.flags[1]
-            learn = (force > 0) | ((auto > 0) & (pos.amin(dim=1, keepdim=True) == 0))
-            plen = torch.where(learn, pos.amax(dim=1, keepdim=True) + 1, cur)
-            cur.copy_(plen)
-            self.flags[0:1].zero_()
-        gen = (pos >= plen).to(torch.int64)
-        slots = torch.where(plan == 0, torch.zeros_like(gen), 2 * plan - 1 + gen)
-        self.slots = slots.reshape(-1).to(torch.int32)
-        self.row_slots = None if self.tokens is not None else torch.where(plan == 0, 0, 2 * plan - 1).reshape(-1)
-        self.batch = batch
-
-    def _unrouted(self) -> str:
-        n = len(self.plan_names)
-        if n == 0:
-            return ("no plan is attached to this handle yet: add_plan() one and say which rows use it with "
-                    "handle.route([...]) (one plan name or None per batch row) or handle.route_all(name); "
-                    "route_all(None) runs every row unsteered")
-        if n == 1:
-            return (f"plan {self.plan_names[0]!r} was added with add_plan(), so no row uses it yet: call "
-                    f"handle.route([...]) with one plan name (or None) per batch row, or handle.route_all(name), "
-                    f"before running the model")
-        return (f"{n} plans are attached ({', '.join(map(repr, self.plan_names))}): call handle.route([...]) with "
-                f"one plan name (or None) per batch row, or handle.route_all(name), before running the model")
-
-    def plans_in_use(self) -> set[int]:
-        """The plan ids some row or token is routed to now (host side: route, route_all, route_tokens)."""
-        if self.tokens is not None:
-            return set(self.token_plans) - {0}
-        if self.host_rows is not None:
-            return set(self.host_rows) - {0}
-        return {self.default_plan} - {None, 0}
-
-    def uniform_plan(self) -> int | None:
-        """The one plan id every row uses, when the host knows it (eager only; None under compile)."""
-        if _compiling() or self.tokens is not None:
-            return None
-        if self.host_rows is None:
-            return self.default_plan
-        first = self.host_rows[0] if self.host_rows else 0
-        return first if all(r == first for r in self.host_rows) else None
-
-    def host_slot(self, table: SiteTable) -> int | None:
-        """The slot every token uses at this table, when the host knows it without reading the device."""
-        p = self.uniform_plan()
-        if p is None:
-            return None
-        if p == 0:
-            return 0
-        return 2 * p - 1 if table.phase_free[p] else None
-
-    def rows_phase_free(self, table: SiteTable) -> bool:
-        """Eager only: every plan in use maps prompt and generated tokens alike at this table."""
-        if _compiling() or self.host_rows is None or self.row_slots is None:
-            return False
-        return all(table.phase_free[p] for p in set(self.host_rows))
+    def _set(self, plans: dict, ids: dict) -> None:
+        self.ids = ids
+        self.names[:] = sorted(ids, key=ids.get)  # in place: the router shows the same list in its messages
+        self.plans = plans
+        live = {id(p) for p in plans.values()}  # keep the composed maps of attached plans only
+        self._compiled = {k: v for k, v in self._compiled.items() if k in live}
+        want = self.by_id()
+        for pid in sorted(set(want) | set(self._written)):  # only the plan ids whose plan changed
+            if want.get(pid) is not self._written.get(pid):
+                maps = self.maps(want[pid]) if pid in want else {}
+                for k, table in self.tables.items():
+                    table.write_plan(pid, maps.get(k))
+        self._written = want

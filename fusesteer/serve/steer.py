@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from ..errors import AttachError
 from ..runtime.attach import attach
-from ..runtime.backends.base import fused_backend_name, model_device
+from ..runtime.backends import resolve
 from ..runtime.plan import SteeringPlan
 
 log = logging.getLogger("fusesteer.serve")
@@ -31,11 +31,9 @@ class CapacityFull(RuntimeError):
 
 
 def resolve_backend(backend: str, model) -> str:
-    """'auto' -> triton on CUDA (when importable), torch otherwise. Folding into weights cannot serve
-    per-row plans, so the server never picks 'fold'."""
-    if backend != "auto":
-        return backend
-    return fused_backend_name(model_device(model))
+    """The runtime's rule with per-row plans: 'auto' -> triton on CUDA (when importable), torch otherwise,
+    reference hooks on a model without a family adapter; folding cannot serve per-row plans."""
+    return resolve(backend, model, per_row=True)
 
 
 class Steerer:

@@ -23,18 +23,17 @@ import logging
 
 from ..patching import Patcher
 from ..sites import in_layer_order
-from .base import Backend, InstallContext, fused_backend_name, model_device
+from .base import Backend, InstallContext
 from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 
 log = logging.getLogger("fusesteer")
 
 
 def _fused_backend(handle):
-    if fused_backend_name(model_device(handle.model)) == "triton":
-        from .triton import TritonBackend
-        return "triton", TritonBackend()
-    from .torch import TorchBackend
-    return "torch", TorchBackend()
+    from . import fused_name, make
+
+    name = fused_name(handle.model, handle.parts)
+    return name, make(name)
 
 
 def _sites(keys) -> str:

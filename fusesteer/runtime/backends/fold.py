@@ -47,6 +47,7 @@ log = logging.getLogger("fusesteer")
 
 _FOLD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SLOT = slot_of(1, False)  # plan 1, prompt tokens (must equal the generated-token row)
+_GEN_SLOT = slot_of(1, True)
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
             i, e = gated[0]
             why = Refusal("gated", f"it is gated to {e.gating!r} tokens, but a folded weight acts on every token",
                           e.describe(i))
-        elif not (torch.equal(table.A[_SLOT], table.A[_SLOT + 1]) and torch.equal(table.B[_SLOT], table.B[_SLOT + 1])):
+        elif not (torch.equal(table.A[_SLOT], table.A[_GEN_SLOT]) and torch.equal(table.B[_SLOT], table.B[_GEN_SLOT])):
             why = Refusal("gated", "its prompt and generated-token maps differ", first)
         elif site == "layer.out" and not _is_identity(table):
             if not bool(table.additive_rows[_SLOT]):
