@@ -39,7 +39,7 @@ import torch
 
 from fusesteer.errors import ModelLoadError
 
-__all__ = ["KNOWN", "MARKER", "TINY_FAMILIES", "cache_root", "cache_path", "cache_marker", "load", "tiny"]
+__all__ = ["KNOWN", "MARKER", "cache_root", "cache_path", "cache_marker", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,3 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", dtype=torch.float32, 
         if not folder.is_dir():
             raise ModelLoadError(_unknown_message(os.fspath(name_or_path)))
         return _load_folder(folder, f"model folder {str(folder)!r}", dtype, quantization, dev, padding_side)
-
-
-# tiny random-weight models live in fusesteer.testing (with the parity tolerances); re-exported here
-from fusesteer.testing import TINY_FAMILIES, TINY_GENERIC, tiny  # noqa: E402,F401

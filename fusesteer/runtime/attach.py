@@ -81,7 +81,8 @@ class SteeringHandle:
             raise PlanError(f"plan {name!r}: {e}") from None
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def _install(self) -> None:
+    def install(self) -> None:
+        """Check the backend and the layer contract, then patch the model (undone by detach())."""
         if getattr(self.model, _HANDLE_ATTR, None) is not None:
             raise AttachError("this model already has a fusesteer plan attached; detach it first, or combine "
                               "plans into one with plan.extend(other) (entries compose in order) or attach "
@@ -343,5 +344,5 @@ def attach(model, plan, backend: str = "auto", check_finite: bool = True, capaci
         raise PlanError(f"attach() expects a SteeringPlan or a dict of them, got {type(plan).__name__}")
     h = SteeringHandle(model, plans, default, backend, check_finite=check_finite, capacity=capacity, sites=sites,
                        verify=verify)
-    h._install()
+    h.install()
     return h

@@ -26,14 +26,13 @@ from .backends import fused_name
 from .compat import (
     TRANSFORMERS_VERSION,
     layer_positions,
-    layer_returns_tuple,
     merged_kwargs,
     observe_layer_output,
     positional_names,
 )
 from .plan import SITES, SteeringPlan
+from .probe import PROBE_TOKENS, capture_layer_calls, first_of_each_class
 
-PROBE_TOKENS = 5
 PROBE_PROMPT = 2  # tokens at positions >= 2 count as generated in step 4
 _VERIFIED: set = set()
 
@@ -55,42 +54,6 @@ def _tolerance(backend: str, dtype: torch.dtype) -> tuple[float, float]:
     return (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 2e-2)
 
 
-def _first_of_each_class(layers) -> dict[int, type]:
-    """The first layer of each kind: its class and its MLP's class (Qwen3-MoE mixes dense and sparse layers of
-    one class)."""
-    seen: dict[tuple, int] = {}
-    for i, layer in enumerate(layers):
-        seen.setdefault((type(layer), type(getattr(layer, "mlp", None))), i)
-    return {i: kind[0] for kind, i in seen.items()}
-
-
-def _capture(parts, wanted: list[int], device) -> dict[int, tuple]:
-    """(args, kwargs) of the wanted layers' calls on a short probe of the decoder stack."""
-    got: dict[int, tuple] = {}
-    handles = []
-
-    def make(i):
-        def pre(mod, args, kwargs):
-            got[i] = (args, dict(kwargs))
-        return pre
-    for i in wanted:
-        handles.append(parts.layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
-    vocab = parts.model.get_input_embeddings().weight.shape[0]
-    ids = (torch.arange(1, PROBE_TOKENS + 1, device=device) % vocab).unsqueeze(0)
-    layers = parts.base.layers
-    try:
-        # only the layers up to the last one needed run: the stack is given a shorter list for this call
-        # (restored below), not stopped half way by an exception through transformers' code
-        parts.base.layers = torch.nn.ModuleList(list(layers)[: max(wanted) + 1])
-        with torch.no_grad():
-            parts.base(input_ids=ids, use_cache=False)
-    finally:
-        parts.base.layers = layers
-        for h in handles:
-            h.remove()
-    return got
-
-
 def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
@@ -108,10 +71,8 @@ def _probe_plan(handle, layer: int) -> SteeringPlan:
 
 
 def _run(handle, backend: str, plan, route, layer, args, kwargs, raw: bool = False):
-    from .attach import SteeringHandle
-
-    h = SteeringHandle(handle.model, {"probe": plan}, "probe", backend, check_finite=False, verify=False)
-    h._install()
+    h = type(handle)(handle.model, {"probe": plan}, "probe", backend, check_finite=False, verify=False)
+    h.install()
     try:
         h.route_all(route)
         h.set_prompt_length(PROBE_PROMPT)
@@ -142,22 +103,6 @@ def _compare(got, want, atol: float, rtol: float) -> float | None:
     return d if d > bound or d != d else None
 
 
-def observe_conventions(parts) -> None:
-    """Run the HF forward of the first layer of each kind once on a short probe (no cache) and record whether it
-    returns a tuple or a tensor (:func:`~.compat.observe_layer_output`), for the classes not observed yet.
-    The fused skeleton returns what the layer it replaces returns."""
-    todo = {i: cls for i, cls in _first_of_each_class(parts.layers).items() if layer_returns_tuple(cls) is None}
-    if not todo:
-        return
-    device = parts.model.get_input_embeddings().weight.device
-    captured = _capture(parts, sorted(todo), device)
-    for i, cls in todo.items():
-        if i in captured:
-            args, kwargs = captured[i]
-            with torch.no_grad():
-                observe_layer_output(cls, parts.layers[i](*args, **kwargs))
-
-
 def verify_contract(handle) -> float:
     """Run the probe for every distinct patched layer class not verified yet; returns the milliseconds spent."""
     backend = _fused_name(handle)
@@ -166,7 +111,7 @@ def verify_contract(handle) -> float:
     t0 = time.perf_counter()
     parts = handle.parts
     todo = {}
-    for i, cls in _first_of_each_class(parts.layers).items():
+    for i, cls in first_of_each_class(parts.layers).items():
         layer = parts.layers[i]
         p = next(layer.parameters(), None)
         key = (backend, cls, type(getattr(layer, "mlp", None)), p.dtype if p is not None else None,
@@ -176,7 +121,7 @@ def verify_contract(handle) -> float:
     if not todo:
         return 0.0
     device = parts.model.get_input_embeddings().weight.device
-    captured = _capture(parts, sorted(todo), device)
+    captured = capture_layer_calls(parts, sorted(todo), device)
     for i, (cls, key) in sorted(todo.items()):
         if i not in captured:
             raise _fail(handle, cls, backend, f"layer {i} was not called by the decoder stack on a probe input")

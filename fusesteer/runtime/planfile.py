@@ -3,7 +3,8 @@
 Writing is atomic and refuses what would not load again; reading is data-only and bounded (header size, entry
 count, file size, metadata depth), parses the safetensors container itself, checks every field, the checksum
 over header + tensors, and the model fingerprint. :class:`~.plan.SteeringPlan`'s ``save`` / ``load`` /
-``from_bytes`` / ``header`` call into here.
+``from_bytes`` / ``header`` call into here; a plan is read into a :class:`PlanRecord` (this module does not
+know the plan class).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import math
 import os
 import struct
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from ..errors import PlanError
-from .plan import F32_MAX, MAX_ENTRIES, ModelSpec, PlanEntry, SteeringPlan
+from .ir import F32_MAX, MAX_ENTRIES, ModelSpec, PlanEntry
 
 FORMAT_NAME = "fusesteer-plan"
 FORMAT_VERSION = 1
@@ -101,7 +103,18 @@ def save_plan(plan, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
-def load_plan(path: str | os.PathLike) -> SteeringPlan:
+@dataclass
+class PlanRecord:
+    """What a plan file holds, checked: the fields of a :class:`~.plan.SteeringPlan`."""
+
+    spec: ModelSpec | None
+    name: str | None
+    notes: str | None
+    metadata: dict
+    entries: list[PlanEntry] = field(default_factory=list)
+
+
+def load_plan(path: str | os.PathLike) -> PlanRecord:
     path = _path_arg(path, "load")
     if os.path.isdir(path):
         raise PlanError(f"cannot read plan file {path!r}: it is a directory")
@@ -115,7 +128,7 @@ def load_plan(path: str | os.PathLike) -> SteeringPlan:
         raise PlanError(f"cannot read plan file {path!r}: {e.strerror or e}") from None
     return plan_from_bytes(data, source=path)
 
-def plan_from_bytes(data: bytes, source: str = "<bytes>") -> SteeringPlan:
+def plan_from_bytes(data: bytes, source: str = "<bytes>") -> PlanRecord:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PlanError(f"SteeringPlan.from_bytes() expects the bytes of a plan file, got {type(data).__name__}"
                         + (" (read the file in binary mode, or use SteeringPlan.load(path))"
@@ -272,7 +285,7 @@ def _reject_constant(name):
     raise ValueError(f"non-finite number {name} is not allowed")
 
 
-def _plan_from_header(header: Any, tensors: dict[str, torch.Tensor], source: str) -> SteeringPlan:
+def _plan_from_header(header: Any, tensors: dict[str, torch.Tensor], source: str) -> PlanRecord:
     if not isinstance(header, dict):
         raise PlanError(f"{source}: plan header must be a JSON object")
     unknown = set(header) - {"format", "version", "model", "fingerprint", "name", "notes", "metadata", "entries",
@@ -315,7 +328,7 @@ def _plan_from_header(header: Any, tensors: dict[str, torch.Tensor], source: str
         raise PlanError(f"{source}: header.entries must be a list")
     if len(entries) > MAX_ENTRIES:
         raise PlanError(f"{source}: header has {len(entries)} entries (limit {MAX_ENTRIES})")
-    plan = SteeringPlan(spec, name=header.get("name"), notes=header.get("notes"), metadata=meta)
+    plan = PlanRecord(spec, name=header.get("name"), notes=header.get("notes"), metadata=meta)
     used: set[str] = set()
     for i, rec in enumerate(entries):
         where = f"{source}: entry {i}"
@@ -360,7 +373,8 @@ def _plan_from_header(header: Any, tensors: dict[str, torch.Tensor], source: str
                 raise PlanError(f"{where}: {what} must be null, {{'scalar': x}} or {{'tensor': name}}, got {ref!r}")
         e = PlanEntry(layer=layer, site=site, gating=gating, a=vals["a"], b=vals["b"], dims=vals["dims"])
         try:
-            plan._append(e)
+            e.validate(spec, len(plan.entries))
+            plan.entries.append(e)
         except PlanError as err:
             raise PlanError(f"{source}: {err}") from None
     extra = set(tensors) - used

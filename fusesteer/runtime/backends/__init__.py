@@ -78,5 +78,9 @@ def make(name: str):
         return FoldBackend()
     if name == "auto":
         from .auto import AutoBackend
-        return AutoBackend()
+
+        def fused(handle):
+            fname = fused_name(handle.model, handle.parts)
+            return fname, make(fname)
+        return AutoBackend(fused)
     raise AttachError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

@@ -29,13 +29,6 @@ from .fold import Refusal, apply_folds, entry_count, fold_reasons, model_bytes
 log = logging.getLogger("fusesteer")
 
 
-def _fused_backend(handle):
-    from . import fused_name, make
-
-    name = fused_name(handle.model, handle.parts)
-    return name, make(name)
-
-
 def _sites(keys) -> str:
     return ", ".join(in_layer_order({k[1] for k in keys}))
 
@@ -48,7 +41,8 @@ class AutoBackend(Backend):
     name = "auto"
     static = False  # update() works: values are refolded
 
-    def __init__(self):
+    def __init__(self, fused_backend):
+        self._fused_backend = fused_backend  # handle -> (name, backend object) of the fused path
         self.fold_allowed = True  # False once routing asked for unsteered rows
         self.fused = None
         self.fused_name = None
@@ -58,7 +52,7 @@ class AutoBackend(Backend):
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def check(self, handle) -> None:
-        _fused_backend(handle)[1].check(handle)  # what the fused part would refuse, before the contract probe
+        self._fused_backend(handle)[1].check(handle)  # what the fused part would refuse, before the contract probe
 
     def install(self, ctx) -> None:
         handle = ctx.handle
@@ -77,7 +71,7 @@ class AutoBackend(Backend):
         fused_keys = [k for k, r in reasons.items() if r is not None]
         self.result = apply_folds(handle, fold_keys, patcher=self._patcher) if fold_keys else None
         if fused_keys:
-            self.fused_name, self.fused = _fused_backend(handle)
+            self.fused_name, self.fused = self._fused_backend(handle)
             self._sub = InstallContext(handle, {k: handle.tables[k] for k in fused_keys}, self._patcher)
             self.fused.install(self._sub)
         else:

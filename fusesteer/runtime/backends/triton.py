@@ -30,6 +30,7 @@ from ...kernels import add_map_rmsnorm, affine_map, glu_map
 from ..compat import layer_returns_tuple
 from ..families import layer_modules
 from ..patching import foreign_forward, foreign_hooks
+from ..probe import observe_conventions
 from ..tables import SiteTable
 from .base import Backend
 from .skeleton import layer_forward
@@ -153,7 +154,6 @@ class TritonBackend(Backend):
         fam = parts.family
         self._refuse_bypassed(parts)
         self.refuse_reordered(parts, ctx.tables)
-        from ..contract import observe_conventions
         observe_conventions(parts)  # tuple or tensor: the fused forward returns what the HF layer returns
         gemma = fam.rms == "gemma"
         router = ctx.router
