@@ -213,7 +213,7 @@ def parse_common(body: dict, limit_tokens: int, chat: bool, vocab_size: int) -> 
         top_k=max(0, min(top_k or 0, vocab_size)),
         seed=None if seed is None else seed % (2 ** 63),
         min_tokens=min_tokens or 0,
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         logit_bias=_logit_bias(body, vocab_size))
