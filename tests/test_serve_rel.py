@@ -195,6 +195,9 @@ def test_huge_prompt_neither_freezes_the_server_nor_is_tokenized(srv, tok, monke
                                                      path="/v1/chat/completions"))
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert worst2 < 0.5, worst2
+    many = [{"role": "user", "content": ""}] * (CTX + 1)
+    r = post(srv, {"model": NAME, "messages": many}, path="/v1/chat/completions")
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"], r.text
 
 
 def test_prompt_under_the_character_bound_is_tokenized_off_the_loop(srv, tok, monkeypatch):

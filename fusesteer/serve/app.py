@@ -162,6 +162,9 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
             chars = sum(len(m["content"]) for m in msgs)
             if chars > max_prompt_chars:
                 raise too_long(chars, "messages")
+            if len(msgs) > config.max_model_len:  # a chat template spends at least one token on each message
+                raise bad(f"'messages' holds {len(msgs)} messages; this model's maximum context length is "
+                          f"{config.max_model_len} tokens", param="messages", code="context_length_exceeded")
             enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
             ids = list(enc["input_ids"])
         else:

@@ -200,6 +200,9 @@ def parse_common(body: dict, limit_tokens: int, chat: bool, vocab_size: int) -> 
     if set(so) - STREAM_OPTIONS:
         raise bad(f"'stream_options' takes only {sorted(STREAM_OPTIONS)}, got {show(sorted(map(str, so)))}",
                   param="stream_options")
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise bad(f"'{name}' must be a string, got {show(body[name])}", param=name)
     seed = _int(body, "seed")
     top_k = _int(body, "top_k")
     if top_k is not None and top_k < -1:
