@@ -304,6 +304,46 @@ def test_plans_are_composed_off_the_engine_thread(srv, tmp_path, monkeypatch):
     assert httpx.delete(srv.url + "/v1/steering/plans/six").status_code == 200
 
 
+def test_a_plan_at_the_default_limit_does_not_stall_a_stream(tok, tmp_path):
+    """Upload and first use (a new scale) of a plan of DEFAULT_MAX_PLAN_ENTRIES entries while a stream decodes:
+    the stream's longest gap between two tokens stays under 1.5 s (0.3-0.5 s measured here; 6.2 s for a
+    30000-entry plan, which the limit now refuses)."""
+    from fusesteer.serve.registry import DEFAULT_MAX_PLAN_ENTRIES
+
+    model = fs.testing.tiny("llama", vocab_size=len(tok), max_position_embeddings=1024)
+    s = Server(model, tok, NAME, port=0, backend="torch", max_batch=4, max_tokens=1000).start()
+    try:
+        blob = plan_bytes(_plan(model, DEFAULT_MAX_PLAN_ENTRIES), tmp_path)
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        stamps, done = [], threading.Event()
+
+        def stream():
+            for _ in c.completions.create(model=NAME, prompt="Hi", max_tokens=1000, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True}):
+                stamps.append(time.perf_counter())
+                if done.is_set():
+                    break
+
+        t = threading.Thread(target=stream)
+        t.start()
+        while len(stamps) < 5:
+            time.sleep(0.01)
+        assert httpx.post(s.url + "/v1/steering/plans", params={"name": "max"}, content=blob,
+                          timeout=60).status_code == 201
+        r = post(s, {"model": NAME, "prompt": "Hi", "max_tokens": 2, "steering": {"plan": "max", "scale": 0.5}})
+        assert r.status_code == 200, r.text
+        n = len(stamps)
+        while len(stamps) < n + 5 and t.is_alive():  # a few tokens after both plan writes
+            time.sleep(0.01)
+        done.set()
+        t.join(60)
+        assert not t.is_alive() and len(stamps) < 1000, "the stream ended before the plan was used"
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        assert max(gaps) < 1.5, max(gaps)
+    finally:
+        s.stop()
+
+
 # ------------------------------------------------------------------------------------------------
 # 9. OpenAI sampling fields are honoured per row; the others are refused, never ignored
 
