@@ -12,7 +12,8 @@ One engine thread owns the model. Every iteration it
 Each row carries its own plan (``Steerer.prepare`` routes it) and its own prompt length; position ids are
 per row (the number of real tokens before the token), so a row's tokens get the same positions, plans and
 gating as when the request runs alone. A row whose logits go non-finite fails alone: rows never mix in a
-forward (matmuls, norms and attention are per row), and its KV rows leave the cache with it.
+forward (matmuls, norms and attention are per row), and its KV rows leave the cache with it. Sampling
+(``sampling.py``) is per row too: a row that cannot be sampled with its parameters fails alone.
 
 transformers' own continuous-batching engine (``generate_batch`` / ``ContinuousBatchingManager``) is not
 used; see the README's "Server" section for why.

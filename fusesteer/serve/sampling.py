@@ -136,10 +136,11 @@ def _draw(x: torch.Tensor, rows: list[RowSampler]) -> list[int]:
 
 
 def _sample_all(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
-    x = logits if all(r.plain for r in rows) else _process(logits, rows)
+    plain = all(r.plain for r in rows)
+    x = logits if plain else _process(logits, rows)
     out = torch.argmax(x, dim=-1).tolist()
     greedy = [i for i, r in enumerate(rows) if r.p.temperature <= 0]
-    if greedy:
+    if greedy and not plain:  # finite logits stay finite unless processed
         best = x[greedy].max(dim=-1).values
         if not bool(torch.isfinite(best).all()) or bool(torch.isnan(x[greedy]).any()):
             raise SamplingFailed("the largest logit is not finite after the sampling parameters were applied")
