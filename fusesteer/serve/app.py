@@ -13,17 +13,19 @@ import hmac
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PlanError
 from .engine import Engine, GenRequest, QueueFull
 from .metrics import Metrics
 from .protocol import (
+    MAX_BODY_BYTES,
     SSE_DONE,
     APIError,
     GenParams,
@@ -34,9 +36,10 @@ from .protocol import (
     parse_json,
     parse_messages,
     parse_prompt,
+    show,
     sse,
 )
-from .registry import PlanRegistry, Steering, SteeringSpecError, parse_steering
+from .registry import PlanRegistry, PlanTooLarge, Steering, SteeringSpecError, effective_plan, parse_steering
 
 log = logging.getLogger("fusesteer.serve")
 
@@ -54,6 +57,29 @@ class ServerConfig:
 
 class _ClientGone(Exception):
     pass
+
+
+def max_token_chars(tok) -> int:
+    """The most characters one token can stand for: the longest string in the vocabulary (a byte-level BPE
+    piece has one character per byte, so it is never shorter than the text it encodes), at least 1."""
+    try:
+        return max(1, max((len(t) for t in tok.get_vocab()), default=1))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 64
+
+
+async def read_capped(request: Request, cap: int, what: str, code: str) -> bytes:
+    """The request body, read as it arrives and refused with 413 as soon as it passes ``cap`` bytes (a body
+    over the cap is never held in memory)."""
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > cap:
+        raise APIError(413, f"{what} is {show(int(cl))} bytes, over the server's {cap} byte limit", code=code)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > cap:
+            raise APIError(413, f"{what} is over the server's {cap} byte limit", code=code)
+    return bytes(buf)
 
 
 def _eos_ids(model, tok) -> frozenset:
@@ -74,8 +100,13 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
     app = FastAPI(title="fusesteer serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     eos = _eos_ids(engine.model, tokenizer)
     vocab = int(getattr(engine.model.config, "vocab_size", 0) or len(tokenizer))
+    # a prompt text longer than this many characters cannot fit the context whatever it encodes to: refused
+    # before the tokenizer runs (see the README's "Limits")
+    max_prompt_chars = config.max_model_len * max_token_chars(tokenizer)
     started = int(time.time())
-    app.state.engine, app.state.registry, app.state.config = engine, registry, config
+    # request parsing, tokenization and chat templates run here, one at a time, never on the event loop
+    work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusesteer-parse")
+    app.state.engine, app.state.registry, app.state.config, app.state.work = engine, registry, config, work
 
     # ---- errors ----------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -107,23 +138,40 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
 
     def check_model(body: dict) -> None:
         m = body.get("model")
+        if m is not None and not isinstance(m, str):
+            raise bad(f"'model' must be a string, got {show(m)}", param="model")
         if m is not None and m != config.model_name:
-            raise APIError(404, f"model {m!r} does not exist; this server serves {config.model_name!r}",
+            raise APIError(404, f"model {show(m)} does not exist; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
 
     # ---- generation ------------------------------------------------------------------------------
-    def build_request(body: dict, chat: bool, endpoint: str, sink) -> tuple[GenRequest, GenParams]:
+    def too_long(chars: int, param: str) -> APIError:
+        return bad(f"the prompt is {chars} characters; this model's maximum context length is {config.max_model_len} "
+                   f"tokens, which no text over {max_prompt_chars} characters fits", param=param,
+                   code="context_length_exceeded")
+
+    def build_request(raw: bytes, chat: bool, endpoint: str, sink) -> tuple[GenRequest, GenParams]:
+        """Parse, validate and tokenize a request body (on the worker thread)."""
+        body = parse_json(raw)
         check_model(body)
-        params = parse_common(body, config.max_tokens, chat)
+        params = parse_common(body, config.max_tokens, chat, vocab)
         if chat:
             msgs = parse_messages(body)
             if not getattr(tokenizer, "chat_template", None):
                 raise bad("this model's tokenizer has no chat template; use /v1/completions", param="messages")
+            chars = sum(len(m["content"]) for m in msgs)
+            if chars > max_prompt_chars:
+                raise too_long(chars, "messages")
+            if len(msgs) > config.max_model_len:  # a chat template spends at least one token on each message
+                raise bad(f"'messages' holds {len(msgs)} messages; this model's maximum context length is "
+                          f"{config.max_model_len} tokens", param="messages", code="context_length_exceeded")
             enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
             ids = list(enc["input_ids"])
         else:
             text, ids = parse_prompt(body, vocab)
             if text is not None:
+                if len(text) > max_prompt_chars:
+                    raise too_long(len(text), "prompt")
                 ids = tokenizer(text)["input_ids"]
                 if not ids:
                     raise bad("'prompt' encodes to zero tokens", param="prompt")
@@ -139,14 +187,21 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
             raise bad(f"this model's maximum context length is {config.max_model_len} tokens; the request asks "
                       f"for {len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} to "
                       "generate)", param="max_tokens", code="context_length_exceeded")
+        if params.sampling.min_tokens > params.max_tokens:
+            raise bad(f"'min_tokens' ({params.sampling.min_tokens}) is more than the {params.max_tokens} tokens the "
+                      "request may generate", param="min_tokens")
         try:
             steering = parse_steering(params.steering, registry)
+            # composing and scaling plans is work for this thread, not for the engine's (which every stream waits on)
+            plan = None if steering.key is None or engine.steerer.has(steering.key) else effective_plan(steering)
         except SteeringSpecError as e:
             raise bad(str(e), param=e.param, code=e.code) from None
+        except PlanError as e:
+            raise bad(f"steering {steering.label!r} cannot be applied: {e}", param="steering",
+                      code="invalid_steering") from None
         req = GenRequest(prompt_ids=ids, max_tokens=params.max_tokens, sink=sink, steering=steering,
-                         temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                         eos_ids=frozenset() if params.ignore_eos else eos,
-                         endpoint=endpoint)
+                         sampling=params.sampling, eos_ids=frozenset() if params.ignore_eos else eos,
+                         endpoint=endpoint, plan=plan)
         return req, params
 
     async def _next(q: asyncio.Queue, request: Request, req: GenRequest):
@@ -177,7 +232,6 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
 
     async def generate(request: Request, chat: bool):
         check_auth(request)
-        body = parse_json(await request.body())
         endpoint = "chat" if chat else "completions"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -186,7 +240,8 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
             _loop.call_soon_threadsafe(_q.put_nowait, ev)
 
         try:
-            req, params = build_request(body, chat, endpoint, sink)
+            raw = await read_capped(request, MAX_BODY_BYTES, "request body", "body_too_large")
+            req, params = await loop.run_in_executor(work, build_request, raw, chat, endpoint, sink)
         except APIError as e:
             metrics.count_request(endpoint, "-", f"http_{e.status}")
             raise
@@ -194,20 +249,29 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
             engine.submit(req)
         except QueueFull as e:
             metrics.count_request(endpoint, req.steering.label, "http_429")
-            raise APIError(429, f"the server's request queue is full ({engine.max_queue} waiting); retry in "
-                           f"{math.ceil(e.retry_after)} s", type_="rate_limit_error", code="queue_full",
+            raise APIError(429, f"the server's {engine.max_batch} rows are busy and {engine.max_queue} requests wait "
+                           f"(--max-queue); retry in {math.ceil(e.retry_after)} s", type_="rate_limit_error",
+                           code="queue_full",
                            headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
         shape = Shape(chat=chat, model=config.model_name)
-        text = TextStream(tokenizer, params.stop)
+        text = TextStream(tokenizer, params.stop, params.sampling.min_tokens)
 
         def cancel(reason="cancelled"):
             req.cancel(reason)
             engine.wake()
 
+        def gone() -> Response:
+            """The client went away: the request is cancelled; one log line, and a response no one reads."""
+            cancel()
+            log.info("request %s: the client disconnected; cancelled", req.id)
+            return Response(status_code=499)
+
         # wait for the first event before answering, so failures at the prompt get a real status code
         try:
             first = await _next(q, request, req)
-        except (_ClientGone, asyncio.CancelledError):
+        except _ClientGone:
+            return gone()
+        except asyncio.CancelledError:
             cancel()
             raise
         if first[0] == "error":
@@ -234,7 +298,9 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                     else:
                         raise _error_from_event(ev)
                     ev = await _next(q, request, req)
-            except (_ClientGone, asyncio.CancelledError):
+            except _ClientGone:
+                return gone()
+            except asyncio.CancelledError:
                 cancel()
                 raise
             parts.append(text.flush())
@@ -302,19 +368,13 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
         check_auth(request)
         rec = registry.get(name)
         if rec is None:
-            raise APIError(404, f"no steering plan named {name!r}", param="name", code="plan_not_found")
+            raise APIError(404, f"no steering plan named {show(name)}", param="name", code="plan_not_found")
         return rec.describe()
 
-    async def _read_capped(request: Request, cap: int) -> bytes:
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > cap:
-            raise APIError(413, f"plan file is {cl} bytes, over the server's {cap} byte limit", code="plan_too_large")
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > cap:
-                raise APIError(413, f"plan file is over the server's {cap} byte limit", code="plan_too_large")
-        return bytes(buf)
+    def add_plan_file(name: str, data: bytes, replace: bool):
+        """Parse, check and register an uploaded plan, and compose what the engine will write (a worker thread)."""
+        rec = registry.add_bytes(name, data, "upload", replace)
+        return rec, effective_plan(Steering(((rec, 1.0),)))
 
     @app.post("/v1/steering/plans")
     async def upload_plan(request: Request):
@@ -324,16 +384,18 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
             raise bad("give the plan's name as ?name=NAME (the body is the plan file: a fusesteer .safetensors or "
                       "a GGUF control vector)", param="name")
         replace = request.query_params.get("replace", "false").lower() in ("1", "true", "yes")
-        data = await _read_capped(request, registry.max_plan_bytes)
+        data = await read_capped(request, registry.max_plan_bytes, "plan file", "plan_too_large")
         try:
-            rec = await asyncio.to_thread(registry.add_bytes, name, data, "upload", replace)
+            rec, plan = await asyncio.to_thread(add_plan_file, name, data, replace)
         except KeyError:
             raise APIError(409, f"a plan named {name!r} already exists; DELETE it first or pass ?replace=true",
                            param="name", code="plan_exists") from None
+        except PlanTooLarge as e:
+            raise APIError(413, f"plan {show(name)} rejected: {e}", param="file", code="plan_too_large") from None
         except PlanError as e:
-            raise bad(f"plan {name!r} rejected: {e}", param="file", code="invalid_plan") from None
+            raise bad(f"plan {show(name)} rejected: {e}", param="file", code="invalid_plan") from None
         metrics.set_gauge("plans_loaded", len(registry))
-        engine.preload(Steering(((rec, 1.0),)))  # into a free table slot between two forwards
+        engine.preload(Steering(((rec, 1.0),)), plan)  # into a free table slot between two forwards
         return JSONResponse(rec.describe(), status_code=201)
 
     @app.delete("/v1/steering/plans/{name}")
@@ -342,7 +404,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
         try:
             registry.delete(name)
         except KeyError:
-            raise APIError(404, f"no steering plan named {name!r}", param="name", code="plan_not_found") from None
+            raise APIError(404, f"no steering plan named {show(name)}", param="name", code="plan_not_found") from None
         metrics.set_gauge("plans_loaded", len(registry))
         return {"id": name, "object": "steering.plan", "deleted": True}
 

@@ -12,7 +12,8 @@ One engine thread owns the model. Every iteration it
 Each row carries its own plan (``Steerer.prepare`` routes it) and its own prompt length; position ids are
 per row (the number of real tokens before the token), so a row's tokens get the same positions, plans and
 gating as when the request runs alone. A row whose logits go non-finite fails alone: rows never mix in a
-forward (matmuls, norms and attention are per row), and its KV rows leave the cache with it.
+forward (matmuls, norms and attention are per row), and its KV rows leave the cache with it. Sampling
+(``sampling.py``) is per row too: a row that cannot be sampled with its parameters fails alone.
 
 transformers' own continuous-batching engine (``generate_batch`` / ``ContinuousBatchingManager``) is not
 used; see the README's "Server" section for why.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -35,6 +35,7 @@ from ..errors import PlanError
 from ..runtime.compat import with_cache
 from .metrics import Metrics
 from .registry import Steering, effective_plan
+from .sampling import RowSampler, Sampling, sample
 from .steer import CapacityFull, Steerer
 
 log = logging.getLogger("fusesteer.serve")
@@ -57,10 +58,9 @@ class GenRequest:
     max_tokens: int
     sink: Callable[[tuple], None]
     steering: Steering = field(default_factory=Steering)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     eos_ids: frozenset = frozenset()
+    plan: object = None  # the steering's effective plan, when the HTTP layer composed it already (off this thread)
     endpoint: str = "completions"
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     # engine-owned
@@ -88,7 +88,7 @@ class _Row:
     prompt_len: int
     n_cached: int  # real tokens in the KV cache for this row
     pending: int  # sampled token not yet fed to the model
-    gen: torch.Generator | None = None
+    sampler: RowSampler
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,19 +152,6 @@ def select_rows(kv, mask, keep: list[int], n_cached: list[int]):
 # --------------------------------------------------------------------------------------------------
 
 
-def _sample(logits: torch.Tensor, row: _Row) -> int:
-    req = row.req
-    if req.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / req.temperature, dim=-1)
-    if req.top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sp, dim=-1)
-        sp[(cum - sp) > req.top_p] = 0
-        probs = torch.zeros_like(probs).scatter_(0, si, sp)
-    return int(torch.multinomial(probs, 1, generator=row.gen))
-
-
 class Engine:
     def __init__(self, model, steerer: Steerer, metrics: Metrics | None = None, max_batch: int = 32,
                  max_queue: int = 256, max_prefill_tokens: int = 4096, idle_plan_cache: int = 8):
@@ -179,7 +166,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._rows: list[_Row] = []
-        self._preload: list[Steering] = []
+        self._preload: list[tuple] = []  # (Steering, effective plan or None)
         self._admitting: list[_Row] = []  # admitted, not yet merged into the batch (failed too if a step breaks)
         self._cache = None  # DynamicCache of the running rows (left-padded, all rows end at the last column)
         self._mask = None
@@ -209,7 +196,10 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
-            if len(self._waiting) >= self.max_queue:
+            # a request that a free row takes at the next step does not wait: max_queue counts the others
+            # (so 0 means "429 as soon as every row is busy")
+            free = max(0, self.max_batch - len(self._rows) - len(self._admitting))
+            if len(self._waiting) >= self.max_queue + free:
                 # rough time until a row frees up: the mean remaining tokens of running rows times a step
                 retry = max(1.0, min(60.0, self.step_time_ema * 16))
                 raise QueueFull(retry)
@@ -217,20 +207,21 @@ class Engine:
             self._cv.notify_all()
         self._gauges()
 
-    def preload(self, steering: Steering) -> None:
-        """Put a plan into the plan table at the next step boundary (so its first request does not pay for it)."""
+    def preload(self, steering: Steering, plan=None) -> None:
+        """Put a plan into the plan table at the next step boundary (so its first request does not pay for it);
+        ``plan``: the steering's effective plan, if the caller composed it already."""
         with self._cv:
-            self._preload.append(steering)
+            self._preload.append((steering, plan))
             self._cv.notify_all()
 
     def _do_preloads(self) -> None:
         with self._cv:
             todo, self._preload = self._preload, []
-        for st in todo:
+        for st, plan in todo:
             if st.key is None or self.steerer.has(st.key):
                 continue
             try:
-                self.steerer.ensure({st.key: effective_plan(st)}, self._in_use())
+                self.steerer.ensure({st.key: plan if plan is not None else effective_plan(st)}, self._in_use())
             except (CapacityFull, PlanError) as e:  # best effort: the first request adds it otherwise
                 log.info("preloading %s skipped: %s", st.label, e)
 
@@ -340,7 +331,7 @@ class Engine:
             key = req.steering.key
             if key is not None and not self.steerer.has(key):
                 try:
-                    plan = effective_plan(req.steering)
+                    plan = req.plan if req.plan is not None else effective_plan(req.steering)
                     self.steerer.ensure({key: plan}, self._in_use() | {r.key for r in new if r.key})
                 except CapacityFull:
                     with self._cv:  # try again once rows free up; keep its place in the queue
@@ -351,12 +342,8 @@ class Engine:
                     continue
             elif key is not None:
                 self.steerer.touch(key)
-            gen = None
-            if req.temperature > 0:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little"))
             n = len(req.prompt_ids)
-            new.append(_Row(req, key, n, 0, -1, gen))
+            new.append(_Row(req, key, n, 0, -1, RowSampler(req.sampling, req.prompt_ids, req.eos_ids)))
             self.metrics.count_tokens(req.steering.label, "prompt", n)
         return new
 
@@ -370,24 +357,33 @@ class Engine:
         return logits
 
     def _sample_rows(self, rows: list[_Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:
-        """Sample one token per row; returns per-row 'finished' (incl. failed)."""
+        """Sample one token per row; returns per-row 'finished' (incl. failed). A row whose logits are not
+        finite, or that cannot be sampled with its parameters, fails alone."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        done = []
+        live = []
         for i, r in enumerate(rows):
             if r.req.cancelled:
-                done.append(True)
                 continue
             if not finite[i]:
                 self._fail(r.req, 400, (
                     f"steering {r.req.steering.label!r} made the activations non-finite (NaN/Inf) at "
                     f"{'the prompt' if phase == 'prompt' else f'generated token {len(r.req.generated)}'}; "
                     "the request was stopped (lower the scale)"), "non_finite_activations")
-                done.append(True)
                 continue
-            tok = greedy[i] if r.req.temperature <= 0 else _sample(logits[i], r)
+            live.append(i)
+        if len(live) < len(rows):
+            logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
+        toks = sample(logits, [rows[i].sampler for i in live])
+        done = [True] * len(rows)
+        for i, tok in zip(live, toks):
+            r = rows[i]
+            if isinstance(tok, Exception):
+                log.warning("request %s: sampling failed: %s: %s", r.req.id, type(tok).__name__, tok)
+                self._fail(r.req, 400, f"this request's tokens cannot be sampled with its sampling parameters "
+                           f"({type(tok).__name__}: {tok}); the request was stopped", "sampling_failed")
+                continue
             r.pending = tok
-            done.append(self._token(r, tok, now))
+            done[i] = self._token(r, tok, now)
         return done
 
     def _step(self) -> None:

@@ -8,10 +8,12 @@ a list of ``(entry, scale)`` and :func:`effective_plan` composes them into the o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
+import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -20,14 +22,24 @@ from typing import Any
 
 from ..errors import PlanError
 from ..runtime.plan import ModelSpec, SteeringPlan
+from .protocol import show
 
 log = logging.getLogger("fusesteer.serve")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole name (fullmatch): no trailing newline
 MAX_STEERING_ENTRIES = 8
 MAX_ABS_SCALE = 1e4
 DEFAULT_MAX_PLAN_BYTES = 64 * 1024 * 1024
+# Entries per plan, and per request's composed steering: writing a plan into the table (between two forwards,
+# while every stream waits) costs time in proportion to its entries (~0.1 ms each on SmolLM2, 1 CPU thread:
+# 0.2 s at this limit; a 60k-entry plan stalled every stream for 12 s). 2048 covers all four sites of a
+# 512-layer model.
+DEFAULT_MAX_PLAN_ENTRIES = 2048
 PLAN_SUFFIXES = (".safetensors", ".gguf")
+
+
+class PlanTooLarge(PlanError):
+    """A plan over the server's entry limit (answered with 413)."""
 
 
 class SteeringSpecError(ValueError):
@@ -67,6 +79,21 @@ def sniff_kind(data: bytes) -> str:
     return "gguf" if data[:4] == b"GGUF" else "fusesteer"
 
 
+def peek_entries(data: bytes) -> int | None:
+    """The number of entries a plan file declares, read from its header alone (no tensor is parsed), or None
+    when the header cannot be read that way (the full loader then says what is wrong)."""
+    try:
+        if sniff_kind(data) == "gguf":  # magic, u32 version, u64 tensor count: one direction per layer
+            return struct.unpack("<Q", data[8:16])[0]
+        (hlen,) = struct.unpack("<Q", data[:8])
+        if hlen > len(data) - 8:
+            return None
+        meta = json.loads(data[8:8 + hlen])["__metadata__"]["fusesteer"]
+        return len(json.loads(meta)["entries"])
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
 def plan_from_bytes(data: bytes, spec: ModelSpec, source: str) -> tuple[SteeringPlan, str]:
     """Parse a fusesteer .safetensors plan or a GGUF control vector from bytes and bind it to ``spec``.
     Raises PlanError (with the loader's specific message) for anything unusable."""
@@ -90,9 +117,11 @@ def plan_from_bytes(data: bytes, spec: ModelSpec, source: str) -> tuple[Steering
 class PlanRegistry:
     """Thread-safe name -> PlanRecord map."""
 
-    def __init__(self, spec: ModelSpec, max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_plans: int = 1024):
+    def __init__(self, spec: ModelSpec, max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_plans: int = 1024,
+                 max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES):
         self.spec = spec
         self.max_plan_bytes = int(max_plan_bytes)
+        self.max_plan_entries = int(max_plan_entries)
         self.max_plans = int(max_plans)
         self._lock = threading.Lock()
         self._plans: dict[str, PlanRecord] = {}
@@ -123,8 +152,8 @@ class PlanRegistry:
 
     @staticmethod
     def check_name(name: Any) -> str:
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise PlanError(f"plan name {name!r} is invalid: use 1-64 characters from letters, digits, '.', '_' "
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise PlanError(f"plan name {show(name)} is invalid: use 1-64 characters from letters, digits, '.', '_' "
                             "and '-', starting with a letter or digit")
         return name
 
@@ -135,7 +164,12 @@ class PlanRegistry:
             raise PlanError(f"plan file is {len(data)} bytes, over the server's {self.max_plan_bytes} byte limit")
         if not data:
             raise PlanError("plan file is empty")
+        declared = peek_entries(data)  # refuse an oversized plan before paying for parsing it
+        if declared is not None and declared > self.max_plan_entries:
+            raise self._too_many(declared)
         plan, kind = plan_from_bytes(data, self.spec, source=f"{name} ({source})")
+        if len(plan.entries) > self.max_plan_entries:
+            raise self._too_many(len(plan.entries))
         with self._lock:
             if name in self._plans and not replace:
                 raise KeyError(name)
@@ -146,6 +180,10 @@ class PlanRegistry:
             self._plans[name] = rec
         log.info("plan %r registered from %s (%d entries)", name, source, len(plan.entries))
         return rec
+
+    def _too_many(self, n: int) -> PlanError:
+        return PlanTooLarge(f"the plan has {n} entries, over the server's limit of {self.max_plan_entries} entries "
+                         "per plan (--max-plan-entries)")
 
     def delete(self, name: str) -> PlanRecord:
         with self._lock:
@@ -212,10 +250,14 @@ def _scale_of(v: Any, where: str) -> float:
     if v is None:
         return 1.0
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SteeringSpecError(f"{where}.scale must be a number, got {v!r}", param=f"{where}.scale")
-    s = float(v)
+        raise SteeringSpecError(f"{where}.scale must be a number, got {show(v)}", param=f"{where}.scale")
+    try:
+        s = float(v)
+    except OverflowError:  # an integer too large for a float
+        s = math.inf
     if not math.isfinite(s):
-        raise SteeringSpecError(f"{where}.scale must be a finite number, got {v!r}", param=f"{where}.scale")
+        raise SteeringSpecError(f"{where}.scale must be a finite number with |scale| <= {MAX_ABS_SCALE:g}, got "
+                                f"{show(v)}", param=f"{where}.scale")
     if abs(s) > MAX_ABS_SCALE:
         raise SteeringSpecError(f"{where}.scale {s} is out of range (|scale| <= {MAX_ABS_SCALE:g})",
                                 param=f"{where}.scale")
@@ -244,21 +286,26 @@ def parse_steering(raw: Any, registry: PlanRegistry) -> Steering:
                                     f"{type(item).__name__}", param=where)
         unknown = set(item) - {"plan", "scale"}
         if unknown:
-            raise SteeringSpecError(f"{where} has unknown fields {sorted(map(str, unknown))}; expected 'plan' and "
-                                    "optional 'scale'", param=where)
+            raise SteeringSpecError(f"{where} has unknown fields {show(sorted(map(str, unknown)))}; expected 'plan' "
+                                    "and optional 'scale'", param=where)
         name = item.get("plan")
         if not isinstance(name, str) or not name:
-            raise SteeringSpecError(f"{where}.plan must be a plan name (string), got {name!r}", param=f"{where}.plan")
+            raise SteeringSpecError(f"{where}.plan must be a plan name (string), got {show(name)}",
+                                    param=f"{where}.plan")
         rec = registry.get(name)
         if rec is None:
             known = registry.names()
             hint = f"; loaded plans: {', '.join(known[:20])}" if known else "; no plans are loaded"
-            raise SteeringSpecError(f"unknown steering plan {name!r}{hint}", param=f"{where}.plan",
+            raise SteeringSpecError(f"unknown steering plan {show(name)}{hint}", param=f"{where}.plan",
                                     code="plan_not_found")
         if rec.plan is None:
             raise SteeringSpecError(f"steering plan {name!r} cannot be used with this model: {rec.error}",
                                     param=f"{where}.plan", code="plan_not_usable")
         parts.append((rec, _scale_of(item.get("scale"), where)))
+    total = sum(len(rec.plan.entries) for rec, _ in parts)
+    if total > registry.max_plan_entries:
+        raise SteeringSpecError(f"the steering composes {total} plan entries, over the server's limit of "
+                                f"{registry.max_plan_entries} (--max-plan-entries)")
     return Steering(tuple(parts))
 
 

@@ -6,13 +6,34 @@ import logging
 import threading
 import time
 
+from ..errors import FuseSteerError
 from .app import ServerConfig, create_app
 from .engine import Engine
 from .metrics import Metrics
-from .registry import DEFAULT_MAX_PLAN_BYTES, PlanRegistry
+from .registry import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLAN_ENTRIES, PlanRegistry
 from .steer import Steerer
 
 log = logging.getLogger("fusesteer.serve")
+
+
+class ServerConfigError(FuseSteerError, ValueError):
+    """A server option that cannot work (raised before anything is loaded or served)."""
+
+
+def check_options(**opts) -> None:
+    """Refuse options that would give a server that cannot serve (each named with what it must be)."""
+    at_least = {"max_batch": 1, "max_queue": 0, "max_tokens": 1, "max_model_len": 2, "plan_slots": 1,
+                "max_plan_bytes": 1, "max_plan_entries": 1, "max_prefill_tokens": 1, "port": 0}
+    for name, v in opts.items():
+        if v is None and name in ("max_model_len", "plan_slots"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ServerConfigError(f"{flag} must be an integer, got {v!r}")
+        if v < at_least[name]:
+            raise ServerConfigError(f"{flag} must be at least {at_least[name]}, got {v}")
+    if opts.get("port", 0) > 65535:
+        raise ServerConfigError(f"--port must be at most 65535, got {opts['port']}")
 
 
 class Server:
@@ -22,15 +43,18 @@ class Server:
     def __init__(self, model, tokenizer, model_name: str, plans_dir=None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 512,
                  max_model_len: int | None = None, backend: str = "auto", plan_slots: int | None = None,
-                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 4096):
+                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 4096,
+                 max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES):
         from ..runtime.plan import ModelSpec
 
-        if max_batch < 1 or max_queue < 0 or max_tokens < 1:
-            raise ValueError("max_batch and max_tokens must be >= 1 and max_queue >= 0")
+        check_options(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_model_len=max_model_len,
+                      plan_slots=plan_slots, max_plan_bytes=max_plan_bytes, max_plan_entries=max_plan_entries,
+                      max_prefill_tokens=max_prefill_tokens, port=port)
         self.model, self.tokenizer = model, tokenizer
         self.host, self.port = host, port
         self.metrics = Metrics()
-        self.registry = PlanRegistry(ModelSpec.from_model(model), max_plan_bytes=max_plan_bytes)
+        self.registry = PlanRegistry(ModelSpec.from_model(model), max_plan_bytes=max_plan_bytes,
+                                     max_plan_entries=max_plan_entries)
         if plans_dir is not None:
             recs = self.registry.load_dir(plans_dir)
             log.info("loaded %d plan(s) from %s", sum(r.plan is not None for r in recs), plans_dir)
@@ -97,13 +121,16 @@ class Server:
             self._uv.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
+        self._close()
+
+    def _close(self) -> None:
         self.engine.stop()
         self.steerer.close()
+        self.app.state.work.shutdown(wait=False, cancel_futures=True)
 
     def run(self) -> None:
         self.engine.start()
         try:
             self._uvicorn().run()
         finally:
-            self.engine.stop()
-            self.steerer.close()
+            self._close()
