@@ -10,8 +10,9 @@
 
 from .errors import AttachError, ContractError, FuseSteerError, ModelLoadError, NonFiniteActivationError, PlanError
 from .runtime.attach import BACKENDS, SteeringHandle, attach
-from .runtime.families import model_sites, supported_models
+from .runtime.families import model_sites
 from .runtime.plan import GATINGS, SITES, ModelSpec, PlanEntry, SteeringPlan
+from .runtime.support import supported_models
 
 __version__ = "0.1.0"
 

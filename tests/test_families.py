@@ -374,3 +374,14 @@ def test_bench_families_are_the_tiny_families():
     from fusesteer.testing import TINY_FAMILIES
 
     assert options.FAMILIES == TINY_FAMILIES
+
+
+def test_readme_support_matrix_is_the_backends_declarations():
+    """The README's matrix is generated from Backend.support(family): regenerate it with
+    `fusesteer supported --markdown` when a backend or a family changes."""
+    from pathlib import Path
+
+    from fusesteer.runtime.support import support_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert support_markdown() in readme

@@ -39,6 +39,7 @@ from fusesteer.kernels import _common as C
 from fusesteer.kernels.add_rmsnorm import _add_rmsnorm_triton
 from fusesteer.kernels.affine import _affine_triton
 from fusesteer.kernels.glu import _glu_triton
+from fusesteer.tolerances import KERNEL_ONE_ULP_FRACTION, kernel_parity
 
 needs_triton = pytest.mark.skipif(not C.HAVE_TRITON, reason="triton is not installed")
 
@@ -84,36 +85,12 @@ def slots(m: int) -> torch.Tensor:
     return torch.tensor(SLOTS[m], dtype=torch.int32)
 
 
-def _ordered(t: torch.Tensor) -> torch.Tensor:
-    """Map float bits to integers ordered like the floats (+0 and -0 both to 0)."""
-    ity = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    bits = t.contiguous().view(ity[t.dtype]).to(torch.int64)
-    top = 1 << (8 * t.element_size() - 1)
-    return torch.where(bits < 0, -(bits + top), bits)
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, max_off_frac: float = 0.01) -> None:
-    """fp32: rtol 1e-6, atol 1e-6. fp16/bf16: at most 1 ulp of the storage type apart (or
-    |diff| <= 1e-6 near zero), i.e. the two fp32 results rounded to neighbouring values, and
-    at most ``max_off_frac`` of the elements 1 ulp apart."""
+def assert_close(out: torch.Tensor, ref: torch.Tensor, max_off_frac: float = KERNEL_ONE_ULP_FRACTION) -> None:
+    """The interpreter rule of :mod:`fusesteer.tolerances` (fp32 within 1e-6; half precision at most 1 ulp apart,
+    at most ``max_off_frac`` of the elements 1 ulp off)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert not out.isnan().any() and not ref.isnan().any()
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-        return
-    ulps = (_ordered(out) - _ordered(ref)).abs()
-    near = (out.float() - ref.float()).abs() <= 1e-6
-    bad = (ulps > 1) & ~near
-    assert not bad.any(), (
-        f"{int(bad.sum())} elements differ by > 1 ulp; max {int(ulps.max())} ulp, "
-        f"max |diff| {float((out.float() - ref.float()).abs().max()):.3g}"
-    )
-    # and 1-ulp differences must be rare: the fp32 values agree to a few fp32 ulp, so they can
-    # only round differently next to a rounding boundary (a systematic rounding bug, e.g. a
-    # truncating cast, would put about half of all elements 1 ulp off)
-    off = int((ulps == 1).sum())
-    allowed = max(4, int(max_off_frac * out.numel()))
-    assert off <= allowed, f"{off} of {out.numel()} elements are 1 ulp off (allowed {allowed})"
+    rec = kernel_parity(out, ref, max_off_frac=max_off_frac)
+    assert rec["ok"], rec
 
 
 # ------------------------------------------------------------------------------------------

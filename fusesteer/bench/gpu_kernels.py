@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from ..tolerances import KERNEL_FP32_GPU, KERNEL_ONE_ULP_FRACTION, kernel_parity
 from . import traffic as TR
 
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,30 +106,9 @@ def _call(fn, kernel, inp):
     return fn(*inp["args"], **inp["kw"])
 
 
-def _ordered(t: torch.Tensor) -> torch.Tensor:
-    ity = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype]
-    bits = t.contiguous().view(ity).to(torch.int64)
-    top = 1 << (8 * t.element_size() - 1)
-    return torch.where(bits < 0, -(bits + top), bits)
-
-
-def compare(out: torch.Tensor, ref: torch.Tensor, max_off_frac: float = 0.01) -> dict:
-    """Parity record of one output against its reference (see the module docstring for the rule)."""
-    out, ref = out.detach().cpu(), ref.detach().cpu()
-    diff = (out.float() - ref.float()).abs()
-    rec = {"max_abs": float(diff.max()) if diff.numel() else 0.0, "nan": bool(out.isnan().any())}
-    if out.dtype == torch.float32:
-        bad = diff > 1e-5 + 1e-5 * ref.float().abs()
-        rec.update(bad=int(bad.sum()), ok=not rec["nan"] and not bool(bad.any()))
-        return rec
-    ulps = (_ordered(out) - _ordered(ref)).abs()
-    near = diff <= 1e-6
-    over = (ulps > 1) & ~near
-    off = int((ulps == 1).sum())
-    allowed = max(4, int(max_off_frac * out.numel()))
-    rec.update(max_ulp=int(ulps.max()) if ulps.numel() else 0, over_1ulp=int(over.sum()), one_ulp=off,
-               one_ulp_allowed=allowed, ok=not rec["nan"] and not bool(over.any()) and off <= allowed)
-    return rec
+def compare(out: torch.Tensor, ref: torch.Tensor, max_off_frac: float = KERNEL_ONE_ULP_FRACTION) -> dict:
+    """Parity record of one output against its reference (the GPU rule of :mod:`fusesteer.tolerances`)."""
+    return kernel_parity(out, ref, fp32=KERNEL_FP32_GPU, max_off_frac=max_off_frac)
 
 
 def run_parity(cases: list[dict], device, mode: str = "triton", progress: bool = True) -> list[dict]:

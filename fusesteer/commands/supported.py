@@ -11,13 +11,17 @@ def register(sub, fmt):
                                    "what it does on that family; the last row is the generic hooks path.",
                        epilog="examples:\n  fusesteer supported\n  fusesteer supported --json")
     p.add_argument("--json", action="store_true", help="print the matrix as JSON")
+    p.add_argument("--markdown", action="store_true", help="print the matrix as the README's Markdown table")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from ..runtime.families import supported_models
+    from ..runtime.support import support_markdown, supported_models
 
     rows = supported_models()
+    if args.markdown:
+        print(support_markdown())
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -22,6 +22,7 @@ import time
 import torch
 
 from ..errors import AttachError, ContractError
+from ..tolerances import layer_tolerance
 from .backends import fused_name
 from .compat import (
     TRANSFORMERS_VERSION,
@@ -45,13 +46,6 @@ def _fused_name(handle) -> str | None:
     if name == "auto":
         return fused_name(handle.model, handle.parts)
     return None if name == "fold" else name
-
-
-def _tolerance(backend: str, dtype: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol relative to max |ref|) for backend vs original/reference on one layer."""
-    if backend != "triton":
-        return (0.0, 0.0) if dtype == torch.float32 else (0.0, 1e-2)
-    return (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 2e-2)
 
 
 def _out(y):
@@ -136,7 +130,7 @@ def verify_contract(handle) -> float:
             raise _fail(handle, cls, backend, f"the position_ids it received ({pos.tolist()}) are not the token "
                                               f"positions 0..{PROBE_TOKENS - 1}")
         dtype = args[0].dtype
-        atol, rtol = _tolerance(backend, dtype)
+        atol, rtol = layer_tolerance(backend, dtype)
         with torch.no_grad():
             raw = layer(*args, **kwargs)
         observe_layer_output(cls, raw)
@@ -155,7 +149,7 @@ def verify_contract(handle) -> float:
         mapped = _run(handle, backend, plan, "probe", layer, args, kwargs)
         if backend != "reference":
             ref = _run(handle, "reference", plan, "probe", layer, args, kwargs)
-            ratol, rrtol = _tolerance(backend, dtype)
+            ratol, rrtol = layer_tolerance(backend, dtype)
             d = _compare(mapped, ref, max(ratol, 1e-6 if dtype == torch.float32 else 0.0), max(rrtol, 1e-6))
             if d is not None:
                 raise _fail(handle, cls, backend, f"with a known map at every site its output differs from the "

@@ -22,14 +22,24 @@ class Site:
     where: str  # "input" (of the module at path) or "output"
     path: str  # module inside a decoder layer ("" = the layer itself)
     fold_linear: str  # the linear a static map folds into
-    fold: str  # "columns" (scale the linear's input columns) or "rows+bias" (its output rows, bias += b)
+    # how: "columns" (scale the linear's input columns, W b into its bias), "rows+bias" (scale its output rows
+    # and bias, bias += b), "bias" (a = 1 only: bias += b, after the rows+bias site of the same linear)
+    fold: str
+    # the modules a folded map moves across, from the site to the linear: (path in the layer, whether that
+    # module's output hooks see the map's other side); another library's forward wrapper there, or output hooks
+    # where flagged, keeps the map from folding
+    fold_across: tuple = ()
 
 
 _RECORDS = (
-    Site("attn.o_proj.in", 0, "attn_width", "input", "self_attn.o_proj", "self_attn.o_proj", "columns"),
-    Site("mlp.down_proj.in", 1, "intermediate_size", "input", "mlp.down_proj", "mlp.down_proj", "columns"),
-    Site("mlp.out", 2, "hidden_size", "output", "mlp", "mlp.down_proj", "rows+bias"),
-    Site("layer.out", 3, "hidden_size", "output", "", "mlp.down_proj", "rows+bias"),
+    Site("attn.o_proj.in", 0, "attn_width", "input", "self_attn.o_proj", "self_attn.o_proj", "columns",
+         (("self_attn.o_proj", False),)),
+    Site("mlp.down_proj.in", 1, "intermediate_size", "input", "mlp.down_proj", "mlp.down_proj", "columns",
+         (("mlp.down_proj", False),)),
+    Site("mlp.out", 2, "hidden_size", "output", "mlp", "mlp.down_proj", "rows+bias",
+         (("mlp.down_proj", True), ("mlp", True))),
+    Site("layer.out", 3, "hidden_size", "output", "", "mlp.down_proj", "bias",
+         (("mlp.down_proj", True), ("mlp", True), ("", True))),
 )
 REGISTRY = {s.name: s for s in _RECORDS}
 #: site names in the order the docs list them

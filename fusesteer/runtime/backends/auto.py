@@ -41,6 +41,10 @@ class AutoBackend(Backend):
     name = "auto"
     static = False  # update() works: values are refolded
 
+    @staticmethod
+    def support(family) -> str:
+        return "= `reference`" if family.generic else "fold what folds, the rest on `triton` (CUDA) / `torch`"
+
     def __init__(self, fused_backend):
         self._fused_backend = fused_backend  # handle -> (name, backend object) of the fused path
         self.fold_allowed = True  # False once routing asked for unsteered rows

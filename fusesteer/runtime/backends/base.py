@@ -55,6 +55,12 @@ class Backend:
     name = "backend"
     static = False  # True: values live in the weights, so update()/add_plan() need a new attach
 
+    @staticmethod
+    def support(family) -> str:
+        """What this backend does on a family (a :class:`~..families.Family`; ``family.generic``: a model
+        without an adapter), in a few words: the matrix ``fs.supported_models()`` and the README show."""
+        raise NotImplementedError
+
     def install(self, ctx: InstallContext) -> None:
         raise NotImplementedError
 

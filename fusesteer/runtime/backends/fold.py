@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ...errors import AttachError, NonFiniteActivationError
 from ..patching import foreign_forward, foreign_hooks
-from ..sites import module_at
+from ..sites import REGISTRY, module_at
 from ..sites import site as site_record
 from ..tables import slot_of
 from .base import Backend
@@ -135,12 +135,7 @@ def _path_problem(parts, layer: int, site: str) -> Refusal | None:
     """A forward wrapper (or output hooks) of another library on the modules a folded map would move across:
     folded into the linear, the map would apply on the other side of what that library does."""
     lay = parts.layers[layer]
-    down = ("mlp.down_proj", False) if site == "mlp.down_proj.in" else ("mlp.down_proj", True)
-    path = {"attn.o_proj.in": [("self_attn.o_proj", False)],
-            "mlp.down_proj.in": [down],
-            "mlp.out": [down, ("mlp", True)],
-            "layer.out": [down, ("mlp", True), ("", True)]}[site]
-    for name, out_hooks in path:
+    for name, out_hooks in site_record(site).fold_across:
         mod = module_at(lay, name)
         what = foreign_forward(mod, skipped=False)
         if what is None and out_hooks:
@@ -205,14 +200,14 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
                           e.describe(i))
         elif not (torch.equal(table.A[_SLOT], table.A[_GEN_SLOT]) and torch.equal(table.B[_SLOT], table.B[_GEN_SLOT])):
             why = Refusal("gated", "its prompt and generated-token maps differ", first)
-        elif site == "layer.out" and not _is_identity(table):
+        elif site_record(site).fold == "bias" and not _is_identity(table):
             if not bool(table.additive_rows[_SLOT]):
-                why = Refusal("layer.out a!=1", "it scales the residual stream (a != 1), which no single weight "
-                                                "computes; only an additive layer.out (a = 1) folds", first)
+                why = Refusal(f"{site} a!=1", f"it scales the residual stream (a != 1), which no single weight "
+                                              f"computes; only an additive {site} (a = 1) folds", first)
             elif fam.layout != "pre":
-                why = Refusal(f"{fam.name} layer.out",
+                why = Refusal(f"{fam.name} {site}",
                               f"on {fam.name} the post_feedforward_layernorm sits between down_proj and the "
-                              f"residual add, so a layer.out bias has no linear bias to fold into", first)
+                              f"residual add, so a {site} bias has no linear bias to fold into", first)
         if why is None and not _is_identity(table) and not _has_fold_target(parts, layer, site):
             why = Refusal("moe experts", f"layer {layer} is a sparse MoE layer: its output is a routed, weighted sum "
                                          f"of expert MLPs with no single down_proj to fold {site!r} into", first)
@@ -221,16 +216,19 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
             if prob is not None:
                 why = Refusal(prob.tag, prob.text, first)
         out[key] = why
-    # a layer.out bias folds into down_proj's bias, *after* the mlp.out map: that map must fold too.
+    # a "bias" fold (layer.out) goes into the linear's bias *after* the rows+bias map (mlp.out) of the same
+    # linear: that map must fold too.
     for key in all_keys:
         layer, site = key
-        if site != "layer.out" or out[key] is not None or _is_identity(handle.tables[key]):
+        rec = site_record(site)
+        if rec.fold != "bias" or out[key] is not None or _is_identity(handle.tables[key]):
             continue
-        mk = (layer, "mlp.out")
+        before = next(r.name for r in REGISTRY.values() if r.fold == "rows+bias" and r.fold_linear == rec.fold_linear)
+        mk = (layer, before)
         if mk in out and out[mk] is not None and not all(handle.tables[mk].identity_rows):
-            out[key] = Refusal("mlp.out not folded",
-                               "the mlp.out map of this layer does not fold, and it must apply before the "
-                               "layer.out bias that would go into down_proj's bias", _first(key))
+            out[key] = Refusal(f"{before} not folded",
+                               f"the {before} map of this layer does not fold, and it must apply before the "
+                               f"{site} bias that would go into {rec.fold_linear}'s bias", _first(key))
     return {k: out[k] for k in keys}
 
 
@@ -291,13 +289,14 @@ def _collect(handle, keys) -> list[_LinearFold]:
         b = table.B[_SLOT].to(dev, torch.float32)
         has_a = not bool(table.additive_rows[_SLOT])
         has_b = bool((b != 0).any())
-        if site_record(site).fold == "columns":
+        how = site_record(site).fold
+        if how == "columns":
             f.a_in = a if has_a else None
             f.b_in = b if has_b else None
-        elif site == "mlp.out":
+        elif how == "rows+bias":
             f.a_out = a if has_a else None
             f.b_out = b if has_b else None
-        else:  # layer.out, a == 1 (checked by fold_reasons): adds after the mlp.out map
+        else:  # "bias" (layer.out), a == 1 (checked by fold_reasons): adds after the rows+bias map
             if has_b:
                 mult = getattr(parts.layers[layer], "residual_multiplier", None) if \
                     parts.family.residual_multiplier else None
@@ -530,6 +529,21 @@ class FoldBackend(Backend):
 
     name = "fold"
     static = True
+
+    @staticmethod
+    def support(family) -> str:
+        if family.generic:
+            return "refused"
+        sites = ", ".join(f"`{r.name}`" for r in REGISTRY.values() if r.fold != "bias")
+        bias = [f"`{r.name}`" for r in REGISTRY.values() if r.fold == "bias"]
+        if family.layout == "pre":
+            mult = " (b / residual multiplier into `down_proj`'s bias)" if family.residual_multiplier else ""
+            out = f"{sites}, additive {', '.join(bias)}{mult}"
+        else:
+            out = f"{sites}; {', '.join(bias)} refused (a norm follows `down_proj`)"
+        if family.mlp == "moe":
+            out += "; sparse layers: `attn.o_proj.in` only (routed experts have no single linear)"
+        return out
 
     def install(self, ctx) -> None:
         handle = ctx.handle

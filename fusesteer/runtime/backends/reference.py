@@ -26,6 +26,10 @@ def reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
 class ReferenceBackend(Backend):
     name = "reference"
 
+    @staticmethod
+    def support(family) -> str:
+        return "✓ hooks, unverified (one warning names what)" if family.generic else "✓ hooks (the oracle)"
+
     def install(self, ctx) -> None:
         parts, patcher = ctx.parts, ctx.patcher
         for layer_idx in sorted({k[0] for k in ctx.tables}):

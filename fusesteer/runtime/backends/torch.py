@@ -105,6 +105,10 @@ class TorchBackend(Backend):
     name = "torch"
     apply = staticmethod(torch_apply)
 
+    @staticmethod
+    def support(family) -> str:
+        return "refused" if family.generic else "✓ inlined into the installed forwards"
+
     def install(self, ctx) -> None:
         parts, patcher = ctx.parts, ctx.patcher
         router = ctx.router

@@ -121,6 +121,21 @@ class _SlotCache:
 class TritonBackend(Backend):
     name = "triton"
 
+    @staticmethod
+    def support(family) -> str:
+        if family.generic:
+            return "refused"
+        if family.layout == "post":
+            return ("fused: post-norm + residual add (+ `layer.out` map), GLU + `mlp.down_proj.in` map; "
+                    "`attn.o_proj.in` / `mlp.out` elementwise")
+        what = "post-norm + add + next norm" if family.layout == "sandwich" else "add + norm (+ `layer.out` map)"
+        extra = {"fused_glu": "; GLU reads the two halves of `gate_up_proj`",
+                 "moe": "; sparse layers call the HF expert block and its router-input norm (an ulp there can flip "
+                        "an expert), `mlp.out` elementwise"}.get(family.mlp, "")
+        mult = "; the residual multiplier is one elementwise multiply before the fused add" \
+            if family.residual_multiplier else ""
+        return f"fused: {what}, GLU + `mlp.down_proj.in` map{extra}{mult}"
+
     def check(self, handle) -> None:
         if handle.tables:
             self._refuse_bypassed(handle.parts)
