@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import AttachError, NonFiniteActivationError, PlanError
+from ..errors import AttachError, PlanError
 from .backends import BACKENDS, make, resolve
 from .backends.base import InstallContext
 from .families import layer_device, model_parts
@@ -93,7 +93,7 @@ class SteeringHandle:
             self.contract_ms = verify_contract(self)
         try:
             self.patcher.set_attr(self.model, _HANDLE_ATTR, self)
-            self._wrap_generate()
+            self.router.wrap_generate(self.model, self.patcher)
             self.backend.install(InstallContext(self))
             guard_model(self.patcher, self.model, lambda: self.attached, self.backend.holds_weights,
                         self.backend_name)
@@ -107,22 +107,6 @@ class SteeringHandle:
             retry = " (its detach() failed part-way: call detach() again)" if self.patcher.pending else ""
             raise AttachError(f"{what}: this handle is detached{retry}; a detached handle never touches the model "
                               f"again: attach anew with fs.attach(model, plan)")
-
-    def _wrap_generate(self) -> None:
-        """generate() learns the prompt length at its first forward only (right with and without the cache)."""
-        orig = getattr(self.model, "generate", None)
-        if orig is None:
-            return
-        router = self.router
-
-        def generate(*args, **kwargs):
-            router.begin_generate()
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                router.end_generate()
-        generate.__wrapped__ = orig
-        self.patcher.set_attr(self.model, "generate", generate)
 
     def detach(self) -> None:
         """Restore the model exactly. Detaching again is a no-op; if an undo step failed, the error names it and
@@ -295,27 +279,9 @@ class SteeringHandle:
         return check
 
     def _reject(self, layer: int, site: str, names: list) -> None:
-        """A checked forward went non-finite: put back the previous values of the plans it ran that came from
-        update(), then raise."""
-        g = self.guard
-        what = ", ".join(f"plan {n!r} (set by {g.origin.get(n, 'attach')})" for n in names) or "the attached plans"
-        snaps = {n: g.snapshot(n) for n in names}
-        undone = {n: prev for n in names if n in self.plans and (prev := g.rollback(n)) is not None}
-        note = ""
-        if undone:
-            old = dict(self.plans)
-            try:
-                self._commit({**old, **undone})
-            except BaseException:
-                for n, snap in snaps.items():
-                    g.restore(n, snap)
-                raise
-            note = (f"; the update() of {', '.join(repr(n) for n in undone)} was undone: the previous values are "
-                    f"in place")
-        raise NonFiniteActivationError(
-            f"steering produced NaN/Inf activations at layer {layer}, site {site!r} on the first forward that ran "
-            f"{what}: the plan's values are too large for this model/dtype{note} (pass check_finite=False to "
-            f"attach() to skip this check)")
+        """A checked forward went non-finite: the guard puts back the previous values of the plans it ran that
+        came from update() (through this handle's commit), then raises."""
+        raise self.guard.reject(layer, site, names, self.plans, self._commit)
 
 
 def attach(model, plan, backend: str = "auto", check_finite: bool = True, capacity: int | None = None,

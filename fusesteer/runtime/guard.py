@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import NonFiniteActivationError
 from ..formula import is_identity
 from .plan import PHASES, SteeringPlan
 from .tables import slot_of
@@ -144,3 +145,25 @@ class FiniteGuard:
             return None
         layer, site, _ = marks[ok.index(False)]
         return layer, site, sorted(ran)
+
+    def reject(self, layer: int, site: str, names: list, plans: dict, commit) -> NonFiniteActivationError:
+        """The error for a checked forward that went non-finite at (layer, site) running plans ``names``; before
+        it is returned, the plans whose values came from update() go back to their previous values through
+        ``commit(plans)`` (the guard's state is put back as it was if that fails)."""
+        what = ", ".join(f"plan {n!r} (set by {self.origin.get(n, 'attach')})" for n in names) or "the attached plans"
+        snaps = {n: self.snapshot(n) for n in names}
+        undone = {n: prev for n in names if n in plans and (prev := self.rollback(n)) is not None}
+        note = ""
+        if undone:
+            try:
+                commit({**plans, **undone})
+            except BaseException:
+                for n, snap in snaps.items():
+                    self.restore(n, snap)
+                raise
+            note = (f"; the update() of {', '.join(repr(n) for n in undone)} was undone: the previous values are "
+                    f"in place")
+        return NonFiniteActivationError(
+            f"steering produced NaN/Inf activations at layer {layer}, site {site!r} on the first forward that ran "
+            f"{what}: the plan's values are too large for this model/dtype{note} (pass check_finite=False to "
+            f"attach() to skip this check)")

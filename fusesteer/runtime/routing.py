@@ -138,6 +138,22 @@ class Router:
         if not self.explicit:
             self.flags.copy_(torch.tensor([0, 1]))
 
+    def wrap_generate(self, model, patcher) -> None:
+        """``model.generate`` learns the prompt length at its first forward only (right with and without the
+        cache); the wrapper is undone by ``patcher``."""
+        orig = getattr(model, "generate", None)
+        if orig is None:
+            return
+
+        def generate(*args, **kwargs):
+            self.begin_generate()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self.end_generate()
+        generate.__wrapped__ = orig
+        patcher.set_attr(model, "generate", generate)
+
     # ---- per forward -----------------------------------------------------------------------------------
     def reset(self) -> None:
         self.slots = self.row_slots = None

@@ -6,8 +6,9 @@
     d = ops.mlp(n2)                            # GLU with the mlp.down_proj.in map, then the mlp.out map
     return ops.end(s, d)                       # (post-FFN norm) + residual add + layer.out map
 
-The ops objects (``TorchOps`` in ``backends/torch.py``, ``TritonOps`` in ``backends/triton.py``) hold the
-layer's HF submodules (from the family adapter) and its plan tables; the skeleton holds the order.
+The ops object (``TritonOps`` in ``backends/triton.py``) holds the layer's HF submodules (from the family adapter)
+and its plan tables; the skeleton holds the order. (The ``torch`` backend does not re-run the skeleton: it wraps
+the forwards already installed around each site.)
 """
 
 from __future__ import annotations
