@@ -41,6 +41,7 @@ from .datasets import (  # noqa: F401
     DatasetError,
     _builtin_path,
     _record_kind,
+    check_kind_for,
     load_dataset,
     split,
     task_kind,
@@ -463,7 +464,7 @@ class EvalResult:
         """A one-row markdown table."""
         name = self.name or self.kind
         return (
-            "| task | kind | method | n | correct | accuracy | 95% CI (Wilson) | time (s) |\n"
+            "| task | kind | method | n | correct | accuracy | 95% CI (Wilson) | scoring time (s) |\n"
             "|---|---|---|---:|---:|---:|---|---:|\n"
             f"| {name} | {self.kind} | {self.method}/{self.normalize} | {self.n} | {self.correct} | "
             f"{self.accuracy:.3f} | [{self.ci_low:.3f}, {self.ci_high:.3f}] | {self.elapsed_s:.1f} |"
