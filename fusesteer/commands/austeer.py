@@ -28,8 +28,11 @@ PAIRS_RULE = ("Which records localize (build and sweep alike): pairs come from t
 __doc__ = __doc__.format(rule=PAIRS_RULE)
 
 
-def _common(p, pairs_default: int, verb: str = "austeer"):
+def _common(p, action: str, verb: str = "austeer"):
     from ..evaluate.datasets import dataset_help
+    from ..methods.protocols import PROTOCOLS
+
+    p.set_defaults(action=action)
 
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF model folder")
     src = p.add_mutually_exclusive_group()
@@ -39,14 +42,22 @@ def _common(p, pairs_default: int, verb: str = "austeer"):
     p.add_argument("--site", default="head", choices=["head", "ffn", "down"],
                    help="head = attn.o_proj.in (AUSteer-Head), ffn = mlp.out (AUSteer-FFN), "
                         "down = mlp.down_proj.in")
-    p.add_argument("--pairs", type=int, default=pairs_default, help="number of contrastive pairs")
+    p.add_argument("--protocol", default="fusesteer", choices=list(PROTOCOLS),
+                   help="fusesteer: cloze pairs, forced-choice scoring; official: the AUSteer authors' protocol "
+                        "(options in the prompt, letter/Yes-No answer pairs, one per record, greedy "
+                        "generated-answer scoring, 1000 pairs, the paper's grid)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="number of contrastive pairs (default: " + ", ".join(
+                       f"{n}: {pr.build_pairs if action == 'build' else pr.sweep_pairs}"
+                       for n, pr in PROTOCOLS.items()) + ")")
     p.add_argument("--val", type=int, default=VAL_DEFAULT,
                    help="the first N records are the validation slice: sweep evaluates on them, no verb "
                         "localizes on them")
     p.add_argument("--offset", type=int, default=None,
                    help="first record used for pairs (default: --val)")
-    p.add_argument("--negatives", default="random", choices=["random", "all"],
-                   help="multiple choice: one random wrong choice per record, or one pair per wrong choice")
+    p.add_argument("--negatives", default=None, choices=["random", "all"],
+                   help="multiple choice: one random wrong choice per record (default), or one pair per wrong "
+                        "choice (--protocol fusesteer only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the wrong-choice draw")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x rows)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -54,6 +65,8 @@ def _common(p, pairs_default: int, verb: str = "austeer"):
 
 
 def register(sub, fmt):
+    from ..methods.protocols import PROTOCOLS
+
     p = sub.add_parser("austeer", formatter_class=fmt, help="AUSteer: build plans and sweep (k, alpha)",
                        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
                        epilog="examples:\n"
@@ -76,7 +89,10 @@ def register(sub, fmt):
                             "-o ffn.safetensors\n"
                             "  fusesteer austeer build --dataset truthfulqa_mc --negatives all --val 30 "
                             "--pairs 200 -o tqa.safetensors")
-    _common(b, 1000)
+    _common(b, "build")
+    b.add_argument("--ties", default="paper", choices=["paper", "code"],
+                   help="sign of a unit with r_pos = r_neg: negative (the paper's eq. 4) or positive (the authors' "
+                        "code)")
     b.add_argument("--k", type=int, default=20, help="number of AUs to steer (global over layers)")
     b.add_argument("--alpha", type=float, default=10.0, help="global steering strength")
     b.add_argument("-o", "--output", required=True, help="plan file to write (.safetensors)")
@@ -92,22 +108,53 @@ def register(sub, fmt):
                      epilog="example:\n"
                             "  fusesteer austeer sweep --model smollm2-135m --dataset strategyqa --val 60 "
                             "--pairs 300 --k 5 10 20 50 100 --alpha 1 5 10 20 50 100 --out sweep/")
-    _common(w, 300)
-    sweep_arguments(w)
-    w.add_argument("--k", type=int, nargs="+", default=[5, 10, 20, 50, 100])
-    w.add_argument("--alpha", type=float, nargs="+", default=[1, 5, 10, 20, 50, 100])
-    w.add_argument("--method", default="logprob", choices=["logprob", "logits"], help="scoring of choices")
+    _common(w, "sweep")
+    sweep_arguments(w, "--method")
+    w.add_argument("--ties", default="paper", choices=["paper", "code"], help="as for build")
+    w.add_argument("--k", type=int, nargs="+", default=None,
+                   help="k grid (default: the protocol's: " + "; ".join(
+                       f"{n}: {' '.join(map(str, pr.k_grid))}" for n, pr in PROTOCOLS.items()) + ")")
+    w.add_argument("--alpha", type=float, nargs="+", default=None,
+                   help="alpha grid (default: the protocol's: " + "; ".join(
+                       f"{n}: {' '.join(f'{a:g}' for a in pr.alpha_grid)}" for n, pr in PROTOCOLS.items()) + ")")
     w.set_defaults(func=run_sweep)
 
 
-def sweep_arguments(w) -> None:
-    """The options every validation sweep shares (AUSteer and the baselines)."""
+def sweep_arguments(w, *aliases) -> None:
+    """The options every validation sweep shares (AUSteer and the baselines); ``aliases`` of --scoring."""
+    w.add_argument("--scoring", *aliases, dest="scoring", default=None, choices=["logprob", "logits", "generate"],
+                   help="validation scoring (default: the protocol's; fusesteer: logprob, official: generate)")
+    w.add_argument("--max-new-tokens", type=int, default=1, help="generate scoring: new tokens per answer")
     w.add_argument("--eval-dataset", default=None,
                    help="validation dataset when pairs come from --pairs-file (default: --dataset)")
     w.add_argument("--backend", default="torch", choices=["torch", "triton", "reference"],
                    help="runtime backend (must support in-place updates)")
     w.add_argument("--out", required=True, help="output directory")
     w.add_argument("--save-best", action="store_true", help="also write the best plan to OUT/best_plan.safetensors")
+
+
+def resolve_protocol(args):
+    """Fill the options left at None from ``--protocol`` (pairs, negatives; for a sweep also its scoring and,
+    for AUSteer, its grid) and check that the rest fit it. Returns the Protocol."""
+    from ..errors import FuseSteerError
+    from ..methods.protocols import get
+
+    proto = get(args.protocol)
+    if args.pairs is None:
+        args.pairs = proto.build_pairs if args.action == "build" else proto.sweep_pairs
+    if args.negatives is None:
+        args.negatives = "random"
+    elif args.negatives == "all" and proto.name == "official":
+        raise FuseSteerError("--protocol official builds one pair per record (the other or a seeded random "
+                             "wrong option); --negatives all belongs to --protocol fusesteer")
+    if args.action == "sweep":
+        if args.scoring is None:
+            args.scoring = proto.scoring
+        _check_positive("max-new-tokens", args.max_new_tokens)
+        if args.command == "austeer":
+            args.k = list(proto.k_grid) if args.k is None else args.k
+            args.alpha = list(proto.alpha_grid) if args.alpha is None else args.alpha
+    return proto
 
 
 def pair_start(args) -> int:
@@ -129,13 +176,15 @@ def build_command(args, start: int, cell: dict, output: str) -> dict:
     argv = ["fusesteer", args.command, "build"]
     if args.command == "baseline":
         argv += ["--method", args.method]
-    argv += ["--model", str(args.model)]
+    argv += ["--model", str(args.model), "--protocol", args.protocol]
     if args.pairs_file:
         argv += ["--pairs-file", str(args.pairs_file)]
     else:
         argv += ["--dataset", str(args.dataset), "--offset", str(start), "--negatives", args.negatives,
                  "--seed", str(args.seed)]
     argv += ["--site", args.site, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size)]
+    if getattr(args, "ties", "paper") != "paper":
+        argv += ["--ties", args.ties]
     for k, v in cell.items():
         argv += [f"--{k}", str(v)]
     argv += ["-o", str(output)]
@@ -182,6 +231,7 @@ def _pairs_from(args):
     from ..evaluate import tasks
     from ..methods import austeer
     from ..methods import pairs as P
+    from ..methods.protocols import get
 
     _check_positive("pairs", args.pairs)
     start = pair_start(args)
@@ -197,9 +247,11 @@ def _pairs_from(args):
         if start >= len(records):
             raise FuseSteerError(f"{args.dataset} has {len(records)} records; none left for pairs from record "
                                  f"{start} on (--val {args.val}, --offset {args.offset})")
-        prs = P.make_pairs(records[start:], negatives=args.negatives, seed=args.seed, limit=args.pairs)
+        template = get(args.protocol).template
+        prs = P.make_pairs(records[start:], negatives=args.negatives, seed=args.seed, limit=args.pairs,
+                           template=template)
         prov = austeer.provenance(args.dataset, prs, args.seed, first_record=start, negatives=args.negatives,
-                                  requested=args.pairs)
+                                  requested=args.pairs, protocol=args.protocol, template=template)
         per = "one per record" if args.negatives == "random" else "one per wrong choice"
         why = (f"records {start}..{len(records) - 1} of {args.dataset} ({len(records) - start} records, {per}) "
                f"give only {len(prs)}" + (f"; records 0..{start - 1} are held out (--val/--offset)" if start else ""))
@@ -215,6 +267,7 @@ def run_build(args):
     from ..errors import FuseSteerError
     from ..methods import austeer
 
+    resolve_protocol(args)
     _check_positive("k", args.k)
     prs, prov, _, warnings = _pairs_from(args)
     model, tok = _load_model(args)
@@ -223,7 +276,7 @@ def run_build(args):
     total = loc.stats.shape[0] * loc.stats.shape[1]
     if args.k > total:
         raise FuseSteerError(f"--k {args.k} exceeds the {total} AUs of site {loc.site}")
-    plan = austeer.austeer_plan(loc, args.k, args.alpha)
+    plan = austeer.austeer_plan(loc, args.k, args.alpha, ties=args.ties)
     plan.metadata["localization_seconds"] = round(loc.seconds, 3)
     plan.metadata["model"] = str(args.model)
     if warnings:
@@ -247,6 +300,7 @@ def run_sweep(args):
     from ..methods import austeer
     from ..methods import sweep as SW
 
+    proto = resolve_protocol(args)
     for k in args.k:
         _check_positive("k", k)
     for a in args.alpha:
@@ -262,14 +316,17 @@ def run_sweep(args):
     if bad:
         raise FuseSteerError(f"--k {bad} exceed the {total} AUs of site {loc.site}")
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    res = SW.sweep(model, tok, val, args.k, args.alpha, lambda k, a: austeer.austeer_plan(loc, k, a),
-                   method=f"AUSteer-{args.site}", backend=args.backend, batch_size=args.batch_size,
-                   eval_method=args.method, log=log)
-    res.info = {"model": str(args.model), "site": loc.site, "validation": {"dataset": str(eval_ds), "records": "0.."
-                + str(args.val - 1), "n": len(val)}, "pairs": prov, "localization_seconds": round(loc.seconds, 3)}
+    plan_fn = lambda k, a: austeer.austeer_plan(loc, k, a, ties=args.ties)
+    res = SW.sweep(model, tok, val, args.k, args.alpha, plan_fn, method=f"AUSteer-{args.site}", backend=args.backend,
+                   batch_size=args.batch_size, eval_method=args.scoring, log=log, template=proto.template,
+                   max_new_tokens=args.max_new_tokens)
+    res.info = {"model": str(args.model), "site": loc.site, "protocol": args.protocol, "ties": args.ties,
+                "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": len(val),
+                               "scoring": args.scoring, "template": proto.template,
+                               "max_new_tokens": args.max_new_tokens},
+                "pairs": prov, "localization_seconds": round(loc.seconds, 3)}
     res.bounds = {"k": {"lo": 1, "hi": total}, "alpha": {"lo": 0}}
-    finish_sweep(args, res, warnings, start, lambda k, a: austeer.austeer_plan(loc, k, a),
-                 f"AUSteer-{args.site} on {eval_ds}")
+    finish_sweep(args, res, warnings, start, plan_fn, f"AUSteer-{args.site} on {eval_ds}")
     return 0
 
 

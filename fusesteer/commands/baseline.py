@@ -23,6 +23,7 @@ from .austeer import (
     _load_model,
     _pairs_from,
     finish_sweep,
+    resolve_protocol,
     sweep_arguments,
     validation_records,
 )
@@ -51,7 +52,7 @@ def register(sub, fmt):
                             "-o caa.safetensors\n"
                             "  fusesteer baseline build --method fixed_strength --site ffn --k 20 --alpha 5 "
                             "--dataset strategyqa -o fs.safetensors")
-    _common(b, 300, "baseline")
+    _common(b, "build", "baseline")
     b.add_argument("--method", required=True, choices=METHODS)
     b.add_argument("--layer", type=int, default=None, help="caa: the layer (default: 40%% of the depth)")
     b.add_argument("--scale", type=float, default=4.0, help="caa: the multiplier of the mean difference")
@@ -70,7 +71,7 @@ def register(sub, fmt):
                      epilog="example:\n"
                             "  fusesteer baseline sweep --method caa --dataset strategyqa --val 60 --layer 6 12 18 "
                             "--scale 1 4 8 --out caa/")
-    _common(w, 300, "baseline")
+    _common(w, "sweep", "baseline")
     sweep_arguments(w)
     w.add_argument("--method", required=True, choices=METHODS)
     w.add_argument("--layer", type=int, nargs="+", default=None, help="caa rows (default: 20/40/60%% depth)")
@@ -119,6 +120,7 @@ def _check_layers(layers, n):
 
 
 def run_build(args):
+    resolve_protocol(args)
     _check_positive("k", args.k)
     _check_positive("heads", args.heads)
     prs, prov, _, warnings = _pairs_from(args)
@@ -146,6 +148,7 @@ def run_sweep(args):
     from ..errors import FuseSteerError
     from ..methods import sweep as SW
 
+    proto = resolve_protocol(args)
     eval_ds, val = validation_records(args)
     for a in args.alpha + args.scale:
         if a != a or a in (float("inf"), float("-inf")):
@@ -168,9 +171,12 @@ def run_sweep(args):
     plan_fn, loc = _localize(args, model, tok, prs, prov)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     res = SW.sweep(model, tok, val, rows, cols, plan_fn, method=args.method, row_name=row_name,
-                   col_name=col_name, backend=args.backend, batch_size=args.batch_size, log=log)
-    res.info = {"model": str(args.model), "method": args.method, "pairs": prov,
-                "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": args.val}}
+                   col_name=col_name, backend=args.backend, batch_size=args.batch_size, log=log,
+                   eval_method=args.scoring, template=proto.template, max_new_tokens=args.max_new_tokens)
+    res.info = {"model": str(args.model), "method": args.method, "protocol": args.protocol, "pairs": prov,
+                "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": args.val,
+                               "scoring": args.scoring, "template": proto.template,
+                               "max_new_tokens": args.max_new_tokens}}
     res.bounds = _bounds(args.method, loc, model)
     finish_sweep(args, res, warnings, start, plan_fn, f"{args.method} on {eval_ds}")
     return 0

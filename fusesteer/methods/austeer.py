@@ -348,11 +348,18 @@ def select_units(loc: Localization, k: int, localization: str = "momentum", seed
     raise AUSteerError(f"unknown localization {localization!r}; expected one of {', '.join(LOCALIZATIONS)}")
 
 
-def austeer_gammas(r_pos: torch.Tensor, r_neg: torch.Tensor, alpha: float, fixed: bool = False) -> torch.Tensor:
-    """γ = +α·r_pos where r_pos > r_neg, else -α·r_neg (``fixed``: +α / -α regardless of the ratios)."""
+def austeer_gammas(r_pos: torch.Tensor, r_neg: torch.Tensor, alpha: float, fixed: bool = False,
+                   ties: str = "paper") -> torch.Tensor:
+    """γ = +α·r_pos where r_pos > r_neg, else -α·r_neg (``fixed``: +α / -α regardless of the ratios).
+
+    ``ties``: ``"paper"`` (eq. 4's "otherwise" branch: r_pos = r_neg steers negatively) or ``"code"`` (the
+    authors' code flips the sign only when r_pos < r_neg, so ties steer positively)."""
+    if ties not in ("paper", "code"):
+        raise AUSteerError(f"ties must be 'paper' or 'code', got {ties!r}")
+    up = r_pos > r_neg if ties == "paper" else r_pos >= r_neg
     if fixed:
-        return torch.where(r_pos > r_neg, torch.full_like(r_pos, float(alpha)), torch.full_like(r_pos, -float(alpha)))
-    return torch.where(r_pos > r_neg, float(alpha) * r_pos, -float(alpha) * r_neg)
+        return torch.where(up, torch.full_like(r_pos, float(alpha)), torch.full_like(r_pos, -float(alpha)))
+    return torch.where(up, float(alpha) * r_pos, -float(alpha) * r_neg)
 
 
 def units_plan(spec: ModelSpec, site: str, layers: Sequence[int], dims: Sequence[int], a=None, b=None,
@@ -387,7 +394,8 @@ def _check_alpha(alpha) -> float:
 
 
 def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "momentum",
-               steering: str = "adaptive", seed: int = 0, name: str | None = None) -> SteeringPlan:
+               steering: str = "adaptive", seed: int = 0, name: str | None = None,
+               ties: str = "paper") -> SteeringPlan:
     """The plan for k units at ``loc.site`` with strength α.
 
     ``localization``: ``momentum`` (AUSteer), ``actdiff`` or ``random`` (see :func:`select_units`).
@@ -408,7 +416,7 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
     if steering == "fixed_vector":
         b = alpha * mean_m
     else:
-        gam = austeer_gammas(r_pos, r_neg, alpha, fixed=steering == "fixed_strength")
+        gam = austeer_gammas(r_pos, r_neg, alpha, fixed=steering == "fixed_strength", ties=ties)
         a = 1.0 + gam
     units = []
     for j in range(len(d)):
@@ -421,6 +429,8 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
     meta = {"method": method, "variant": _variant(loc.site), "site": loc.site, "k": int(k), "alpha": alpha,
             "localization": localization, "steering": steering, "n_pairs": st.n,
             "units": units, "data": dict(loc.provenance)}
+    if ties != "paper":
+        meta["ties"] = ties
     if localization == "random":
         meta["seed"] = int(seed)
     default = (f"austeer-{_variant(loc.site)}" if method == "austeer"
@@ -428,6 +438,6 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
     return units_plan(loc.spec, loc.site, layer_ids, d, a=a, b=b, name=name or default, metadata=meta)
 
 
-def austeer_plan(loc: Localization, k: int, alpha: float, name: str | None = None) -> SteeringPlan:
-    """AUSteer: global top-k by momentum score, adaptive gains a = 1 + γ."""
-    return build_plan(loc, k, alpha, name=name)
+def austeer_plan(loc: Localization, k: int, alpha: float, name: str | None = None, ties: str = "paper") -> SteeringPlan:
+    """AUSteer: global top-k by momentum score, adaptive gains a = 1 + γ (``ties``: see :func:`austeer_gammas`)."""
+    return build_plan(loc, k, alpha, name=name, ties=ties)

@@ -114,6 +114,9 @@ class SweepResult:
     warnings: list = field(default_factory=list)
     #: {"command": str, "argv": [...], "plan": file or None}: how to rebuild the best cell's plan
     reproduce: dict | None = None
+    #: generated-answer scoring: continuations that matched no option, per cell, and for the unsteered model
+    non_answers: list | None = None
+    vanilla_non_answers: int | None = None
 
     @property
     def best(self) -> dict:
@@ -153,7 +156,8 @@ class SweepResult:
                 "rows": self.rows, "cols": self.cols, "accuracy": self.accuracy, "correct": self.correct,
                 "n": self.n, "vanilla_accuracy": self.vanilla_accuracy, "vanilla_correct": self.vanilla_correct,
                 "best": self.best, "grid_edges": self.edges, "warnings": self.all_warnings,
-                "reproduce": self.reproduce, "seconds": self.seconds, "info": self.info}
+                "reproduce": self.reproduce, "non_answers": self.non_answers,
+                "vanilla_non_answers": self.vanilla_non_answers, "seconds": self.seconds, "info": self.info}
 
     def markdown(self) -> str:
         head = f"| {self.row_name} \\ {self.col_name} | " + " | ".join(str(c) for c in self.cols) + " |"
@@ -227,14 +231,17 @@ class SweepResult:
 def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Sequence,
           plan_fn: Callable[[object, object], SteeringPlan], *, method: str = "austeer", row_name: str = "k",
           col_name: str = "alpha", backend: str = "torch", batch_size: int = 8, eval_method: str = "logprob",
-          vanilla=True, log: Callable[[str], None] | None = None) -> SweepResult:
+          vanilla=True, log: Callable[[str], None] | None = None, template: str | None = None,
+          max_new_tokens: int = 1) -> SweepResult:
     """Validation accuracy of ``plan_fn(row, col)`` for every grid cell.
 
     One attach per row value (the plan's sites depend on it) and ``handle.update()`` for each column value
     (same sites, new values in place). ``backend`` must support update() (``torch``, ``triton``,
     ``reference``; not ``fold``). Non-finite scores count as wrong in the harness, so a strength that
-    blows the model up shows as low accuracy rather than an error. ``vanilla``: True evaluates the unsteered
-    model too, False skips it, or pass its EvalResult on the same records to reuse it.
+    blows the model up shows as low accuracy rather than an error. ``eval_method`` "generate" scores the
+    greedy answer under ``template`` with ``max_new_tokens`` (the official protocol; non-answers per cell in
+    ``non_answers``). ``vanilla``: True evaluates the unsteered model too, False skips it, or pass its
+    EvalResult on the same records to reuse it.
     """
     from ..evaluate.tasks import evaluate, task_kind
     from ..runtime.attach import attach
@@ -247,7 +254,7 @@ def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Se
     kind = task_kind(records)
     t0 = time.perf_counter()
     ev = lambda: evaluate(model, tokenizer, records, kind, batch_size=batch_size, method=eval_method,
-                          progress=False)
+                          progress=False, template=template, max_new_tokens=max_new_tokens)
     if vanilla is True:
         van = ev()
     elif vanilla is False or vanilla is None:
@@ -260,6 +267,7 @@ def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Se
         log(f"{method}: vanilla {van.accuracy:.3f}")
     acc = [[None] * len(cols) for _ in rows]
     cor = [[None] * len(cols) for _ in rows]
+    nona = [[None] * len(cols) for _ in rows]
     n = len(records)
     for i, r in enumerate(rows):
         handle = None
@@ -271,12 +279,14 @@ def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Se
                 else:
                     handle.update(plan)
                 res = ev()
-                acc[i][j], cor[i][j] = res.accuracy, res.correct
+                acc[i][j], cor[i][j], nona[i][j] = res.accuracy, res.correct, res.non_answers
                 if log:
                     log(f"{method}: {row_name}={r} {col_name}={c}: {res.accuracy:.3f}")
         finally:
             if handle is not None:
                 handle.detach()
+    gen = eval_method == "generate"
     return SweepResult(method, row_name, col_name, list(rows), list(cols), acc, cor, n,
                        None if van is None else van.accuracy, None if van is None else van.correct,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, non_answers=nona if gen else None,
+                       vanilla_non_answers=None if van is None or not gen else van.non_answers)
