@@ -43,6 +43,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def bounds(model) -> dict:
+    """The limits of every grid axis, for the grid-edge check (as the CLI sets them)."""
+    n = model.config.num_hidden_layers
+    return {"k": {"lo": 1}, "alpha": {"lo": 0}, "heads": {"lo": 1, "hi": n * model.config.num_attention_heads},
+            "layer": {"lo": 0, "hi": n - 1, "additive": True}}
+
+
 def run_protocol(model, tok, records, kind, args, proto) -> dict:
     val = records[:args.val]
     pair_recs = records[args.val:args.val + args.pairs]
@@ -96,6 +103,7 @@ def run_protocol(model, tok, records, kind, args, proto) -> dict:
         sw = SW.sweep(model, tok, val, rows, cols, fn, method=name, row_name=rn, col_name=cn, backend="torch",
                       batch_size=args.batch_size, eval_method=proto.scoring, vanilla=van_val,
                       template=ev_kw["template"], max_new_tokens=1)
+        sw.bounds = bounds(model)
         best = sw.best
         record(name, ev(test, fn(best[rn], best[cn])), {rn: best[rn], cn: best[cn]}, best["accuracy"])
         rep["methods"][name]["sweep_seconds"] = round(time.perf_counter() - t, 1)

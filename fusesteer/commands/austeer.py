@@ -47,17 +47,17 @@ def _common(p, action: str, verb: str = "austeer"):
                         "(options in the prompt, letter/Yes-No answer pairs, one per record, greedy "
                         "generated-answer scoring, 1000 pairs, the paper's grid)")
     p.add_argument("--pairs", type=int, default=None,
-                   help="number of contrastive pairs (default: " + ", ".join(
+                   help="number of contrastive pairs; None: by protocol (" + ", ".join(
                        f"{n}: {pr.build_pairs if action == 'build' else pr.sweep_pairs}"
                        for n, pr in PROTOCOLS.items()) + ")")
     p.add_argument("--val", type=int, default=VAL_DEFAULT,
                    help="the first N records are the validation slice: sweep evaluates on them, no verb "
                         "localizes on them")
     p.add_argument("--offset", type=int, default=None,
-                   help="first record used for pairs (default: --val)")
+                   help="first record used for pairs; None: --val")
     p.add_argument("--negatives", default=None, choices=["random", "all"],
-                   help="multiple choice: one random wrong choice per record (default), or one pair per wrong "
-                        "choice (--protocol fusesteer only)")
+                   help="multiple choice: one random wrong choice per record (None: random), or one pair per "
+                        "wrong choice (--protocol fusesteer only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the wrong-choice draw")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x rows)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -112,10 +112,10 @@ def register(sub, fmt):
     sweep_arguments(w, "--method")
     w.add_argument("--ties", default="paper", choices=["paper", "code"], help="as for build")
     w.add_argument("--k", type=int, nargs="+", default=None,
-                   help="k grid (default: the protocol's: " + "; ".join(
+                   help="k grid; None: the protocol's (" + "; ".join(
                        f"{n}: {' '.join(map(str, pr.k_grid))}" for n, pr in PROTOCOLS.items()) + ")")
     w.add_argument("--alpha", type=float, nargs="+", default=None,
-                   help="alpha grid (default: the protocol's: " + "; ".join(
+                   help="alpha grid; None: the protocol's (" + "; ".join(
                        f"{n}: {' '.join(f'{a:g}' for a in pr.alpha_grid)}" for n, pr in PROTOCOLS.items()) + ")")
     w.set_defaults(func=run_sweep)
 
@@ -123,7 +123,7 @@ def register(sub, fmt):
 def sweep_arguments(w, *aliases) -> None:
     """The options every validation sweep shares (AUSteer and the baselines); ``aliases`` of --scoring."""
     w.add_argument("--scoring", *aliases, dest="scoring", default=None, choices=["logprob", "logits", "generate"],
-                   help="validation scoring (default: the protocol's; fusesteer: logprob, official: generate)")
+                   help="validation scoring; None: the protocol's (fusesteer: logprob, official: generate)")
     w.add_argument("--max-new-tokens", type=int, default=1, help="generate scoring: new tokens per answer")
     w.add_argument("--eval-dataset", default=None,
                    help="validation dataset when pairs come from --pairs-file (default: --dataset)")

@@ -38,9 +38,9 @@ def next_values(values: Sequence, edge: str, *, lo=None, hi=None, additive: bool
 
     Geometric grids continue by the ratio of the two outermost values (5, 10, 20 -> 40, 80), additive ones
     (``additive``, e.g. layer indices) by their difference (6, 12, 18 -> 24, 30); one value alone doubles or
-    halves (additive: steps by 1). Integer axes (all values ints) are rounded, others kept to three
-    significant digits. Values outside [lo, hi] or already in the grid are dropped, so an edge that is a hard
-    bound (k = 1, the last layer) gives [].
+    halves (additive: steps by 1); a geometric grid never steps to zero or below. Integer axes (all values
+    ints) are rounded, others kept to three significant digits. Values outside [lo, hi] or already in the
+    grid are dropped, so an edge that is a hard bound (k = 1, the last layer) gives [].
     """
     if edge not in ("low", "high"):
         raise AUSteerError(f"edge must be 'low' or 'high', got {edge!r}")
@@ -52,16 +52,17 @@ def next_values(values: Sequence, edge: str, *, lo=None, hi=None, additive: bool
         (vals[0], vals[1] if len(vals) > 1 else None)
     sign = 1.0 if edge == "high" else -1.0
     out = []
-    if additive or x <= 0 or (nb is not None and nb <= 0):
-        d = abs(x - nb) if nb is not None else 1.0
-        cand = [x + sign * d * i for i in range(1, count + 1)]
-    else:
+    geometric = not (additive or x <= 0 or (nb is not None and nb <= 0))
+    if geometric:
         r = (x / nb) if nb is not None else 2.0
         r = r if r > 1 else 1 / r
         cand = [x * r ** (sign * i) for i in range(1, count + 1)]
+    else:
+        d = abs(x - nb) if nb is not None else 1.0
+        cand = [x + sign * d * i for i in range(1, count + 1)]
     for c in cand:
         c = float(round(c)) if integer else float(f"{c:.3g}")
-        if (lo is not None and c < lo) or (hi is not None and c > hi) or c in vals:
+        if (lo is not None and c < lo) or (hi is not None and c > hi) or c in vals or (geometric and c <= 0):
             continue
         c = int(c) if integer else c
         if c not in out:
