@@ -19,6 +19,7 @@ from fusesteer.evaluate import tasks
 from fusesteer.methods import austeer as A
 from fusesteer.methods import baselines as B
 from fusesteer.methods import pairs as P
+from fusesteer.methods import sweep as SW
 from fusesteer.methods.capture import site_recorder
 from fusesteer.runtime.plan import ModelSpec, SteeringPlan
 from fusesteer.testing import tiny
@@ -417,7 +418,7 @@ def test_iti_on_model_and_caa_plan(model, tok, yn_pairs, head_loc):
 def test_sweep_matches_fresh_attach_per_cell(model, tok, yn, head_loc, tmp_path):
     val = yn[28:36]
     fn = lambda k, a: A.austeer_plan(head_loc, k, a)  # noqa: E731
-    res = A.sweep(model, tok, val, [3, 40], [0.5, 20.0], fn, backend="torch")
+    res = SW.sweep(model, tok, val, [3, 40], [0.5, 20.0], fn, backend="torch")
     for i, k in enumerate([3, 40]):
         for j, a in enumerate([0.5, 20.0]):
             with attach(model, fn(k, a), backend="reference"):
@@ -435,7 +436,7 @@ def test_sweep_matches_fresh_attach_per_cell(model, tok, yn, head_loc, tmp_path)
 
 
 def test_sweep_best_prefers_fewer_units_on_ties():
-    r = A.SweepResult("m", "k", "alpha", [5, 10], [1, 2], [[0.5, 0.7], [0.7, 0.7]], [[1, 1], [1, 1]], 10)
+    r = SW.SweepResult("m", "k", "alpha", [5, 10], [1, 2], [[0.5, 0.7], [0.7, 0.7]], [[1, 1], [1, 1]], 10)
     assert (r.best["k"], r.best["alpha"]) == (5, 2)
 
 
@@ -508,7 +509,7 @@ def test_cli_baseline_build_matches_python_api(model_dir, tmp_path, capsys, meth
     assert rc == 0, capsys.readouterr().err
     got = SteeringPlan.load(out)
     model, tk = load(str(model_dir))
-    prs = make_pairs(load_dataset("strategyqa"), negatives="random", seed=0, limit=10)
+    prs = make_pairs(load_dataset("strategyqa")[60:], negatives="random", seed=0, limit=10)  # after --val 60
     if method == "caa":
         want = B.caa_layer_plan(got.spec, 1, B.caa_vectors(model, tk, prs)[1], 3.0)
     elif method == "iti":

@@ -611,3 +611,52 @@ def test_cli_optimize_and_eval(tiny_folder, tmp_path, capsys):
     assert "no results" in capsys.readouterr().err
     helptext = build_parser()._subparsers._group_actions[0].choices["fusion"].format_help()
     assert "optimize" in helptext and "eval" in helptext
+
+
+# --------------------------------------------------------------------------------------------
+# no steering is always a candidate
+# --------------------------------------------------------------------------------------------
+def test_fusion_never_keeps_a_plan_below_no_steering(llama, tok_vocab, tmp_path, monkeypatch):
+    tok, _ = tok_vocab
+    q = "What is the largest planet?"
+    runner = F.PromptRunner(llama, tok, F.question_prompt(q), 4)
+    toks = runner.generate([None])[0]
+    unsteered = G.extract_answer(runner.decode(toks))
+    assert unsteered
+    ref = F.compute_reference(llama, tok, q, "Jupiter", None)
+    # the truth is what the unsteered model says: no steering scores overlap 1 on the real objective
+    res = F.optimize_prompt(llama, tok, ref, [unsteered], n_trials=4, mode="full", batch_size=2, max_new_tokens=4,
+                            progress=False)
+    ua = res["unsteered_attrs"]
+    assert ua["answer"] == unsteered and ua["overlap"] == 1.0
+    assert res["unsteered_value"] == pytest.approx(1.0 - 0.3 * max(ua["ppl_norm"], ua["repetition"]))
+    assert res["kept_value"] == max(res["best_value"], res["unsteered_value"]) >= res["unsteered_value"]
+    if res["kept"] == "unsteered":
+        assert res["best_value"] <= res["unsteered_value"] and res["plan"].entries == []
+    else:
+        assert res["best_value"] > res["unsteered_value"] and res["plan"].entries
+    assert res["plan"].metadata["kept"] == res["kept"]
+    # forced: every trial below no steering -> no steering kept; every trial above -> the best trial kept
+    from fusesteer.methods.fusion import search as S
+
+    real = S.PromptSearch.evaluate
+    for offset, kept in ((-5.0, "unsteered"), (5.0, "steered")):
+        monkeypatch.setattr(S.PromptSearch, "evaluate",
+                            lambda self, ps, o=offset: [(v + o, a) for v, a in real(self, ps)])
+        r = F.optimize_prompt(llama, tok, ref, ["Jupiter"], n_trials=2, mode="full", batch_size=2, max_new_tokens=3,
+                              progress=False)
+        assert r["kept"] == kept and bool(r["plan"].entries) == (kept == "steered")
+    # through the pipeline: the result, the summary count and the evaluation report say so
+    monkeypatch.setattr(S.PromptSearch, "evaluate", lambda self, ps: [(v - 5.0, a) for v, a in real(self, ps)])
+    recs = [{"id": "p1", "question": q, "answers": ["Jupiter"]}]
+    summary = F.optimize_records(llama, tok, recs, tmp_path / "run", modes=["full"], n_trials=2, max_new_tokens=3,
+                                 batch_size=2, only_failed=False, progress=False)
+    assert summary["kept_unsteered"] == [1, 1] and summary["records"][0]["runs"][0]["kept"] == "unsteered"
+    result = json.loads((tmp_path / "run" / "results" / "p1.full.explanation.json").read_text())
+    assert result["kept"] == "unsteered" and result["kept_answer"] == result["unsteered_attrs"]["answer"]
+    report = F.evaluate_run(llama, tok, tmp_path / "run", average=False, progress=False)
+    assert report["kept_unsteered"] == {"full": [1, 1]}
+    arms = report["items"][0]["arms"]
+    assert arms["full"]["answer"] == arms["baseline"]["answer"]  # the kept (empty) plan answers unsteered
+    md = open(F.write_report(report, tmp_path / "ev")["md"]).read()
+    assert "kept no steering" in md and "full: 1/1" in md

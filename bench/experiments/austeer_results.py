@@ -45,6 +45,7 @@ from fusesteer import attach, models  # noqa: E402
 from fusesteer.evaluate import stats, tasks  # noqa: E402
 from fusesteer.methods import austeer as A  # noqa: E402
 from fusesteer.methods import baselines as B  # noqa: E402
+from fusesteer.methods import sweep as SW  # noqa: E402
 from fusesteer.methods.pairs import make_pairs  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
 
         def run_sweep(name, rows, cols, fn, row_name, col_name, units_of):
             t = time.perf_counter()
-            res = A.sweep(model, tok, val, rows, cols, fn, method=f"{name} ({ds})", row_name=row_name,
+            res = SW.sweep(model, tok, val, rows, cols, fn, method=f"{name} ({ds})", row_name=row_name,
                           col_name=col_name, backend="torch", batch_size=bs, eval_method=em, vanilla=van_val)
             res.info = {"seconds": res.seconds}
             dsrep["sweeps"][name] = res.to_dict()
@@ -268,7 +269,7 @@ def markdown(report: dict) -> str:
                              f"{ceil:.3f} |")
             lines.append("")
         for name, sw in d["sweeps"].items():
-            res = A.SweepResult(sw["method"], sw["row_name"], sw["col_name"], sw["rows"], sw["cols"],
+            res = SW.SweepResult(sw["method"], sw["row_name"], sw["col_name"], sw["rows"], sw["cols"],
                                 sw["accuracy"], sw["correct"], sw["n"], sw["vanilla_accuracy"], sw["vanilla_correct"])
             lines += ["<details><summary>validation sweep: " + LABELS.get(name, name) + "</summary>", "",
                       res.markdown(), "</details>", ""]

@@ -9,14 +9,26 @@ Methods (each a plan in the same runtime and evaluation harness as AUSteer):
     fixed_vector    AUSteer's top-k AUs, a fixed shift b = alpha * mean m             (grid: --k x --alpha)
     fixed_strength  AUSteer's top-k AUs, gamma = +-alpha regardless of r              (grid: --k x --alpha)
 
-Records are used in file order, as by `fusesteer austeer` (sweep: validation = records 0..val-1, pairs after).
+Records are used in file order, by the same rule as `fusesteer austeer`: {rule}
 """
 
 from __future__ import annotations
 
 import sys
 
-from .austeer import _check_positive, _common, _load_model, _pairs_from, sweep_arguments, validation_records
+from .austeer import (
+    PAIRS_RULE,
+    _check_positive,
+    _common,
+    _load_model,
+    _pairs_from,
+    finish_sweep,
+    resolve_protocol,
+    sweep_arguments,
+    validation_records,
+)
+
+__doc__ = __doc__.format(rule=PAIRS_RULE)
 
 METHODS = ("caa", "iti", "random", "actdiff", "fixed_vector", "fixed_strength")
 _GRID = {"caa": ("layer", "scale"), "iti": ("heads", "alpha")}
@@ -33,15 +45,15 @@ def register(sub, fmt):
     s = p.add_subparsers(dest="baseline_cmd", metavar="ACTION")
     s.required = True
     b = s.add_parser("build", formatter_class=fmt, help="build one baseline plan",
-                     description="Stream contrastive pairs through the model once and write one baseline plan.",
+                     description="Stream contrastive pairs through the model once and write one baseline plan."
+                                 "\n\n" + PAIRS_RULE,
                      epilog="examples:\n"
                             "  fusesteer baseline build --method caa --dataset strategyqa --layer 12 --scale 4 "
                             "-o caa.safetensors\n"
                             "  fusesteer baseline build --method fixed_strength --site ffn --k 20 --alpha 5 "
                             "--dataset strategyqa -o fs.safetensors")
-    _common(b, 300)
+    _common(b, "build", "baseline")
     b.add_argument("--method", required=True, choices=METHODS)
-    b.add_argument("--offset", type=int, default=0, help="first record used for pairs (file order)")
     b.add_argument("--layer", type=int, default=None, help="caa: the layer (default: 40%% of the depth)")
     b.add_argument("--scale", type=float, default=4.0, help="caa: the multiplier of the mean difference")
     b.add_argument("--heads", type=int, default=16, help="iti: number of heads K")
@@ -53,11 +65,13 @@ def register(sub, fmt):
     w = s.add_parser("sweep", formatter_class=fmt, help="validation sweep of a baseline's two parameters",
                      description="Localize once on the pairs, then evaluate the method's grid on the first --val "
                                  "records (one attach per row value, in-place updates per column value). Writes "
-                                 "results.json, results.md and heatmap.png to --out.",
+                                 "results.json, results.md and heatmap.png to --out, with the exact `baseline "
+                                 "build` command of the best cell and warnings for a pair shortfall or a best "
+                                 "cell on an edge of the grid.\n\n" + PAIRS_RULE,
                      epilog="example:\n"
                             "  fusesteer baseline sweep --method caa --dataset strategyqa --val 60 --layer 6 12 18 "
                             "--scale 1 4 8 --out caa/")
-    _common(w, 300)
+    _common(w, "sweep", "baseline")
     sweep_arguments(w)
     w.add_argument("--method", required=True, choices=METHODS)
     w.add_argument("--layer", type=int, nargs="+", default=None, help="caa rows (default: 20/40/60%% depth)")
@@ -106,13 +120,10 @@ def _check_layers(layers, n):
 
 
 def run_build(args):
-    from ..errors import FuseSteerError
-
-    if args.offset < 0:
-        raise FuseSteerError(f"--offset must be >= 0, got {args.offset}")
+    resolve_protocol(args)
     _check_positive("k", args.k)
     _check_positive("heads", args.heads)
-    prs, prov = _pairs_from(args, args.offset)
+    prs, prov, _, warnings = _pairs_from(args)
     model, tok = _load_model(args)
     n = model.config.num_hidden_layers
     plan_fn, loc = _localize(args, model, tok, prs, prov)
@@ -125,6 +136,8 @@ def run_build(args):
     else:
         plan = plan_fn(args.k, args.alpha)
     plan.metadata["model"] = str(args.model)
+    if warnings:
+        plan.metadata["warnings"] = warnings
     plan.save(args.output)
     print(f"{args.method} plan: {len(plan.entries)} entries from {loc.n_pairs} pairs ({loc.seconds:.1f}s) -> "
           f"{args.output}")
@@ -132,16 +145,15 @@ def run_build(args):
 
 
 def run_sweep(args):
-    from pathlib import Path
-
     from ..errors import FuseSteerError
-    from ..methods import austeer as A
+    from ..methods import sweep as SW
 
+    proto = resolve_protocol(args)
     eval_ds, val = validation_records(args)
     for a in args.alpha + args.scale:
         if a != a or a in (float("inf"), float("-inf")):
             raise FuseSteerError(f"grid values must be finite, got {a}")
-    prs, prov = _pairs_from(args, args.val)
+    prs, prov, start, warnings = _pairs_from(args)
     model, tok = _load_model(args)
     n = model.config.num_hidden_layers
     row_name, col_name = _GRID.get(args.method, ("k", "alpha"))
@@ -158,14 +170,23 @@ def run_sweep(args):
             _check_positive(row_name, r)
     plan_fn, loc = _localize(args, model, tok, prs, prov)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    res = A.sweep(model, tok, val, rows, cols, plan_fn, method=args.method, row_name=row_name,
-                  col_name=col_name, backend=args.backend, batch_size=args.batch_size, log=log)
-    res.info = {"model": str(args.model), "method": args.method, "pairs": prov,
-                "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": args.val}}
-    paths = res.write(args.out, title=f"{args.method} on {eval_ds}")
-    if args.save_best:
-        best = res.best
-        plan_fn(best[row_name], best[col_name]).save(Path(args.out) / "best_plan.safetensors")
-    print(res.markdown())
-    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    res = SW.sweep(model, tok, val, rows, cols, plan_fn, method=args.method, row_name=row_name,
+                   col_name=col_name, backend=args.backend, batch_size=args.batch_size, log=log,
+                   eval_method=args.scoring, template=proto.template, max_new_tokens=args.max_new_tokens)
+    res.info = {"model": str(args.model), "method": args.method, "protocol": args.protocol, "pairs": prov,
+                "validation": {"dataset": str(eval_ds), "records": f"0..{args.val - 1}", "n": args.val,
+                               "scoring": args.scoring, "template": proto.template,
+                               "max_new_tokens": args.max_new_tokens}}
+    res.bounds = _bounds(args.method, loc, model)
+    finish_sweep(args, res, warnings, start, plan_fn, f"{args.method} on {eval_ds}")
     return 0
+
+
+def _bounds(method, loc, model) -> dict:
+    """The limits of each grid axis of ``method`` (for the grid-edge warnings)."""
+    n = model.config.num_hidden_layers
+    if method == "caa":
+        return {"layer": {"lo": 0, "hi": n - 1, "additive": True}}  # the scale may take any sign
+    if method == "iti":
+        return {"heads": {"lo": 1, "hi": n * model.config.num_attention_heads}, "alpha": {"lo": 0}}
+    return {"k": {"lo": 1, "hi": loc.stats.shape[0] * loc.stats.shape[1]}, "alpha": {"lo": 0}}

@@ -30,6 +30,8 @@ fusion_eval.png (accuracy and SimpleQA grade by arm)."""
 
 
 def register(sub, fmt):
+    from ..evaluate.datasets import dataset_help
+
     p = sub.add_parser("fusion", formatter_class=fmt, help="Fusion Steering: per-prompt search and evaluation",
                        description="Fusion Steering (arXiv 2505.22572): enriched reference activations, "
                                    "full-layer / segmented plans, Optuna search per prompt, grading.")
@@ -41,7 +43,7 @@ def register(sub, fmt):
                         description="Baseline answers → prompts where the baseline fails → enriched reference "
                                     "(h, mu, delta) → Optuna search of (alpha, gamma) per prompt → plan files.")
     _common(o)
-    o.add_argument("--dataset", required=True, help="bundled name (freshqa, strategyqa, …) or a JSONL path")
+    o.add_argument("--dataset", required=True, help=dataset_help("fusion"))
     o.add_argument("--limit", type=int, default=None, help="first N records")
     o.add_argument("--offset", type=int, default=0, help="skip the first N records")
     o.add_argument("--trials", type=int, default=16, help="COMPLETE trials per prompt and mode")
@@ -97,14 +99,11 @@ def _common(p):
 
 
 def _load(args):
-    import torch
+    from .common import load_model
 
-    from ..models import load
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     q = None if args.quantization == "none" else args.quantization
-    return load(args.model, quantization=q, progress=not args.no_progress)
+    model, tok, _ = load_model(args.model, threads=args.threads, quiet=args.no_progress, quantization=q)
+    return model, tok
 
 
 def _positive(name, v):
@@ -143,6 +142,10 @@ def run_optimize(args):
     n_skip = sum(1 for r in summary["records"] if r.get("skipped"))
     print(f"optimized {n_opt} prompt(s), skipped {n_skip} where the baseline is already accurate; "
           f"plans in {args.out}/plans, studies in {summary['storage']}")
+    k, n = summary["kept_unsteered"]
+    if k:
+        print(f"{k} of {n} search(es) kept no steering: no trial beat the unsteered answer on the objective "
+              f"(more --trials may find one)")
     for r in summary["records"]:
         for run in r["runs"]:
             print(json.dumps({"id": r["id"], **run}, ensure_ascii=False))

@@ -26,6 +26,15 @@ BUILTIN_DATASETS = {
 KINDS = ("yesno", "mc", "open")
 SCORABLE_KINDS = ("yesno", "mc")
 _YESNO = {"yes": "Yes", "no": "No"}
+#: how the CLI names each kind
+KIND_LABELS = {"yesno": "yes/no", "mc": "choice", "open": "open"}
+#: which record kinds each CLI verb takes with --dataset (the one place this is decided)
+VERB_KINDS = {
+    "eval": SCORABLE_KINDS,
+    "austeer": SCORABLE_KINDS,  # contrastive pairs need a wrong answer
+    "baseline": SCORABLE_KINDS,
+    "fusion": KINDS,  # references need a truth: the answer, the right choice or the reference answers
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +114,54 @@ def validate_record(rec: Any, kind: str | None = None, where: str = "record") ->
         if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
             raise DatasetError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
     return rec
+
+
+def bundled_kinds() -> dict[str, str]:
+    """{bundled name: kind}, read from the first record of each file that ships with the package."""
+    out = {}
+    for name in BUILTIN_DATASETS:
+        out[name] = "?"
+        try:
+            with _builtin_path(name).open(encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        out[name] = _record_kind(json.loads(line)) or "?"
+                        break
+        except (OSError, ValueError):  # pragma: no cover - broken install: load_dataset reports it
+            pass
+    return out
+
+
+def _verbs_for(kind: str) -> list[str]:
+    return [v for v, ks in VERB_KINDS.items() if kind in ks]
+
+
+def dataset_help(verb: str) -> str:
+    """``--dataset`` help for ``verb``, generated from the files that ship: each with its kind, and those of a
+    kind the verb does not take with the verbs that do."""
+    if verb not in VERB_KINDS:
+        raise DatasetError(f"unknown verb {verb!r}; expected one of {', '.join(VERB_KINDS)}")
+    kinds = bundled_kinds()
+    ok = [f"{n} ({KIND_LABELS.get(k, k)})" for n, k in kinds.items() if k in VERB_KINDS[verb]]
+    other = [f"{n} ({KIND_LABELS.get(k, k)}: {', '.join(_verbs_for(k)) or 'no verb'})"
+             for n, k in kinds.items() if k not in VERB_KINDS[verb]]
+    accepted = " or ".join(KIND_LABELS[k] for k in VERB_KINDS[verb])
+    text = f"bundled dataset: {', '.join(ok)}; or a JSONL path ({accepted} records)"
+    if other:
+        text += f". Also bundled, for other verbs: {', '.join(other)}"
+    return text
+
+
+def check_kind_for(verb: str, kind: str, dataset: str) -> None:
+    """Raise a :class:`DatasetError` that says which verbs take ``dataset`` when ``verb`` cannot use its kind."""
+    if kind in VERB_KINDS.get(verb, KINDS):
+        return
+    label = KIND_LABELS.get(kind, kind)
+    takes = " or ".join(KIND_LABELS[k] for k in VERB_KINDS[verb])
+    fits = [n for n, k in bundled_kinds().items() if k in VERB_KINDS[verb]]
+    raise DatasetError(f"{dataset} holds {label} records ({kind!r}); `fusesteer {verb}` takes {takes} datasets "
+                       f"(bundled: {', '.join(fits)}); {label} datasets go to `fusesteer "
+                       f"{' | '.join(_verbs_for(kind)) or '(none)'}`")
 
 
 def load_dataset(name_or_path: str | Path, limit: int | None = None) -> list[dict]:

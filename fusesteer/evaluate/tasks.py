@@ -41,6 +41,7 @@ from .datasets import (  # noqa: F401
     DatasetError,
     _builtin_path,
     _record_kind,
+    check_kind_for,
     load_dataset,
     split,
     task_kind,
@@ -270,6 +271,19 @@ def _check_batch_size(batch_size) -> None:
         raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
+def padded_batch(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) int64 [len(seqs), longest]: the token id lists right-aligned (``left`` padding)
+    or left-aligned (right padding), padded with ``pad``."""
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        sl = slice(width - len(q), width) if left else slice(0, len(q))
+        ids[r, sl] = torch.tensor(list(q), dtype=torch.long)
+        mask[r, sl] = 1
+    return ids, mask
+
+
 def _run_batches(model, seqs: list[list[int]], batch_size: int, pad_id: int, collect, progress, desc: str):
     """Right-pads ``seqs`` into batches (longest first), runs plain forwards under no_grad and calls
     ``collect(seq_index, logits_row)`` for every row (logits of the unpadded part only)."""
@@ -288,13 +302,7 @@ def _run_batches(model, seqs: list[list[int]], batch_size: int, pad_id: int, col
         with torch.no_grad():
             for s in range(0, len(order), batch_size):
                 chunk = order[s : s + batch_size]
-                width = len(seqs[chunk[0]])
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    L = len(seqs[i])
-                    ids[r, :L] = torch.tensor(seqs[i], dtype=torch.long)
-                    mask[r, :L] = 1
+                ids, mask = padded_batch([seqs[i] for i in chunk], pad_id)
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
                 logits = out.logits if hasattr(out, "logits") else out[0]
                 if logits.dim() != 3 or logits.shape[:2] != ids.shape:
@@ -432,6 +440,8 @@ class ItemResult:
     correct: bool
     scores: list[float]
     tie: bool = False
+    output: str | None = None  # generated continuation (method "generate")
+    non_answer: bool = False  # the continuation matched no option (method "generate")
 
 
 @dataclass
@@ -447,6 +457,7 @@ class EvalResult:
     elapsed_s: float
     items: list[ItemResult] = field(default_factory=list)
     name: str | None = None
+    non_answers: int | None = None  # method "generate": continuations that matched no option
 
     @property
     def correct_vector(self) -> list[bool]:
@@ -462,11 +473,14 @@ class EvalResult:
     def table(self) -> str:
         """A one-row markdown table."""
         name = self.name or self.kind
+        na = self.non_answers is not None
         return (
-            "| task | kind | method | n | correct | accuracy | 95% CI (Wilson) | time (s) |\n"
-            "|---|---|---|---:|---:|---:|---|---:|\n"
+            "| task | kind | method | n | correct | accuracy | 95% CI (Wilson) | "
+            + ("non-answers | " if na else "") + "scoring time (s) |\n"
+            "|---|---|---|---:|---:|---:|---|" + ("---:|" if na else "") + "---:|\n"
             f"| {name} | {self.kind} | {self.method}/{self.normalize} | {self.n} | {self.correct} | "
-            f"{self.accuracy:.3f} | [{self.ci_low:.3f}, {self.ci_high:.3f}] | {self.elapsed_s:.1f} |"
+            f"{self.accuracy:.3f} | [{self.ci_low:.3f}, {self.ci_high:.3f}] | "
+            + (f"{self.non_answers} | " if na else "") + f"{self.elapsed_s:.1f} |"
         )
 
 
@@ -481,9 +495,13 @@ def _pick(scores: Sequence[float]) -> tuple[int, bool]:
     return top[0], False
 
 
+METHODS = ("logprob", "logits", "generate")
+
+
 def evaluate(model, tokenizer, records: Sequence[Mapping], kind: str | None = None, batch_size: int = 8,
              method: str = "logprob", normalize: str = "sum", *, chat_template: bool = False,
-             progress: bool = True, name: str | None = None) -> EvalResult:
+             progress: bool = True, name: str | None = None, template: str | None = None,
+             max_new_tokens: int = 1) -> EvalResult:
     """Accuracy of ``model`` on yes/no or multiple-choice ``records``.
 
     ``method="logprob"`` scores each choice's continuation log-likelihood (:func:`score_choices`,
@@ -491,9 +509,16 @@ def evaluate(model, tokenizer, records: Sequence[Mapping], kind: str | None = No
     scores of " Yes" and " No" (:func:`yesno_logits`). The prediction is the unique best-scoring
     choice; ties and non-finite scores count as wrong. ``ci_low``/``ci_high`` are the Wilson 95%
     interval of the accuracy. The model runs plain forwards only: attach steering beforehand.
+
+    ``method="generate"`` scores the greedy continuation instead (:mod:`fusesteer.evaluate.generate`:
+    ``template`` "letter" (default) or "cloze", ``max_new_tokens`` new tokens, exact match after strip and
+    lowercase, non-answers counted). The forced-choice methods use the cloze prompts only.
     """
-    if method not in ("logprob", "logits"):
-        raise EvaluationError(f"method must be 'logprob' or 'logits', got {method!r}")
+    if method not in METHODS:
+        raise EvaluationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "generate" and template not in (None, "cloze"):
+        raise EvaluationError(f"template {template!r} is scored by generation (method='generate'); "
+                              f"{method!r} scores the cloze prompts")
     if normalize not in ("sum", "mean"):
         raise EvaluationError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
     if isinstance(records, Mapping) or not isinstance(records, Sequence) or not records:
@@ -510,6 +535,14 @@ def evaluate(model, tokenizer, records: Sequence[Mapping], kind: str | None = No
     recs = [validate_record(r, kind, f"record {i}") for i, r in enumerate(records)]
     for i, r in enumerate(recs):
         r.setdefault("id", str(i))
+    if method == "generate":
+        from .generate import evaluate_generate
+
+        if chat_template:
+            raise EvaluationError("method='generate' uses its own templates; chat_template is not supported")
+        _check_batch_size(batch_size)
+        return evaluate_generate(model, tokenizer, recs, kind, template=template or "letter",
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, name=name)
 
     t0 = time.perf_counter()
     prompts = [format_prompt(r, kind, tokenizer=tokenizer, chat_template=chat_template) for r in recs]

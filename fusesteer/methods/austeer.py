@@ -18,26 +18,21 @@ forward passes.
 Sites: ``head`` = ``attn.o_proj.in`` (the paper's AUSteer-Head), ``ffn`` = ``mlp.out`` (AUSteer-FFN; the
 paper's FFN dims are block-output dims) and ``down`` = ``mlp.down_proj.in`` (an extra variant).
 
-:func:`sweep` evaluates a grid of (structure, strength) settings on validation records with one attach
-per structure value and ``handle.update()`` for each strength (values change in place), and
-:class:`SweepResult` writes the JSON / markdown table / heatmap PNG.
+Validation sweeps of (k, α) live in :mod:`fusesteer.methods.sweep`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from ..errors import FuseSteerError
-from ..extras import require
 from ..runtime.plan import SITES, ModelSpec, SteeringPlan
 from .capture import site_recorder
 from .pairs import ContrastivePair, pair_token_ids, right_padded
@@ -45,7 +40,7 @@ from .pairs import ContrastivePair, pair_token_ids, right_padded
 __all__ = [
     "AUSteerError", "AU_SITES", "LOCALIZATIONS", "STEERINGS", "resolve_site", "MomentumStats",
     "accumulate", "pair_activations", "Localization", "localize", "localize_many", "rank_units", "select_units",
-    "austeer_gammas", "units_plan", "build_plan", "austeer_plan", "SweepResult", "sweep", "provenance",
+    "austeer_gammas", "units_plan", "build_plan", "austeer_plan", "provenance",
 ]
 
 AU_SITES = {"head": "attn.o_proj.in", "ffn": "mlp.out", "down": "mlp.down_proj.in"}
@@ -353,11 +348,18 @@ def select_units(loc: Localization, k: int, localization: str = "momentum", seed
     raise AUSteerError(f"unknown localization {localization!r}; expected one of {', '.join(LOCALIZATIONS)}")
 
 
-def austeer_gammas(r_pos: torch.Tensor, r_neg: torch.Tensor, alpha: float, fixed: bool = False) -> torch.Tensor:
-    """γ = +α·r_pos where r_pos > r_neg, else -α·r_neg (``fixed``: +α / -α regardless of the ratios)."""
+def austeer_gammas(r_pos: torch.Tensor, r_neg: torch.Tensor, alpha: float, fixed: bool = False,
+                   ties: str = "paper") -> torch.Tensor:
+    """γ = +α·r_pos where r_pos > r_neg, else -α·r_neg (``fixed``: +α / -α regardless of the ratios).
+
+    ``ties``: ``"paper"`` (eq. 4's "otherwise" branch: r_pos = r_neg steers negatively) or ``"code"`` (the
+    authors' code flips the sign only when r_pos < r_neg, so ties steer positively)."""
+    if ties not in ("paper", "code"):
+        raise AUSteerError(f"ties must be 'paper' or 'code', got {ties!r}")
+    up = r_pos > r_neg if ties == "paper" else r_pos >= r_neg
     if fixed:
-        return torch.where(r_pos > r_neg, torch.full_like(r_pos, float(alpha)), torch.full_like(r_pos, -float(alpha)))
-    return torch.where(r_pos > r_neg, float(alpha) * r_pos, -float(alpha) * r_neg)
+        return torch.where(up, torch.full_like(r_pos, float(alpha)), torch.full_like(r_pos, -float(alpha)))
+    return torch.where(up, float(alpha) * r_pos, -float(alpha) * r_neg)
 
 
 def units_plan(spec: ModelSpec, site: str, layers: Sequence[int], dims: Sequence[int], a=None, b=None,
@@ -392,7 +394,8 @@ def _check_alpha(alpha) -> float:
 
 
 def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "momentum",
-               steering: str = "adaptive", seed: int = 0, name: str | None = None) -> SteeringPlan:
+               steering: str = "adaptive", seed: int = 0, name: str | None = None,
+               ties: str = "paper") -> SteeringPlan:
     """The plan for k units at ``loc.site`` with strength α.
 
     ``localization``: ``momentum`` (AUSteer), ``actdiff`` or ``random`` (see :func:`select_units`).
@@ -413,7 +416,7 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
     if steering == "fixed_vector":
         b = alpha * mean_m
     else:
-        gam = austeer_gammas(r_pos, r_neg, alpha, fixed=steering == "fixed_strength")
+        gam = austeer_gammas(r_pos, r_neg, alpha, fixed=steering == "fixed_strength", ties=ties)
         a = 1.0 + gam
     units = []
     for j in range(len(d)):
@@ -426,6 +429,8 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
     meta = {"method": method, "variant": _variant(loc.site), "site": loc.site, "k": int(k), "alpha": alpha,
             "localization": localization, "steering": steering, "n_pairs": st.n,
             "units": units, "data": dict(loc.provenance)}
+    if ties != "paper":
+        meta["ties"] = ties
     if localization == "random":
         meta["seed"] = int(seed)
     default = (f"austeer-{_variant(loc.site)}" if method == "austeer"
@@ -433,168 +438,6 @@ def build_plan(loc: Localization, k: int, alpha: float, *, localization: str = "
     return units_plan(loc.spec, loc.site, layer_ids, d, a=a, b=b, name=name or default, metadata=meta)
 
 
-def austeer_plan(loc: Localization, k: int, alpha: float, name: str | None = None) -> SteeringPlan:
-    """AUSteer: global top-k by momentum score, adaptive gains a = 1 + γ."""
-    return build_plan(loc, k, alpha, name=name)
-
-
-# --------------------------------------------------------------------------------------------
-# Sweep
-# --------------------------------------------------------------------------------------------
-@dataclass
-class SweepResult:
-    """Validation accuracy over a grid: rows = structure values (k, layer, #heads), cols = strengths."""
-
-    method: str
-    row_name: str
-    col_name: str
-    rows: list
-    cols: list
-    accuracy: list  # [len(rows)][len(cols)]
-    correct: list
-    n: int
-    vanilla_accuracy: float | None = None
-    vanilla_correct: int | None = None
-    seconds: float = 0.0
-    info: dict = field(default_factory=dict)
-
-    @property
-    def best(self) -> dict:
-        """Highest accuracy; ties go to the smaller row value (steer less), then the smaller strength."""
-        cands = []
-        for i, r in enumerate(self.rows):
-            for j, c in enumerate(self.cols):
-                acc = self.accuracy[i][j]
-                if acc is None or not math.isfinite(acc):
-                    continue
-                cands.append((-acc, i, j))
-        if not cands:
-            raise AUSteerError("sweep has no finite accuracy")
-        _, i, j = min(cands)
-        return {self.row_name: self.rows[i], self.col_name: self.cols[j], "accuracy": self.accuracy[i][j],
-                "correct": self.correct[i][j], "n": self.n}
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "row_name": self.row_name, "col_name": self.col_name,
-                "rows": self.rows, "cols": self.cols, "accuracy": self.accuracy, "correct": self.correct,
-                "n": self.n, "vanilla_accuracy": self.vanilla_accuracy, "vanilla_correct": self.vanilla_correct,
-                "best": self.best, "seconds": self.seconds, "info": self.info}
-
-    def markdown(self) -> str:
-        head = f"| {self.row_name} \\ {self.col_name} | " + " | ".join(str(c) for c in self.cols) + " |"
-        sep = "|---|" + "---:|" * len(self.cols)
-        best = self.best
-        lines = [f"**{self.method}** — validation accuracy (n = {self.n})"
-                 + (f"; vanilla {self.vanilla_accuracy:.3f}" if self.vanilla_accuracy is not None else "")
-                 + f"; best {self.row_name}={best[self.row_name]}, {self.col_name}={best[self.col_name]} "
-                   f"({best['accuracy']:.3f})", "", head, sep]
-        for i, r in enumerate(self.rows):
-            cells = []
-            for j, c in enumerate(self.cols):
-                acc = self.accuracy[i][j]
-                s = "nan" if acc is None or not math.isfinite(acc) else f"{acc:.3f}"
-                if r == best[self.row_name] and c == best[self.col_name]:
-                    s = f"**{s}**"
-                cells.append(s)
-            lines.append(f"| {r} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
-
-    def heatmap(self, path: str | Path, title: str | None = None) -> None:
-        matplotlib = require("matplotlib", "methods", "the AUSteer sweep heatmap")
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        acc = np.array([[np.nan if a is None else a for a in row] for row in self.accuracy], dtype=float)
-        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(self.cols), 1.2 + 0.55 * len(self.rows)))
-        im = ax.imshow(acc, cmap="viridis", aspect="auto", vmin=np.nanmin(acc) if np.isfinite(acc).any() else 0,
-                       vmax=np.nanmax(acc) if np.isfinite(acc).any() else 1)
-        ax.set_xticks(range(len(self.cols)), [str(c) for c in self.cols])
-        ax.set_yticks(range(len(self.rows)), [str(r) for r in self.rows])
-        ax.set_xlabel(self.col_name)
-        ax.set_ylabel(self.row_name)
-        best = self.best
-        for i in range(len(self.rows)):
-            for j in range(len(self.cols)):
-                if np.isfinite(acc[i, j]):
-                    is_best = self.rows[i] == best[self.row_name] and self.cols[j] == best[self.col_name]
-                    ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="red" if is_best else "white", fontweight="bold" if is_best else "normal")
-        t = title or self.method
-        if self.vanilla_accuracy is not None:
-            t += f" (vanilla {self.vanilla_accuracy:.3f}, n={self.n})"
-        ax.set_title(t, fontsize=9)
-        fig.colorbar(im, ax=ax, label="validation accuracy")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-
-    def write(self, out_dir: str | Path, stem: str = "results", title: str | None = None) -> dict:
-        """Write ``{stem}.json``, ``{stem}.md`` and ``heatmap.png`` (``{stem}_heatmap.png`` if stem differs)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md",
-                 "png": out / ("heatmap.png" if stem == "results" else f"{stem}_heatmap.png")}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=2))
-        paths["md"].write_text(self.markdown())
-        self.heatmap(paths["png"], title)
-        return {k: str(v) for k, v in paths.items()}
-
-
-def sweep(model, tokenizer, records: Sequence[Mapping], rows: Sequence, cols: Sequence,
-          plan_fn: Callable[[object, object], SteeringPlan], *, method: str = "austeer", row_name: str = "k",
-          col_name: str = "alpha", backend: str = "torch", batch_size: int = 8, eval_method: str = "logprob",
-          vanilla=True, log: Callable[[str], None] | None = None) -> SweepResult:
-    """Validation accuracy of ``plan_fn(row, col)`` for every grid cell.
-
-    One attach per row value (the plan's sites depend on it) and ``handle.update()`` for each column value
-    (same sites, new values in place). ``backend`` must support update() (``torch``, ``triton``,
-    ``reference``; not ``fold``). Non-finite scores count as wrong in the harness, so a strength that
-    blows the model up shows as low accuracy rather than an error. ``vanilla``: True evaluates the unsteered
-    model too, False skips it, or pass its EvalResult on the same records to reuse it.
-    """
-    from ..evaluate.tasks import evaluate, task_kind
-    from ..runtime.attach import attach
-
-    if not rows or not cols:
-        raise AUSteerError("sweep needs at least one row value and one column value")
-    if backend == "fold":
-        raise AUSteerError("sweep needs a backend whose values can be updated in place (torch, triton, "
-                           "reference); 'fold' bakes them into the weights")
-    kind = task_kind(records)
-    t0 = time.perf_counter()
-    ev = lambda: evaluate(model, tokenizer, records, kind, batch_size=batch_size, method=eval_method,
-                          progress=False)
-    if vanilla is True:
-        van = ev()
-    elif vanilla is False or vanilla is None:
-        van = None
-    elif hasattr(vanilla, "accuracy") and hasattr(vanilla, "correct"):
-        van = vanilla  # an EvalResult of the unsteered model on the same records
-    else:
-        raise AUSteerError("vanilla must be True, False or the EvalResult of the unsteered model on these records")
-    if log and van is not None:
-        log(f"{method}: vanilla {van.accuracy:.3f}")
-    acc = [[None] * len(cols) for _ in rows]
-    cor = [[None] * len(cols) for _ in rows]
-    n = len(records)
-    for i, r in enumerate(rows):
-        handle = None
-        try:
-            for j, c in enumerate(cols):
-                plan = plan_fn(r, c)
-                if handle is None:
-                    handle = attach(model, plan, backend=backend, check_finite=False)
-                else:
-                    handle.update(plan)
-                res = ev()
-                acc[i][j], cor[i][j] = res.accuracy, res.correct
-                if log:
-                    log(f"{method}: {row_name}={r} {col_name}={c}: {res.accuracy:.3f}")
-        finally:
-            if handle is not None:
-                handle.detach()
-    return SweepResult(method, row_name, col_name, list(rows), list(cols), acc, cor, n,
-                       None if van is None else van.accuracy, None if van is None else van.correct,
-                       time.perf_counter() - t0)
+def austeer_plan(loc: Localization, k: int, alpha: float, name: str | None = None, ties: str = "paper") -> SteeringPlan:
+    """AUSteer: global top-k by momentum score, adaptive gains a = 1 + γ (``ties``: see :func:`austeer_gammas`)."""
+    return build_plan(loc, k, alpha, name=name, ties=ties)

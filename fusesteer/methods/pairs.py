@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 from ..errors import FuseSteerError
 from ..evaluate import tasks
+from ..evaluate.generate import format_task
 
 __all__ = ["PairsError", "ContrastivePair", "make_pairs", "save_pairs", "load_pairs", "pair_token_ids",
            "NEGATIVE_MODES"]
@@ -59,16 +60,25 @@ class ContrastivePair:
 
 
 def make_pairs(records: Sequence[Mapping], kind: str | None = None, *, negatives: str = "random", seed: int = 0,
-               limit: int | None = None, chat_template: bool = False, tokenizer=None) -> list[ContrastivePair]:
+               limit: int | None = None, chat_template: bool = False, tokenizer=None,
+               template: str = "cloze") -> list[ContrastivePair]:
     """Contrastive pairs from yes/no or multiple-choice records (one pair per record with
     ``negatives="random"``; one per wrong choice with ``negatives="all"``).
 
     The wrong choice of record ``i`` is drawn with ``random.Random(f"{seed}:{id}")``, so a record's pair
     does not depend on which other records are in the list. ``limit`` caps the number of pairs returned.
     ``chat_template`` wraps the prompt in the tokenizer's chat template, as ``evaluate(chat_template=True)``.
+
+    ``template="letter"`` builds the AUSteer authors' pairs (the official protocol): the options listed in the
+    prompt (:func:`fusesteer.evaluate.generate.format_task`) and the answer token appended without a space —
+    ``prompt + "A"`` vs ``prompt + "C"``, ``prompt + "Yes"`` vs ``prompt + "No"``.
     """
     if negatives not in NEGATIVE_MODES:
         raise PairsError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
+    if template not in ("cloze", "letter"):
+        raise PairsError(f"template must be 'cloze' or 'letter', got {template!r}")
+    if template == "letter" and chat_template:
+        raise PairsError("the letter template is the authors' plain prompt; it does not take chat_template")
     if isinstance(records, Mapping) or not isinstance(records, Sequence) or not records:
         raise PairsError("make_pairs needs a non-empty list of task records")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -82,9 +92,14 @@ def make_pairs(records: Sequence[Mapping], kind: str | None = None, *, negatives
     for i, raw in enumerate(records):
         rec = tasks.validate_record(raw, kind, f"record {i}")
         rid = str(rec.get("id", i))
-        prompt = tasks.format_prompt(rec, kind, tokenizer=tokenizer, chat_template=chat_template)
-        choices = tasks.choice_texts(rec, kind, chat_template=chat_template)
-        gold = tasks.gold_index(rec, kind)
+        rec.setdefault("id", rid)
+        if template == "letter":
+            f = format_task(rec, kind, "letter")
+            prompt, choices, gold = f.prompt, list(f.continuations), f.gold
+        else:
+            prompt = tasks.format_prompt(rec, kind, tokenizer=tokenizer, chat_template=chat_template)
+            choices = tasks.choice_texts(rec, kind, chat_template=chat_template)
+            gold = tasks.gold_index(rec, kind)
         wrong = [j for j in range(len(choices)) if j != gold and choices[j] != choices[gold]]
         if not wrong:
             raise PairsError(f"record {rid!r}: every choice equals the right answer; no negative to build")
@@ -153,12 +168,4 @@ def pair_token_ids(tokenizer, pair: ContrastivePair, add_special_tokens: bool = 
 
 def right_padded(seqs, pad: int):
     """(ids, attention_mask) int64 [len(seqs), longest]: the token id lists left-aligned, padded with ``pad``."""
-    import torch
-
-    width = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, q in enumerate(seqs):
-        ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
-        mask[r, :len(q)] = 1
-    return ids, mask
+    return tasks.padded_batch(seqs, pad)

@@ -79,6 +79,10 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
                      backend: str = "torch") -> dict:
     """Baseline → (baseline-failed) → reference → per-prompt study for each mode/variant → plan files.
 
+    A prompt whose best trial does not beat no steering on the objective keeps no steering (an empty plan,
+    ``"kept": "unsteered"`` in its result; see :func:`~fusesteer.methods.fusion.search.optimize_prompt`);
+    ``summary["kept_unsteered"]`` counts those runs.
+
     Layout of ``out_dir``: ``baseline/<id>.json``, ``refs/<id>.<variant>.safetensors``,
     ``plans/<id>.<mode>.<variant>.safetensors``, ``results/<id>.<mode>.<variant>.json`` and, with the
     default storage, ``studies.db``. Every file is written atomically and only for its own record, so several
@@ -135,7 +139,9 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
                     pfile = out / "plans" / f"{sid}.{mode}.{variant}.safetensors"
                     pfile.parent.mkdir(parents=True, exist_ok=True)
                     plan.save(pfile)
-                    ans = res["best_attrs"].get("answer", "")
+                    kept_attrs = res["best_attrs"] if res["kept"] == "steered" else res["unsteered_attrs"]
+                    ans = kept_attrs.get("answer", "")
+                    res["kept_answer"] = ans
                     g = grade(rec["question"], ans, truths_of(rec), judge)
                     result = {"id": rid, "question": rec["question"], "truths": truths_of(rec), "mode": mode,
                               "variant": variant, "blend": blend, "gating": gating, "lam": lam, "ppl_cap": ppl_cap,
@@ -147,6 +153,7 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
                               "grade": g.to_dict(), **res}
                     write_json(out / "results" / f"{sid}.{mode}.{variant}.json", result)
                     entry["runs"].append({"mode": mode, "variant": variant, "best_value": res["best_value"],
+                                          "unsteered_value": res["unsteered_value"], "kept": res["kept"],
                                           "accurate": g.accurate, "answer": ans})
             summary["records"].append(entry)
             if bar is not None:
@@ -154,6 +161,8 @@ def optimize_records(model, tokenizer, records: Sequence[Mapping], out_dir, *, d
     finally:
         if bar is not None:
             bar.close()
+    runs = [r for e in summary["records"] for r in e["runs"]]
+    summary["kept_unsteered"] = [sum(r["kept"] == "unsteered" for r in runs), len(runs)]
     return summary
 
 
@@ -222,8 +231,8 @@ def evaluate_run(model, tokenizer, run_dir, *, records: Sequence[Mapping] | None
                 rows = [None] + list(plans)
                 gen = runner.generate(rows, h)
             item = {"id": rid, "question": question, "truths": truths, "arms": {},
-                    "optimizer_answers": {_arm_name(r["mode"], r["variant"]): r["best_attrs"].get("answer")
-                                          for r in rs}}
+                    "optimizer_answers": {_arm_name(r["mode"], r["variant"]):
+                                          r.get("kept_answer", r["best_attrs"].get("answer")) for r in rs}}
             for name, toks in zip(["baseline"] + list(plans), gen):
                 ans = extract_answer(runner.decode(toks))
                 item["arms"][name] = grade(question, ans, truths, judge).to_dict()
@@ -251,8 +260,14 @@ def evaluate_run(model, tokenizer, run_dir, *, records: Sequence[Mapping] | None
     consistent = sum(it["arms"][a]["answer"] == (it["optimizer_answers"].get(a) or "")
                      for it in items for a in it["optimizer_answers"] if a in it["arms"])
     total_opt = sum(1 for it in items for a in it["optimizer_answers"] if a in it["arms"])
+    kept_unsteered: dict[str, list[int]] = {}
+    for r in results:
+        k = kept_unsteered.setdefault(_arm_name(r["mode"], r["variant"]), [0, 0])
+        k[0] += r.get("kept") == "unsteered"
+        k[1] += 1
     return {
         "run": str(run), "n_prompts": len(items), "n_baseline_failed": len(failed),
+        "kept_unsteered": kept_unsteered,
         "max_new_tokens": max_new_tokens, "judge": getattr(judge, "name", type(judge).__name__),
         "average_params": {f"{m}/{v}": p for (m, v), p in avg_params.items()},
         "arms": arms, "summary_failed": summ(failed), "summary_all": summ(items), "comparisons": comparisons,

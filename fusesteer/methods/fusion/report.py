@@ -71,6 +71,10 @@ def write_report(report: Mapping, out_dir, stem: str = "fusion_eval", title: str
     if report.get("average_params"):
         lines += ["", "Dataset-average α/γ: " + "; ".join(
             f"{k}: " + ", ".join(f"{p}={v:.3f}" for p, v in ps.items()) for k, ps in report["average_params"].items())]
+    kept = report.get("kept_unsteered")
+    if kept:
+        lines += ["", "Prompts whose search kept no steering (no trial beat the unsteered answer on the objective; "
+                      "their arm answers unsteered): " + "; ".join(f"{a}: {k}/{n}" for a, (k, n) in kept.items())]
     rep = report.get("optimizer_answer_reproduced")
     if rep:
         lines += ["", f"Optimizer's best answers reproduced by the evaluation run: {rep[0]}/{rep[1]} "

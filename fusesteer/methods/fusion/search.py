@@ -63,17 +63,25 @@ class PromptSearch:
             names = self.slots[:len(chunk)]
             for nm, p in zip(names, chunk):
                 self.handle.update(nm, self.plan(p))
-            gen = self.runner.generate(names, self.handle)
-            nlls = self.runner.nll(gen, self.handle)
-            for toks, nll in zip(gen, nlls):
-                text = self.runner.decode(toks)
-                ans = extract_answer(text)
-                ov = token_overlap(ans, self.truths)
-                pn = normalized_perplexity(nll, self.ppl_cap)
-                rep = repetition_rate(toks) if self.repetition_guard else 0.0
-                value = objective_score(ov, nll, self.lam, self.ppl_cap, rep)
-                out.append((value, {"answer": ans, "overlap": ov, "nll": nll if math.isfinite(nll) else None,
-                                    "ppl_norm": pn, "repetition": rep, "n_tokens": len(toks)}))
+            out += self._score(names)
+        return out
+
+    def unsteered(self) -> tuple[float, dict]:
+        """The objective of no steering at all (the row routed to no plan), scored as every trial is."""
+        return self._score([None])[0]
+
+    def _score(self, rows) -> list[tuple[float, dict]]:
+        gen = self.runner.generate(rows, self.handle)
+        nlls = self.runner.nll(gen, self.handle)
+        out = []
+        for toks, nll in zip(gen, nlls):
+            ans = extract_answer(self.runner.decode(toks))
+            ov = token_overlap(ans, self.truths)
+            pn = normalized_perplexity(nll, self.ppl_cap)
+            rep = repetition_rate(toks) if self.repetition_guard else 0.0
+            value = objective_score(ov, nll, self.lam, self.ppl_cap, rep)
+            out.append((value, {"answer": ans, "overlap": ov, "nll": nll if math.isfinite(nll) else None,
+                                "ppl_norm": pn, "repetition": rep, "n_tokens": len(toks)}))
         return out
 
     def close(self) -> None:
@@ -102,7 +110,13 @@ def optimize_prompt(model, tokenizer, reference: Reference, truths: Sequence[str
                     storage=None, name: str | None = None, seed: int = 0, worker: int = 0,
                     fail_running: bool = False, progress: bool = True, position: int | None = None,
                     repetition_guard: bool = True, backend: str = "torch") -> dict:
-    """Search (α, γ) for one prompt; returns the best trial and its plan (``"plan"``, a SteeringPlan)."""
+    """Search (α, γ) for one prompt; returns the best trial and the plan kept (``"plan"``, a SteeringPlan).
+
+    No steering is always a candidate: it is scored on the same objective (``"unsteered_value"``), and unless
+    the best trial scores strictly above it the prompt keeps no steering — ``"kept"`` is ``"unsteered"``,
+    ``"plan"`` has no entries (its metadata still names the best trial) and ``"kept_value"`` is the unsteered
+    score. Otherwise ``"kept"`` is ``"steered"`` and ``"kept_value"`` the best trial's value.
+    """
     optuna = _optuna()
     name = name or study_name("adhoc", hashlib.sha256(reference.question.encode()).hexdigest()[:12], mode,
                               reference.variant, blend, gating)
@@ -116,8 +130,16 @@ def optimize_prompt(model, tokenizer, reference: Reference, truths: Sequence[str
                           worker=worker, progress=progress, position=position)
         best = study.best_trial
         plan = search.plan(best.params)
+        u_value, u_attrs = search.unsteered()
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    plan.metadata.update({"score": best.value, "study": name, "trial": best.number})
+    steered = best.value > u_value
+    if not steered:
+        meta = dict(plan.metadata)
+        plan = SteeringPlan(plan.spec, name=f"fusion-{mode}-unsteered", metadata=meta)
+    plan.metadata.update({"score": best.value, "study": name, "trial": best.number,
+                          "kept": "steered" if steered else "unsteered", "unsteered_score": u_value})
     return {"study": name, "n_complete": len(complete), "best_value": best.value, "best_params": dict(best.params),
             "best_trial": best.number, "best_attrs": dict(best.user_attrs), "plan": plan,
+            "kept": "steered" if steered else "unsteered", "kept_value": max(best.value, u_value),
+            "unsteered_value": u_value, "unsteered_attrs": u_attrs,
             "values": [t.value for t in sorted(complete, key=lambda t: t.number)]}
