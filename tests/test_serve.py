@@ -203,8 +203,7 @@ def test_upload_use_delete_while_another_request_decodes(env):
     text = first + "".join(ch.choices[0].text for ch in it)
     want = alone(env, tok(prompt)["input_ids"], env["plans"]["vec1"], 24)
     assert text == tok.decode(want, skip_special_tokens=True), "the request in flight was disturbed"
-    if srv.steerer.dynamic:
-        assert srv.steerer.handle is handle, "hot-loading re-attached (re-patched) the model"
+    assert srv.steerer.handle is handle, "hot-loading re-attached (re-patched) the model"
     # same name again: 409; delete; then it is gone
     assert httpx.post(srv.url + "/v1/steering/plans", params={"name": "fresh"}, content=blob).status_code == 409
     d = httpx.delete(srv.url + "/v1/steering/plans/fresh")
