@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusesteer.serve.kv import Batch, merge_batches, select_rows
+from fusesteer.serve.kv import Batch, merge_batches, select_rows, zero_padding
 from fusesteer.serve.requests import GenRequest, Status
 from fusesteer.serve.scheduler import Admission, Limits, Waiting, admit, queue_has_room, retry_after
 
@@ -139,6 +139,20 @@ def test_select_keeps_rows_and_cuts_common_padding():
     assert select_rows(kv, mask, [], []) == (None, None)
 
 
+def test_zero_padding_clears_pad_columns_only():
+    kv = [(torch.full((2, 1, 3, 2), float("nan")), torch.ones(2, 1, 3, 2))]
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = zero_padding(kv, mask)
+    assert out[0][0][0, :, 0].eq(0).all() and out[0][0][0, :, 1:].isnan().all() and out[0][1][0, :, 0].eq(0).all()
+    full = torch.ones(2, 3, dtype=torch.long)
+    assert zero_padding(kv, full) is kv
+    # finite pad entries give x * 0, bit for bit what the multiply-by-mask gave before (a signed zero);
+    # +-Inf gives 0 where x * 0 was NaN
+    k = torch.tensor([-1.5, 2.0, float("inf"), float("-inf")]).view(4, 1, 1, 1).expand(4, 1, 2, 1).contiguous()
+    out = zero_padding([(k, k)], torch.tensor([[0, 1]] * 4))[0][0][:, 0, 0, 0]
+    assert out.eq(0).all() and out.signbit().tolist() == [True, False, False, False]
+
+
 def test_batch_append_and_keep_through_a_real_cache():
     pytest.importorskip("transformers")
     from fusesteer.runtime.compat import cache_from_tensors, cache_tensors
@@ -151,6 +165,7 @@ def test_batch_append_and_keep_through_a_real_cache():
     assert b.mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]
     k = cache_tensors(b.cache)[0][0]
     assert torch.equal(k[1], first[0][0][1]) and torch.equal(k[2, :, 2:], second[0][0][0])
+    assert not k[0, :, 0].any()  # the pad column was zeroed on the way in
     assert b.next_mask().shape == (3, 5)
     b.keep([2], [2])
     assert b.mask.tolist() == [[1, 1]] and torch.equal(cache_tensors(b.cache)[1][1][0], second[1][1][0])

@@ -50,11 +50,18 @@ def select_rows(kv, mask, keep: list[int], n_cached: list[int]):
 
 
 def zero_padding(kv, mask):
-    """Multiply the pad columns of a freshly prefilled batch by 0."""
+    """Zero the pad columns of a freshly prefilled batch, so masked garbage (a pad token's steered activations
+    may be Inf/NaN) can never leak as 0 * NaN through an attention weight of zero. A finite pad entry becomes
+    ``x * 0`` (a signed zero, as before), a non-finite one 0; real columns are untouched."""
     if not bool((mask == 0).any()):
         return kv
-    m = mask[:, None, :, None].to(kv[0][0].dtype)
-    return [(k * m, v * m) for k, v in kv]
+    real = mask[:, None, :, None].bool()
+    m = real.to(kv[0][0].dtype)
+
+    def zero(t):
+        return torch.where(real, t, (t * m).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
+
+    return [(zero(k), zero(v)) for k, v in kv]
 
 
 class Batch:
