@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
@@ -106,6 +107,12 @@ def _token_ids(resp):
     return resp.choices[0].model_extra["token_ids"]
 
 
+def _forwards_over(srv, rows: int) -> float:
+    """Decode forwards so far with more than ``rows`` rows (``rows``: a bucket bound of fusesteer_batch_size)."""
+    m = srv.metrics
+    return m.value("fusesteer_batch_size_count") - m.value("fusesteer_batch_size_bucket", le=f"{float(rows)}")
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -151,8 +158,8 @@ def test_twelve_concurrent_requests_equal_alone(env):
              {"plan": "gains"}, None, {"plan": "vec0", "scale": 0.6}, [{"plan": "vec1", "scale": 0.5},
              {"plan": "gains", "scale": 0.5}], None, {"plan": "cv2"}, {"plan": "gains", "scale": 1.5},
              {"plan": "vec1"}]
-    steps0 = srv.metrics.steps
-    big0 = sum(srv.metrics.batch.counts[3:])  # decode forwards with more than 4 rows
+    steps0 = srv.metrics.value("fusesteer_batch_size_count")  # decode forwards so far
+    big0 = _forwards_over(srv, 4)
     results: dict[int, object] = {}
 
     def go(i):
@@ -165,8 +172,8 @@ def test_twelve_concurrent_requests_equal_alone(env):
     for t in threads:
         t.join(120)
     assert len(results) == 12
-    assert sum(srv.metrics.batch.counts[3:]) > big0, "requests were not batched together"
-    assert srv.metrics.steps - steps0 < 12 * N_TOK
+    assert _forwards_over(srv, 4) > big0, "requests were not batched together"
+    assert srv.metrics.value("fusesteer_batch_size_count") - steps0 < 12 * N_TOK
     outs = {}
     for i in range(12):
         ids = tok(PROMPTS[i])["input_ids"]
@@ -203,8 +210,7 @@ def test_upload_use_delete_while_another_request_decodes(env):
     text = first + "".join(ch.choices[0].text for ch in it)
     want = alone(env, tok(prompt)["input_ids"], env["plans"]["vec1"], 24)
     assert text == tok.decode(want, skip_special_tokens=True), "the request in flight was disturbed"
-    if srv.steerer.dynamic:
-        assert srv.steerer.handle is handle, "hot-loading re-attached (re-patched) the model"
+    assert srv.steerer.handle is handle, "hot-loading re-attached (re-patched) the model"
     # same name again: 409; delete; then it is gone
     assert httpx.post(srv.url + "/v1/steering/plans", params={"name": "fresh"}, content=blob).status_code == 409
     d = httpx.delete(srv.url + "/v1/steering/plans/fresh")
@@ -364,7 +370,7 @@ def test_full_queue_429_and_disconnect_frees_the_row(tiny):
     while eng.active and time.monotonic() - t0 < 5:
         time.sleep(0.01)
     assert eng.active == 0 and eng.queued == 0
-    assert tiny.metrics.requests.get(("completions", "none", "cancelled"), 0) >= 1
+    assert tiny.metrics.value("fusesteer_requests_total", endpoint="completions", plan="none", status="cancelled") >= 1
 
 
 def test_cli_verb_has_help():

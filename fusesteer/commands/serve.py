@@ -49,6 +49,7 @@ def register(sub, fmt):
 def run(args) -> int:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise FuseSteerError(f"fusesteer serve needs the serve extra ({e.name} is missing): "

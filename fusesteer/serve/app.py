@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PlanError
-from .engine import Engine, GenRequest, QueueFull
+from .engine import Engine, QueueFull
 from .metrics import Metrics
 from .protocol import (
     MAX_BODY_BYTES,
@@ -40,6 +40,7 @@ from .protocol import (
     sse,
 )
 from .registry import PlanRegistry, PlanTooLarge, Steering, SteeringSpecError, effective_plan, parse_steering
+from .requests import GenRequest
 
 log = logging.getLogger("fusesteer.serve")
 
@@ -57,6 +58,13 @@ class ServerConfig:
 
 class _ClientGone(Exception):
     pass
+
+
+@dataclass
+class _Poll:
+    """When this response last asked whether its client is still there."""
+
+    checked_at: float = 0.0
 
 
 def max_token_chars(tok) -> int:
@@ -204,12 +212,12 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                          endpoint=endpoint, plan=plan)
         return req, params
 
-    async def _next(q: asyncio.Queue, request: Request, req: GenRequest):
+    async def _next(q: asyncio.Queue, request: Request, poll: _Poll):
         """Next engine event; raises _ClientGone if the client went away (checked at least every
         DISCONNECT_POLL_S, also while events keep coming)."""
         now = time.monotonic()
-        if now - req.disconnect_checked_at >= DISCONNECT_POLL_S:
-            req.disconnect_checked_at = now
+        if now - poll.checked_at >= DISCONNECT_POLL_S:
+            poll.checked_at = now
             if await request.is_disconnected():
                 raise _ClientGone()
         get = asyncio.ensure_future(q.get())
@@ -218,7 +226,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                 done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
                 if done:
                     return get.result()
-                req.disconnect_checked_at = time.monotonic()
+                poll.checked_at = time.monotonic()
                 if await request.is_disconnected():
                     raise _ClientGone()
         finally:
@@ -254,6 +262,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                            code="queue_full",
                            headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
         shape = Shape(chat=chat, model=config.model_name)
+        poll = _Poll()
         text = TextStream(tokenizer, params.stop, params.sampling.min_tokens)
 
         def cancel(reason="cancelled"):
@@ -268,7 +277,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
 
         # wait for the first event before answering, so failures at the prompt get a real status code
         try:
-            first = await _next(q, request, req)
+            first = await _next(q, request, poll)
         except _ClientGone:
             return gone()
         except asyncio.CancelledError:
@@ -297,7 +306,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                         break
                     else:
                         raise _error_from_event(ev)
-                    ev = await _next(q, request, req)
+                    ev = await _next(q, request, poll)
             except _ClientGone:
                 return gone()
             except asyncio.CancelledError:
@@ -330,7 +339,7 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                     else:
                         yield sse(_error_from_event(ev).body())
                         break
-                    ev = await _next(q, request, req)
+                    ev = await _next(q, request, poll)
                 if params.include_usage:
                     yield sse(shape.usage_chunk(usage()))
                 yield SSE_DONE

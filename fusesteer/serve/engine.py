@@ -3,10 +3,12 @@
 One engine thread owns the model. Every iteration it
 
 1. drops cancelled requests (their rows leave the batch at once),
-2. admits waiting requests (FIFO) while rows are free, makes sure their effective plans are in the plan
-   table (added between two forwards: requests in flight are not touched),
+2. admits waiting requests (``scheduler.admit``: FIFO while rows are free, under the prefill token cap, with
+   plan-slot back-pressure), makes sure their effective plans are in the plan table (added between two
+   forwards: requests in flight are not touched),
 3. prefills the admitted requests in one left-padded forward (prompt phase) and samples their first token,
-4. merges their KV cache into the running batch (left padding, so every row ends at the same column),
+4. merges their KV cache into the running batch (``kv.Batch``; left padding, so every row ends at the same
+   column),
 5. runs one decode forward for every row (generated phase) and samples the next token of each row.
 
 Each row carries its own plan (``Steerer.prepare`` routes it) and its own prompt length; position ids are
@@ -21,26 +23,24 @@ used; see the README's "Server" section for why.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import PlanError
 from ..runtime.compat import with_cache
+from . import scheduler
+from .kv import Batch, new_cache
 from .metrics import Metrics
 from .registry import Steering, effective_plan
-from .sampling import RowSampler, Sampling, sample
+from .requests import GenRequest, Row, Status
+from .sampling import RowSampler, sample
 from .steer import CapacityFull, Steerer
 
 log = logging.getLogger("fusesteer.serve")
-
-_ids = itertools.count(1)
 
 
 class QueueFull(RuntimeError):
@@ -49,127 +49,22 @@ class QueueFull(RuntimeError):
         self.retry_after = retry_after
 
 
-@dataclass(eq=False)
-class GenRequest:
-    """One generation. ``sink`` receives events from the engine thread:
-    ("token", id), ("finish", reason), ("error", http_status, message, code)."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    sink: Callable[[tuple], None]
-    steering: Steering = field(default_factory=Steering)
-    sampling: Sampling = field(default_factory=Sampling)
-    eos_ids: frozenset = frozenset()
-    plan: object = None  # the steering's effective plan, when the HTTP layer composed it already (off this thread)
-    endpoint: str = "completions"
-    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    # engine-owned
-    generated: list = field(default_factory=list)
-    cancelled: bool = False
-    done: bool = False
-    t_arrival: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    t_last: float | None = None
-    finish_reason: str | None = None
-    disconnect_checked_at: float = 0.0  # HTTP layer: when it last asked whether the client is still there
-
-    cancel_reason: str = "cancelled"
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Stop generating (client gone: "cancelled"; a stop string was seen: "stop"). Any thread."""
-        self.cancel_reason = reason
-        self.cancelled = True
-
-
-@dataclass(eq=False)
-class _Row:
-    req: GenRequest
-    key: str | None  # effective plan key (None = unsteered)
-    prompt_len: int
-    n_cached: int  # real tokens in the KV cache for this row
-    pending: int  # sampled token not yet fed to the model
-    sampler: RowSampler
-
-
-# --------------------------------------------------------------------------------------------------
-# KV cache helpers (DynamicCache with full layers: [batch, heads, time, dim] keys/values per layer)
-
-
-def _new_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _cache_from(kv) -> object:
-    """A DynamicCache holding these per-layer tensors (no copy: each layer is created empty, then given them)."""
-    c = _new_cache()
-    for i, (k, v) in enumerate(kv):
-        c.update(k[:, :, :0], v[:, :, :0], i)
-        layer = c.layers[i]
-        layer.keys, layer.values = k, v
-    return c
-
-
-def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def merge_batches(kv_a, mask_a, kv_b, mask_b):
-    """Concatenate two left-padded batches along the batch dimension (left-padding the shorter one)."""
-    if kv_a is None:
-        return kv_b, mask_b
-    ta, tb = mask_a.shape[1], mask_b.shape[1]
-    t = max(ta, tb)
-    kv = [(torch.cat([_left_pad(ka, t - ta, 2), _left_pad(kb, t - tb, 2)]),
-           torch.cat([_left_pad(va, t - ta, 2), _left_pad(vb, t - tb, 2)]))
-          for (ka, va), (kb, vb) in zip(kv_a, kv_b)]
-    return kv, torch.cat([_left_pad(mask_a, t - ta, 1), _left_pad(mask_b, t - tb, 1)])
-
-
-def select_rows(kv, mask, keep: list[int], n_cached: list[int]):
-    """Keep batch rows ``keep`` and cut the leading columns that are padding in every kept row."""
-    if not keep:
-        return None, None
-    t = mask.shape[1]
-    cut = t - max(n_cached)
-    idx = torch.tensor(keep, device=mask.device)
-    full = len(keep) == mask.shape[0]
-    kv = [((k if full else k.index_select(0, idx))[:, :, cut:], (v if full else v.index_select(0, idx))[:, :, cut:])
-          for k, v in kv]
-    mask = (mask if full else mask.index_select(0, idx))[:, cut:]
-    return kv, mask
-
-
-# --------------------------------------------------------------------------------------------------
-
-
 class Engine:
     def __init__(self, model, steerer: Steerer, metrics: Metrics | None = None, max_batch: int = 32,
-                 max_queue: int = 256, max_prefill_tokens: int = 4096, idle_plan_cache: int = 8):
+                 max_queue: int = 256, max_prefill_tokens: int = 4096):
         self.model = model
         self.steerer = steerer
         self.metrics = metrics or Metrics()
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.max_prefill_tokens = int(max_prefill_tokens)
-        self.idle_plan_cache = int(idle_plan_cache)
         self.device = next(model.parameters()).device
         self._cv = threading.Condition()
-        self._waiting: deque[GenRequest] = deque()
-        self._rows: list[_Row] = []
+        self._waiting: deque[GenRequest] = deque()  # Status.QUEUED
+        self._admitting: list[Row] = []  # Status.ADMITTED (failed too if a step breaks)
+        self._rows: list[Row] = []  # Status.RUNNING, in the order of the batch's cache rows
+        self._batch = Batch()
         self._preload: list[tuple] = []  # (Steering, effective plan or None)
-        self._admitting: list[_Row] = []  # admitted, not yet merged into the batch (failed too if a step breaks)
-        self._cache = None  # DynamicCache of the running rows (left-padded, all rows end at the last column)
-        self._mask = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -196,13 +91,10 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
-            # a request that a free row takes at the next step does not wait: max_queue counts the others
-            # (so 0 means "429 as soon as every row is busy")
-            free = max(0, self.max_batch - len(self._rows) - len(self._admitting))
-            if len(self._waiting) >= self.max_queue + free:
-                # rough time until a row frees up: the mean remaining tokens of running rows times a step
-                retry = max(1.0, min(60.0, self.step_time_ema * 16))
-                raise QueueFull(retry)
+            busy = len(self._rows) + len(self._admitting)
+            if not scheduler.queue_has_room(len(self._waiting), busy, self.max_batch, self.max_queue):
+                raise QueueFull(scheduler.retry_after(self.step_time_ema))
+            req.status = Status.QUEUED
             self._waiting.append(req)
             self._cv.notify_all()
         self._gauges()
@@ -213,17 +105,6 @@ class Engine:
         with self._cv:
             self._preload.append((steering, plan))
             self._cv.notify_all()
-
-    def _do_preloads(self) -> None:
-        with self._cv:
-            todo, self._preload = self._preload, []
-        for st, plan in todo:
-            if st.key is None or self.steerer.has(st.key):
-                continue
-            try:
-                self.steerer.ensure({st.key: plan if plan is not None else effective_plan(st)}, self._in_use())
-            except (CapacityFull, PlanError) as e:  # best effort: the first request adds it otherwise
-                log.info("preloading %s skipped: %s", st.label, e)
 
     def wake(self) -> None:
         with self._cv:
@@ -255,8 +136,20 @@ class Engine:
                     for r in self._rows + self._admitting:
                         self._fail(r.req, 500, f"internal error in the generation step: {type(e).__name__}: {e}",
                                    "internal_error")
-                    self._rows, self._admitting, self._cache, self._mask = [], [], None, None
+                    self._rows, self._admitting = [], []
+                    self._batch.clear()
                 self._gauges()
+
+    def _do_preloads(self) -> None:
+        with self._cv:
+            todo, self._preload = self._preload, []
+        for st, plan in todo:
+            if st.key is None or self.steerer.has(st.key):
+                continue
+            try:
+                self.steerer.ensure({st.key: plan if plan is not None else effective_plan(st)}, self._in_use())
+            except (CapacityFull, PlanError) as e:  # best effort: the first request adds it otherwise
+                log.info("preloading %s skipped: %s", st.label, e)
 
     def _gauges(self) -> None:
         m = self.metrics
@@ -269,12 +162,13 @@ class Engine:
             req.sink(ev)
         except Exception:
             log.exception("request %s: event sink failed", req.id)
-            req.cancelled = True
+            if req.cancel_reason is None:
+                req.cancel()
 
     def _fail(self, req: GenRequest, status: int, message: str, code: str) -> None:
         if req.done:
             return
-        req.done = True
+        req.status = Status.FINISHED
         req.finish_reason = "error"
         self.metrics.count_request(req.endpoint, req.steering.label, code)
         self._emit(req, ("error", status, message, code))
@@ -282,12 +176,12 @@ class Engine:
     def _finish(self, req: GenRequest, reason: str) -> None:
         if req.done:
             return
-        req.done = True
+        req.status = Status.FINISHED
         req.finish_reason = reason
         self.metrics.count_request(req.endpoint, req.steering.label, "cancelled" if reason == "cancelled" else "ok")
         self._emit(req, ("finish", reason))
 
-    def _token(self, row: _Row, tok: int, now: float) -> bool:
+    def _token(self, row: Row, tok: int, now: float) -> bool:
         """Record a sampled token; True if the request is finished."""
         req = row.req
         req.generated.append(tok)
@@ -310,32 +204,29 @@ class Engine:
     def _in_use(self) -> set:
         return {r.key for r in self._rows if r.key is not None}
 
-    def _admit(self) -> list[_Row]:
-        """Pop the waiting requests that fit now; make their plans available."""
-        new: list[_Row] = []
-        longest = 0
+    def _admit(self) -> list[Row]:
+        """Take the waiting requests that :func:`scheduler.admit` lets start now; make their plans available."""
+        limits = scheduler.Limits(self.max_batch, self.max_prefill_tokens, self.steerer.capacity)
         with self._cv:
-            cand = []
-            while self._waiting and len(self._rows) + len(cand) < self.max_batch:
-                req = self._waiting[0]
-                if req.cancelled:
-                    self._waiting.popleft()
-                    self._finish(req, req.cancel_reason)
-                    continue
-                n = len(req.prompt_ids)
-                if cand and (len(cand) + 1) * max(longest, n) > self.max_prefill_tokens:
-                    break
-                longest = max(longest, n)
-                cand.append(self._waiting.popleft())
-        for req in cand:
+            queue = list(self._waiting)
+            adm = scheduler.admit([scheduler.Waiting(len(r.prompt_ids), r.steering.key, r.cancelled) for r in queue],
+                                  len(self._rows), self._in_use(), limits)
+            for i in adm.drop:
+                self._finish(queue[i], queue[i].cancel_reason)
+            if adm.take or adm.drop:
+                gone = set(adm.take) | set(adm.drop)
+                self._waiting = deque(r for i, r in enumerate(queue) if i not in gone)
+        new: list[Row] = []
+        back: list[GenRequest] = []
+        for req in (queue[i] for i in adm.take):
+            req.status = Status.ADMITTED
             key = req.steering.key
             if key is not None and not self.steerer.has(key):
                 try:
                     plan = req.plan if req.plan is not None else effective_plan(req.steering)
                     self.steerer.ensure({key: plan}, self._in_use() | {r.key for r in new if r.key})
-                except CapacityFull:
-                    with self._cv:  # try again once rows free up; keep its place in the queue
-                        self._waiting.appendleft(req)
+                except CapacityFull:  # the plan table refused it: try again once rows free up, in its place
+                    back.append(req)
                     continue
                 except PlanError as e:
                     self._fail(req, 400, f"steering {req.steering.label!r} cannot be applied: {e}", "invalid_steering")
@@ -343,12 +234,17 @@ class Engine:
             elif key is not None:
                 self.steerer.touch(key)
             n = len(req.prompt_ids)
-            new.append(_Row(req, key, n, 0, -1, RowSampler(req.sampling, req.prompt_ids, req.eos_ids)))
+            new.append(Row(req, key, n, 0, -1, RowSampler(req.sampling, req.prompt_ids, req.eos_ids)))
             self.metrics.count_tokens(req.steering.label, "prompt", n)
+        if back:
+            with self._cv:
+                for req in reversed(back):
+                    req.status = Status.QUEUED
+                    self._waiting.appendleft(req)
         return new
 
-    def _forward(self, rows: list[_Row], input_ids, mask, pos, cache, phase: str):
-        self.steerer.prepare([r.key for r in rows], [r.prompt_len for r in rows], phase)
+    def _forward(self, rows: list[Row], input_ids, mask, pos, cache):
+        self.steerer.prepare([r.key for r in rows], [r.prompt_len for r in rows])
         t0 = time.perf_counter()
         out = self.model(**with_cache(self.model, cache, input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                       use_cache=True, logits_to_keep=1))
@@ -356,7 +252,7 @@ class Engine:
         self.metrics.add_time("forward", time.perf_counter() - t0)
         return logits
 
-    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:
+    def _sample_rows(self, rows: list[Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:
         """Sample one token per row; returns per-row 'finished' (incl. failed). A row whose logits are not
         finite, or that cannot be sampled with its parameters, fails alone."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
@@ -406,26 +302,23 @@ class Engine:
         # 5. one decode step for every row
         if self._rows:
             rows = self._rows
-            b = len(rows)
             ids = torch.tensor([[r.pending] for r in rows], device=self.device)
-            mask = torch.cat([self._mask, self._mask.new_ones(b, 1)], dim=1)
+            mask = self._batch.next_mask()
             pos = torch.tensor([[r.n_cached] for r in rows], device=self.device)
-            logits = self._forward(rows, ids, mask, pos, self._cache, "generated")
-            self.metrics.observe_batch(b)
-            self._mask = mask
+            logits = self._forward(rows, ids, mask, pos, self._batch.cache)
+            self.metrics.observe_batch(len(rows))
+            self._batch.mask = mask
             for r in rows:
                 r.n_cached += 1
             done = self._sample_rows(rows, logits, time.perf_counter(), "generated")
             if any(done):
                 self._drop([i for i, d in enumerate(done) if d])
             self.steps += 1
-        if not self._rows:
-            self.steerer.release_unused(set(), self.idle_plan_cache)
         dt = time.perf_counter() - t0
         self.metrics.add_time("step", dt)
         self.step_time_ema = 0.9 * self.step_time_ema + 0.1 * dt
 
-    def _prefill(self, new: list[_Row]) -> None:
+    def _prefill(self, new: list[Row]) -> None:
         p = max(len(r.req.prompt_ids) for r in new)
         ids = torch.full((len(new), p), 0, dtype=torch.long)
         mask = torch.zeros((len(new), p), dtype=torch.long)
@@ -435,21 +328,17 @@ class Engine:
             mask[i, p - n:] = 1
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-        cache = _new_cache()
-        logits = self._forward(new, ids, mask, pos, cache, "prompt")
-        kv = _kv(cache)
-        if bool((mask == 0).any()):  # zero the pad columns so masked garbage can never leak as 0 * NaN
-            m = mask[:, None, :, None].to(kv[0][0].dtype)
-            kv = [(k * m, v * m) for k, v in kv]
+        cache = new_cache()
+        logits = self._forward(new, ids, mask, pos, cache)
         for r in new:
             r.n_cached = len(r.req.prompt_ids)
         done = self._sample_rows(new, logits, time.perf_counter(), "prompt")
         keep = [i for i, d in enumerate(done) if not d]
         if not keep:
             return
-        kv, mask = select_rows(kv, mask, keep, [new[i].n_cached for i in keep])
-        kv, self._mask = merge_batches(None if self._cache is None else _kv(self._cache), self._mask, kv, mask)
-        self._cache = _cache_from(kv)
+        self._batch.append(cache, mask, keep, [new[i].n_cached for i in keep])
+        for i in keep:
+            new[i].req.status = Status.RUNNING
         self._rows = self._rows + [new[i] for i in keep]
 
     def _drop(self, idx: list[int]) -> None:
@@ -460,6 +349,5 @@ class Engine:
                 self._finish(r.req, r.req.cancel_reason)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         rows = [self._rows[i] for i in keep]
-        kv, self._mask = select_rows(_kv(self._cache), self._mask, keep, [r.n_cached for r in rows])
-        self._cache = None if kv is None else _cache_from(kv)
+        self._batch.keep(keep, [r.n_cached for r in rows])
         self._rows = rows

@@ -1,116 +1,88 @@
-"""Prometheus text-format metrics for the server, with no dependency: counters, gauges and histograms."""
+"""The server's Prometheus metrics, kept and written by ``prometheus_client`` in a registry of the server's own
+(several servers in one process do not share counters).
+
+The exposition has the series the hand-written one had: same names, labels, help texts and bucket bounds. What
+``prometheus_client`` writes differently: numbers as floats (``2.0``, not ``2``), bucket bounds in Go's float
+form (``le="1.0"``, not ``le="1"``; Prometheus 3 normalizes both to the same series), and series in the order
+they were first written rather than sorted. Its ``*_created`` samples (creation timestamps) are left out, so
+no series is added.
+"""
 
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-
-def _esc(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: tuple, values: tuple) -> str:
-    if not names:
-        return ""
-    return "{" + ",".join(f'{n}="{_esc(v)}"' for n, v in zip(names, values)) + "}"
+GAUGES = {"active_requests": "Requests holding a batch row.",
+          "plans_attached": "Effective plans held in the model's plan table.",
+          "plans_loaded": "Plans in the registry.",
+          "queued_requests": "Requests waiting for a batch row."}
 
 
-class _Hist:
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.n = 0
+class _WithoutCreated:
+    """A registry's metrics without their ``*_created`` samples."""
 
-    def observe(self, v: float) -> None:
-        self.counts[bisect_left(self.buckets, v)] += 1
-        self.sum += v
-        self.n += 1
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        for metric in self.registry.collect():  # fresh objects on every collect: safe to trim
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class Metrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple, int] = {}  # (endpoint, plan, status) -> n
-        self.tokens: dict[tuple, int] = {}  # (plan, kind) -> n
-        self.ttft = _Hist(LATENCY_BUCKETS)
-        self.itl = _Hist(LATENCY_BUCKETS)
-        self.batch = _Hist(BATCH_BUCKETS)
-        self.gauges: dict[str, float] = {"active_requests": 0, "queued_requests": 0, "plans_loaded": 0,
-                                         "plans_attached": 0}
-        self.steps = 0
-        self.seconds: dict[str, float] = {"step": 0.0, "forward": 0.0}
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._requests = Counter("fusesteer_requests", "Finished requests by endpoint, steering plan and outcome.",
+                                 ("endpoint", "plan", "status"), registry=r)
+        self._tokens = Counter("fusesteer_tokens", "Prompt and generated tokens by steering plan.", ("plan", "kind"),
+                               registry=r)
+        self._gauges = {g: Gauge(f"fusesteer_{g}", help_, registry=r) for g, help_ in GAUGES.items()}
+        self._seconds = Counter("fusesteer_engine_seconds", "Engine thread time: whole steps, and model forwards "
+                                "within them (the rest is scheduling, KV bookkeeping and sampling).", ("part",),
+                                registry=r)
+        for part in ("forward", "step"):
+            self._seconds.labels(part)  # both series exist (at 0) before the first step
+        self._batch = Histogram("fusesteer_batch_size", "Rows in each decode forward.", buckets=BATCH_BUCKETS,
+                                registry=r)
+        self._ttft = Histogram("fusesteer_time_to_first_token_seconds", "Arrival to first generated token.",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self._itl = Histogram("fusesteer_inter_token_latency_seconds", "Time between consecutive tokens.",
+                              buckets=LATENCY_BUCKETS, registry=r)
 
+    # ---- events (any thread) ---------------------------------------------------------------------
     def add_time(self, what: str, s: float) -> None:
-        with self._lock:
-            self.seconds[what] = self.seconds.get(what, 0.0) + s
+        self._seconds.labels(what).inc(s)
 
     def count_request(self, endpoint: str, plan: str, status: str) -> None:
-        with self._lock:
-            k = (endpoint, plan, status)
-            self.requests[k] = self.requests.get(k, 0) + 1
+        self._requests.labels(endpoint, plan, status).inc()
 
     def count_tokens(self, plan: str, kind: str, n: int) -> None:
-        if n <= 0:
-            return
-        with self._lock:
-            k = (plan, kind)
-            self.tokens[k] = self.tokens.get(k, 0) + n
+        if n > 0:
+            self._tokens.labels(plan, kind).inc(n)
 
     def observe_ttft(self, s: float) -> None:
-        with self._lock:
-            self.ttft.observe(s)
+        self._ttft.observe(s)
 
     def observe_itl(self, s: float) -> None:
-        with self._lock:
-            self.itl.observe(s)
+        self._itl.observe(s)
 
     def observe_batch(self, n: int) -> None:
-        with self._lock:
-            self.batch.observe(n)
-            self.steps += 1
+        self._batch.observe(n)
 
     def set_gauge(self, name: str, v: float) -> None:
-        with self._lock:
-            self.gauges[name] = v
+        self._gauges[name].set(v)
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def value(self, sample: str, **labels) -> float:
+        """One sample's value (0 if it has not been written), e.g. ``value("fusesteer_batch_size_count")`` or
+        ``value("fusesteer_requests_total", endpoint="chat", plan="none", status="ok")``."""
+        v = self.registry.get_sample_value(sample, {k: str(x) for k, x in labels.items()})
+        return 0.0 if v is None else v
 
     def render(self) -> str:
-        out: list[str] = []
-        with self._lock:
-            out += ["# HELP fusesteer_requests_total Finished requests by endpoint, steering plan and outcome.",
-                    "# TYPE fusesteer_requests_total counter"]
-            for (ep, plan, st), n in sorted(self.requests.items()):
-                out.append(f"fusesteer_requests_total{_labels(('endpoint', 'plan', 'status'), (ep, plan, st))} {n}")
-            out += ["# HELP fusesteer_tokens_total Prompt and generated tokens by steering plan.",
-                    "# TYPE fusesteer_tokens_total counter"]
-            for (plan, kind), n in sorted(self.tokens.items()):
-                out.append(f"fusesteer_tokens_total{_labels(('plan', 'kind'), (plan, kind))} {n}")
-            helps = {"active_requests": "Requests holding a batch row.",
-                     "queued_requests": "Requests waiting for a batch row.",
-                     "plans_loaded": "Plans in the registry.",
-                     "plans_attached": "Effective plans held in the model's plan table."}
-            for g, v in sorted(self.gauges.items()):
-                out += [f"# HELP fusesteer_{g} {helps.get(g, g)}", f"# TYPE fusesteer_{g} gauge",
-                        f"fusesteer_{g} {v:g}"]
-            out += ["# HELP fusesteer_engine_seconds_total Engine thread time: whole steps, and model forwards "
-                    "within them (the rest is scheduling, KV bookkeeping and sampling).",
-                    "# TYPE fusesteer_engine_seconds_total counter"]
-            for what, v in sorted(self.seconds.items()):
-                out.append(f'fusesteer_engine_seconds_total{{part="{_esc(what)}"}} {v:.6f}')
-            for name, h, help_ in (
-                    ("fusesteer_batch_size", self.batch, "Rows in each decode forward."),
-                    ("fusesteer_time_to_first_token_seconds", self.ttft, "Arrival to first generated token."),
-                    ("fusesteer_inter_token_latency_seconds", self.itl, "Time between consecutive tokens.")):
-                out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-                cum = 0
-                for b, c in zip(h.buckets, h.counts):
-                    cum += c
-                    out.append(f'{name}_bucket{{le="{b:g}"}} {cum}')
-                out.append(f'{name}_bucket{{le="+Inf"}} {h.n}')
-                out.append(f"{name}_sum {h.sum:.6f}")
-                out.append(f"{name}_count {h.n}")
-        return "\n".join(out) + "\n"
+        """The Prometheus text exposition (format 0.0.4)."""
+        return generate_latest(_WithoutCreated(self.registry)).decode()

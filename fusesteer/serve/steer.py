@@ -1,18 +1,14 @@
 """The engine's view of the steering runtime: one attachment for the server's lifetime, plans added and
 removed between forward passes, per-row routing and per-row prompt lengths set before each forward.
 
-With the capacity API of :func:`fusesteer.attach` (``capacity=N, sites="all"``) every (layer, site) is
-patched once at start-up and the plan table has N plan slots reserved up front, so a plan uploaded while
-others decode is written into a free slot: nothing is re-patched and a compiled model sees the same
-tensors. On a runtime without that API the adapter falls back to detaching and attaching again between
-two forwards when the set of plans in use changes (correct, since the KV cache does not depend on the
-attachment, but it re-patches), and encodes the phase of a forward in one global prompt length (every
-forward the engine runs is all-prompt or all-generated).
+The attachment uses the capacity API of :func:`fusesteer.attach` (``capacity=N, sites="all"``): every
+(layer, site) is patched once at start-up and the plan table has N plan slots reserved up front, so a plan
+uploaded while others decode is written into a free slot: nothing is re-patched and a compiled model sees the
+same tensors. When every slot is taken, the least recently used plan no running request uses is removed.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import OrderedDict
 
@@ -23,33 +19,22 @@ from ..runtime.plan import SteeringPlan
 
 log = logging.getLogger("fusesteer.serve")
 
-_ALL_PROMPT = 1 << 40  # a prompt length no position reaches: every token is a prompt token
-
 
 class CapacityFull(RuntimeError):
     """Every plan slot holds a plan some running request uses."""
 
 
-def resolve_backend(backend: str, model) -> str:
-    """The runtime's rule with per-row plans: 'auto' -> triton on CUDA (when importable), torch otherwise,
-    reference hooks on a model without a family adapter; folding cannot serve per-row plans."""
-    return resolve(backend, model, per_row=True)
-
-
 class Steerer:
     def __init__(self, model, backend: str = "auto", capacity: int = 16):
         self.model = model
-        self.backend = resolve_backend(backend, model)
+        # the runtime's one rule, with per-row plans: 'auto' -> triton on CUDA (when importable), torch otherwise,
+        # reference hooks on a model without a family adapter; folding cannot serve per-row plans
+        self.backend = resolve(backend, model, per_row=True)
         self.capacity = int(capacity)
-        params = inspect.signature(attach).parameters
-        self.dynamic = "capacity" in params
-        self._kw = {"check_finite": False} if "check_finite" in params else {}
         self.held: OrderedDict[str, SteeringPlan] = OrderedDict()  # key -> plan, least recently used first
-        self.handle = None
-        if self.dynamic:
-            self.handle = attach(model, {}, backend=self.backend, capacity=self.capacity, sites="all", **self._kw)
-        log.info("steering runtime: backend %s, %s, %d plan slots", self.backend,
-                 "capacity API (no re-patching)" if self.dynamic else "re-attach fallback", self.capacity)
+        self.handle = attach(model, {}, backend=self.backend, capacity=self.capacity, sites="all",
+                             check_finite=False)
+        log.info("steering runtime: backend %s, %d plan slots", self.backend, self.capacity)
 
     # ---- plans -----------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -70,55 +55,28 @@ class Steerer:
         keep = set(in_use) | set(wanted)
         if len(keep) > self.capacity:
             raise CapacityFull(f"{len(keep)} plans needed at once, {self.capacity} slots")
-        if self.dynamic:
-            for key, plan in missing.items():
-                while len(self.held) >= self.capacity:
-                    victim = next((k for k in self.held if k not in keep), None)
-                    if victim is None:
-                        raise CapacityFull(f"all {self.capacity} plan slots are in use")
-                    self.handle.route([None])  # the last forward's routing may still name it
-                    self.handle.remove_plan(victim)
-                    del self.held[victim]
-                try:
-                    self.handle.add_plan(key, plan)
-                except AttachError as e:
-                    raise CapacityFull(str(e)) from None
-                self.held[key] = plan
-            return
-        # fallback: one attachment holding exactly the plans to keep
-        plans = OrderedDict((k, self.held[k]) for k in self.held if k in keep)
-        plans.update(missing)
-        self._reattach(plans)
-
-    def _reattach(self, plans: OrderedDict[str, SteeringPlan]) -> None:
-        if self.handle is not None:
-            self.handle.detach()
-            self.handle = None
-        self.held = OrderedDict()
-        if plans:
-            self.handle = attach(self.model, dict(plans), backend=self.backend, **self._kw)
-            self.held = plans
-
-    def release_unused(self, in_use: set[str], keep_cached: int) -> None:
-        """Fallback mode only: drop plans no row uses once more than ``keep_cached`` idle ones pile up."""
-        if self.dynamic:
-            return
-        idle = [k for k in self.held if k not in in_use]
-        if len(idle) > keep_cached:
-            self._reattach(OrderedDict((k, p) for k, p in self.held.items() if k in in_use))
+        for key, plan in missing.items():
+            while len(self.held) >= self.capacity:
+                victim = next((k for k in self.held if k not in keep), None)
+                if victim is None:
+                    raise CapacityFull(f"all {self.capacity} plan slots are in use")
+                self.handle.route([None])  # the last forward's routing may still name it
+                self.handle.remove_plan(victim)
+                del self.held[victim]
+            try:
+                self.handle.add_plan(key, plan)
+            except AttachError as e:
+                raise CapacityFull(str(e)) from None
+            self.held[key] = plan
 
     # ---- per forward -----------------------------------------------------------------------------
-    def prepare(self, row_keys: list, prompt_lens: list[int], phase: str) -> None:
-        """Route the rows of the next forward and set their prompt lengths (``phase`` is what every token of
-        the forward is: "prompt" for a prefill, "generated" for a decode step)."""
+    def prepare(self, row_keys: list, prompt_lens: list[int]) -> None:
+        """Route the rows of the next forward (a plan key or None per row) and set their prompt lengths."""
         h = self.handle
         if h is None:
             return
         h.route(list(row_keys))
-        if self.dynamic:
-            h.set_prompt_length([int(n) for n in prompt_lens])
-        else:
-            h.set_prompt_length(_ALL_PROMPT if phase == "prompt" else 0)
+        h.set_prompt_length([int(n) for n in prompt_lens])
 
     def close(self) -> None:
         if self.handle is not None:
