@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     pairs = make_pairs(records)
     if len(pairs) < args.pairs:
         print(f"only {len(pairs)} pairs available", file=sys.stderr)
-    pad = A._pad_id(tok)
+    pad = A.pad_id(tok)
     chunks = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
     arms = ["forward"] + [f"localize:{s}" for s in SITES] + ["localize:all"]
     st = {s: A.MomentumStats() for s in SITES}

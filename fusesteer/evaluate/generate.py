@@ -42,6 +42,21 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..runtime.backends.base import model_device
+from .records import (
+    EvalResult,
+    EvaluationError,
+    ItemResult,
+    PromptCache,
+    check_batch_size,
+    check_seqs,
+    choice_texts,
+    format_prompt,
+    gold_index,
+    pad_id,
+    padded_batch,
+)
+
 TEMPLATES = ("letter", "cloze")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -77,8 +92,6 @@ def _letters(n: int) -> str:
 
 def format_task(record: Mapping, kind: str, template: str = "letter") -> Formatted:
     """The prompt and the answers of one validated yes/no or choice record under ``template``."""
-    from .tasks import EvaluationError, choice_texts, format_prompt, gold_index
-
     if template not in TEMPLATES:
         raise EvaluationError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
     if kind not in ("yesno", "mc"):
@@ -118,29 +131,19 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], *, max_new_
                            batch_size: int = 8, add_special_tokens: bool = True, progress: bool = False) -> list[str]:
     """Greedy continuations (decoded, special tokens skipped) of each prompt, ``batch_size`` prompts at a time,
     left-padded with an attention mask; prompts are tokenized as the scoring harness tokenizes them."""
-    from .tasks import (
-        EvaluationError,
-        _check_batch_size,
-        _check_seqs,
-        _model_device,
-        _pad_id,
-        _PromptCache,
-        padded_batch,
-    )
-
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EvaluationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    cache = _PromptCache(tokenizer, add_special_tokens)
+    cache = PromptCache(tokenizer, add_special_tokens)
     seqs = []
     for p in prompts:
         prefix, plain = cache.prompt(p)
         if not prefix + plain:
             raise EvaluationError(f"prompt {p[:60]!r} tokenizes to no tokens")
         seqs.append(prefix + plain)
-    _check_seqs(model, seqs)
-    pad = _pad_id(tokenizer)
-    device = _model_device(model)
+    check_seqs(model, seqs)
+    pad = pad_id(tokenizer)
+    device = model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: list[str | None] = [None] * len(seqs)
     bar = None
@@ -173,8 +176,6 @@ def evaluate_generate(model, tokenizer, records: Sequence[Mapping], kind: str, *
     """Accuracy by generated answer (module docstring) of validated ``records``; an
     :class:`~fusesteer.evaluate.tasks.EvalResult` with ``method="generate"`` and ``non_answers`` counted."""
     from .stats import wilson_ci
-    from .tasks import EvalResult, ItemResult
-
     fmt = [format_task(r, kind, template) for r in records]
     t0 = time.perf_counter()
     outs = generate_continuations(model, tokenizer, [f.prompt for f in fmt], max_new_tokens=max_new_tokens,

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 
-from ..errors import FuseSteerError
 from .datasets import (  # noqa: F401
     _YESNO,
     BUILTIN_DATASETS,
@@ -46,6 +44,26 @@ from .datasets import (  # noqa: F401
     split,
     task_kind,
     validate_record,
+)
+from .records import (  # noqa: F401 - the prompt and batching helpers, public through this module too
+    EvalResult,
+    EvaluationError,
+    ItemResult,
+    PromptCache,
+    _check_kind,
+    _ids,
+    _max_positions,
+    _plain_prompt,
+    _vocab_limit,
+    check_batch_size,
+    check_seqs,
+    choice_texts,
+    encode_continuation,
+    format_prompt,
+    gold_index,
+    pad_id,
+    padded_batch,
+    run_batches,
 )
 from .stats import wilson_ci
 
@@ -68,256 +86,6 @@ __all__ = [
     "EvalResult",
     "evaluate",
 ]
-
-
-class EvaluationError(FuseSteerError, ValueError):
-    """Bad arguments to the scoring / evaluation functions (or a model/tokenizer mismatch)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------
-def _check_kind(kind: str | None, rec: Mapping) -> str:
-    if kind is None:
-        kind = _record_kind(rec)
-        if kind is None:
-            raise DatasetError("record has no answer field; cannot tell its task kind")
-    if kind not in KINDS:
-        raise DatasetError(f"unknown task kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return kind
-
-
-def _plain_prompt(record: Mapping, kind: str) -> str:
-    q = record.get("question")
-    if not isinstance(q, str) or not q.strip():
-        raise DatasetError(f"record {record.get('id', '?')!r}: field 'question' must be a non-empty string")
-    q = q.strip()
-    if kind == "yesno":
-        return f"Question: {q}\nAnswer (Yes or No):"
-    return f"Question: {q}\nAnswer:"
-
-
-def format_prompt(record: Mapping, kind: str | None = None, *, tokenizer=None, chat_template: bool = False) -> str:
-    """The prompt text for one record.
-
-    * yesno: ``"Question: {q}\\nAnswer (Yes or No):"``
-    * mc / open: ``"Question: {q}\\nAnswer:"``
-
-    With ``chat_template=True`` the plain prompt becomes the user turn of
-    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``; the choices then carry no
-    leading space (see :func:`choice_texts`), and the prompt should be tokenized without adding
-    special tokens (``score_choices(..., add_special_tokens=False)``, done by :func:`evaluate`).
-    """
-    kind = _check_kind(kind, record)
-    text = _plain_prompt(record, kind)
-    if not chat_template:
-        return text
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise EvaluationError("chat_template=True needs a tokenizer that has a chat template")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
-
-
-def choice_texts(record: Mapping, kind: str | None = None, *, chat_template: bool = False) -> list[str]:
-    """The continuations scored for a record: ``[" Yes", " No"]`` for yesno, ``[" " + c ...]`` for mc
-    (without the leading space when ``chat_template`` is True)."""
-    kind = _check_kind(kind, record)
-    sp = "" if chat_template else " "
-    if kind == "yesno":
-        return [sp + "Yes", sp + "No"]
-    if kind == "mc":
-        ch = record.get("choices")
-        if not isinstance(ch, list) or len(ch) < 2:
-            raise DatasetError(f"record {record.get('id', '?')!r}: field 'choices' must be a list of >= 2 strings")
-        return [sp + str(c).strip() for c in ch]
-    raise DatasetError("open-ended records have no choices to score")
-
-
-def gold_index(record: Mapping, kind: str | None = None) -> int:
-    """Index of the right continuation in :func:`choice_texts` (Yes → 0, No → 1 for yesno)."""
-    kind = _check_kind(kind, record)
-    if kind == "yesno":
-        a = str(record.get("answer", "")).strip().lower()
-        if a not in _YESNO:
-            raise DatasetError(f"record {record.get('id', '?')!r}: field 'answer' must be \"Yes\" or \"No\"")
-        return 0 if a == "yes" else 1
-    if kind == "mc":
-        return int(record["answer_index"])
-    raise DatasetError("open-ended records have no gold choice index")
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenization
-# --------------------------------------------------------------------------------------------
-def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    out = tokenizer(text, add_special_tokens=add_special_tokens)
-    ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
-    if ids and isinstance(ids[0], list):  # batched by mistake
-        ids = ids[0]
-    return [int(i) for i in ids]
-
-
-class _PromptCache:
-    """Tokenizes each distinct prompt once: (special-token prefix + plain prompt ids)."""
-
-    def __init__(self, tokenizer, add_special_tokens: bool):
-        self.tok = tokenizer
-        self.add_special = add_special_tokens
-        self._cache: dict[str, tuple[list[int], list[int]]] = {}
-
-    def prompt(self, text: str) -> tuple[list[int], list[int]]:
-        """Returns (special prefix ids, plain prompt ids)."""
-        hit = self._cache.get(text)
-        if hit is not None:
-            return hit
-        plain = _ids(self.tok, text, False)
-        prefix: list[int] = []
-        if self.add_special:
-            full = _ids(self.tok, text, True)
-            # keep special tokens the tokenizer puts before the text (BOS); drop any it appends (EOS)
-            n = len(plain)
-            for i in range(len(full) - n + 1):
-                if full[i : i + n] == plain:
-                    prefix = full[:i]
-                    break
-        self._cache[text] = (prefix, plain)
-        return prefix, plain
-
-
-def encode_continuation(tokenizer, prompt: str, continuation: str, *, add_special_tokens: bool = True,
-                        _cache: _PromptCache | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt`` and of ``continuation`` following it: ``(prompt_ids, cont_ids)``.
-
-    The continuation ids are those of ``prompt + continuation`` after the prompt's own tokens, so
-    they are tokenized as they would be in running text. If the tokenizer merges tokens across the
-    boundary (the joint tokenization does not start with the prompt's tokens), the continuation is
-    tokenized on its own and the two id lists are concatenated. ``prompt_ids`` include the
-    tokenizer's leading special tokens (BOS) when ``add_special_tokens`` is True, never trailing ones.
-    """
-    cache = _cache or _PromptCache(tokenizer, add_special_tokens)
-    prefix, plain = cache.prompt(prompt)
-    joint = _ids(tokenizer, prompt + continuation, False)
-    n = len(plain)
-    if len(joint) > n and joint[:n] == plain:
-        cont = joint[n:]
-    else:
-        cont = _ids(tokenizer, continuation, False)
-    if not cont:
-        raise EvaluationError(f"continuation {continuation!r} tokenizes to no tokens")
-    p = prefix + plain
-    if not p:
-        raise EvaluationError(
-            "the prompt tokenizes to no tokens and the tokenizer adds no BOS: nothing to condition on"
-        )
-    return p, cont
-
-
-# --------------------------------------------------------------------------------------------
-# Forwards
-# --------------------------------------------------------------------------------------------
-def _model_device(model) -> torch.device:
-    try:
-        emb = model.get_input_embeddings()
-        return emb.weight.device
-    except Exception:
-        pass
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _vocab_limit(model) -> int | None:
-    try:
-        return int(model.get_input_embeddings().num_embeddings)
-    except Exception:
-        v = getattr(getattr(model, "config", None), "vocab_size", None)
-        return int(v) if v else None
-
-
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    v = getattr(cfg, "max_position_embeddings", None)
-    return int(v) if isinstance(v, int) and v > 0 else None
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0  # right padding: pad positions are masked and come after every scored token
-
-
-def _check_seqs(model, seqs: list[list[int]]) -> None:
-    vmax = _vocab_limit(model)
-    if vmax is not None:
-        top = max(max(s) for s in seqs)
-        if top >= vmax:
-            raise EvaluationError(
-                f"token id {top} is outside the model's vocabulary of {vmax}: tokenizer and model do not match"
-            )
-    pmax = _max_positions(model)
-    if pmax is not None:
-        longest = max(len(s) for s in seqs)
-        if longest > pmax:
-            raise EvaluationError(f"a prompt+choice is {longest} tokens, over the model's limit of {pmax}")
-
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
-
-
-def padded_batch(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) int64 [len(seqs), longest]: the token id lists right-aligned (``left`` padding)
-    or left-aligned (right padding), padded with ``pad``."""
-    width = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, q in enumerate(seqs):
-        sl = slice(width - len(q), width) if left else slice(0, len(q))
-        ids[r, sl] = torch.tensor(list(q), dtype=torch.long)
-        mask[r, sl] = 1
-    return ids, mask
-
-
-def _run_batches(model, seqs: list[list[int]], batch_size: int, pad_id: int, collect, progress, desc: str):
-    """Right-pads ``seqs`` into batches (longest first), runs plain forwards under no_grad and calls
-    ``collect(seq_index, logits_row)`` for every row (logits of the unpadded part only)."""
-    _check_seqs(model, seqs)
-    device = _model_device(model)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(seqs), desc=desc, unit="seq", leave=False)
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
-    try:
-        with torch.no_grad():
-            for s in range(0, len(order), batch_size):
-                chunk = order[s : s + batch_size]
-                ids, mask = padded_batch([seqs[i] for i in chunk], pad_id)
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-                logits = out.logits if hasattr(out, "logits") else out[0]
-                if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-                    raise EvaluationError(
-                        f"model returned logits of shape {tuple(logits.shape)} for input {tuple(ids.shape)}"
-                    )
-                for r, i in enumerate(chunk):
-                    collect(i, logits[r, : len(seqs[i])])
-                if bar is not None:
-                    bar.update(len(chunk))
-    finally:
-        if was_training:
-            model.train()
-        if bar is not None:
-            bar.close()
 
 
 def _flatten_pairs(prompts, choices):
@@ -353,11 +121,11 @@ def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
     """
     if normalize not in ("sum", "mean"):
         raise EvaluationError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     _flatten_pairs(prompts, choices)
     if not prompts:
         return ([], []) if return_tokens else []
-    cache = _PromptCache(tokenizer, add_special_tokens)
+    cache = PromptCache(tokenizer, add_special_tokens)
     seqs: list[list[int]] = []
     spans: list[tuple[int, int]] = []  # (start of continuation, end)
     where: list[tuple[int, int]] = []
@@ -375,7 +143,7 @@ def score_choices(model, tokenizer, prompts: Sequence[str], choices: Sequence[Se
         tgt = torch.tensor(seqs[k][a:b], dtype=torch.long, device=lp.device)
         tok_lp[k] = lp.gather(-1, tgt[:, None])[:, 0].cpu().tolist()
 
-    _run_batches(model, seqs, batch_size, _pad_id(tokenizer), collect, progress, "scoring choices")
+    run_batches(model, seqs, batch_size, pad_id(tokenizer), collect, progress, "scoring choices")
     scores = [[0.0] * len(cs) for cs in choices]
     toks = [[None] * len(cs) for cs in choices]
     for k, (i, j) in enumerate(where):
@@ -396,12 +164,12 @@ def yesno_logits(model, tokenizer, prompts: Sequence[str], batch_size: int = 8,
     The difference between two scores equals the difference of raw logits; for single-token
     choices the scores equal those of :func:`score_choices`.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     choices = list(choices)
     _flatten_pairs(prompts, [choices] * len(prompts))
     if not prompts:
         return []
-    cache = _PromptCache(tokenizer, add_special_tokens)
+    cache = PromptCache(tokenizer, add_special_tokens)
     seqs, firsts = [], []
     for p in prompts:
         ids = None
@@ -423,67 +191,13 @@ def yesno_logits(model, tokenizer, prompts: Sequence[str], batch_size: int = 8,
         lp = torch.log_softmax(row_logits[-1].float(), dim=-1)
         out[k] = lp[torch.tensor(firsts[k], dtype=torch.long, device=lp.device)].cpu().tolist()
 
-    _run_batches(model, seqs, batch_size, _pad_id(tokenizer), collect, progress, "scoring next token")
+    run_batches(model, seqs, batch_size, pad_id(tokenizer), collect, progress, "scoring next token")
     return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-@dataclass
-class ItemResult:
-    """One scored item. ``pred`` is -1 when no choice wins (non-finite scores or a tie at the top)."""
-
-    id: str
-    gold: int
-    pred: int
-    correct: bool
-    scores: list[float]
-    tie: bool = False
-    output: str | None = None  # generated continuation (method "generate")
-    non_answer: bool = False  # the continuation matched no option (method "generate")
-
-
-@dataclass
-class EvalResult:
-    kind: str
-    method: str
-    normalize: str
-    n: int
-    correct: int
-    accuracy: float
-    ci_low: float
-    ci_high: float
-    elapsed_s: float
-    items: list[ItemResult] = field(default_factory=list)
-    name: str | None = None
-    non_answers: int | None = None  # method "generate": continuations that matched no option
-
-    @property
-    def correct_vector(self) -> list[bool]:
-        """Per-item correctness, in item order (for :mod:`fusesteer.evaluate.stats`)."""
-        return [it.correct for it in self.items]
-
-    def to_dict(self, items: bool = True) -> dict:
-        d = asdict(self)
-        if not items:
-            d.pop("items")
-        return d
-
-    def table(self) -> str:
-        """A one-row markdown table."""
-        name = self.name or self.kind
-        na = self.non_answers is not None
-        return (
-            "| task | kind | method | n | correct | accuracy | 95% CI (Wilson) | "
-            + ("non-answers | " if na else "") + "scoring time (s) |\n"
-            "|---|---|---|---:|---:|---:|---|" + ("---:|" if na else "") + "---:|\n"
-            f"| {name} | {self.kind} | {self.method}/{self.normalize} | {self.n} | {self.correct} | "
-            f"{self.accuracy:.3f} | [{self.ci_low:.3f}, {self.ci_high:.3f}] | "
-            + (f"{self.non_answers} | " if na else "") + f"{self.elapsed_s:.1f} |"
-        )
-
-
 def _pick(scores: Sequence[float]) -> tuple[int, bool]:
     """(index of the unique best finite score or -1, whether the top was tied)."""
     if not scores or not all(math.isfinite(s) for s in scores):
@@ -540,7 +254,7 @@ def evaluate(model, tokenizer, records: Sequence[Mapping], kind: str | None = No
 
         if chat_template:
             raise EvaluationError("method='generate' uses its own templates; chat_template is not supported")
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         return evaluate_generate(model, tokenizer, recs, kind, template=template or "letter",
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, name=name)
 

@@ -176,7 +176,7 @@ def accumulate(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], stats: Mome
 # --------------------------------------------------------------------------------------------
 # Capture
 # --------------------------------------------------------------------------------------------
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         v = getattr(tokenizer, attr, None)
         if isinstance(v, int):
@@ -203,7 +203,7 @@ def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site, *
     if not pairs:
         raise AUSteerError("no contrastive pairs")
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm
