@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import FuseSteerError
+from ..runtime.backends.base import model_device
 from ..runtime.plan import SITES, ModelSpec, SteeringPlan
 from .capture import site_recorder
 from .pairs import ContrastivePair, pair_token_ids, right_padded
@@ -202,7 +203,7 @@ def pair_activations(model, tokenizer, pairs: Sequence[ContrastivePair], site, *
         raise AUSteerError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not pairs:
         raise AUSteerError("no contrastive pairs")
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad = pad_id(tokenizer)
     bar = None
     if progress:

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import FuseSteerError
+from ..runtime.backends.base import model_device
 from ..runtime.families import model_parts
 from ..runtime.sites import SITES, hook_site
 
@@ -60,7 +61,7 @@ def capture_last_token(model, tokenizer, texts: Sequence[str], site: str, layers
     """Yield fp32 tensors [b, L, W]: the site's activation at the last token of each text (left padded)."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     it = _batches(list(texts), batch_size)

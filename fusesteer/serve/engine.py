@@ -31,6 +31,7 @@ from collections import deque
 import torch
 
 from ..errors import PlanError
+from ..runtime.backends.base import model_device
 from ..runtime.compat import with_cache
 from . import scheduler
 from .kv import Batch, new_cache
@@ -58,7 +59,7 @@ class Engine:
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.max_prefill_tokens = int(max_prefill_tokens)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()  # Status.QUEUED
         self._admitting: list[Row] = []  # Status.ADMITTED (failed too if a step breaks)

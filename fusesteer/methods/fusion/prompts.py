@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
-
 from ...errors import FuseSteerError
 
 
@@ -80,13 +78,6 @@ def truth_of(record: Mapping) -> str:
 def _check_unsteered(model, what: str) -> None:
     if getattr(model, "_fusesteer_handle", None) is not None:
         raise FusionError(f"{what} needs the unsteered model, but a fusesteer plan is attached; detach it first")
-
-
-def _device(model) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except Exception:  # noqa: BLE001
-        return next(model.parameters()).device
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -11,13 +11,13 @@ from typing import Mapping
 import torch
 
 from ...evaluate.grading import extract_answer
+from ...runtime.backends.base import model_device
 from ..capture import capture_span_mean
 from .prompts import (
     EXPLAIN_PROMPT,
     FusionError,
     _check_unsteered,
     _clean_question,
-    _device,
     _encode,
     _special_ids,
     enriched_parts,
@@ -141,7 +141,7 @@ def compute_reference(model, tokenizer, question: str, truth: str, explanation: 
     _check_unsteered(model, "compute_reference")
     prefix, target = enriched_parts(question, truth, explanation)
     ids, s, e = token_span(tokenizer, prefix, prefix + target)
-    dev = _device(model)
+    dev = model_device(model)
     h = capture_span_mean(model, torch.tensor([ids], device=dev), [(s, e)], "layer.out")[0]
     qids = _encode(tokenizer, question_prompt(question))
     special = _special_ids(tokenizer) if exclude_special else set()

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import torch
 
+from ...runtime.backends.base import model_device
 from ...runtime.compat import output_cache, with_cache
-from .prompts import DEFAULT_LAMBDA, DEFAULT_PPL_CAP, FusionError, _check_unsteered, _device, _encode
+from .prompts import DEFAULT_LAMBDA, DEFAULT_PPL_CAP, FusionError, _check_unsteered, _encode
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ class PromptRunner:
         self.max_new_tokens = max_new_tokens
         self.stop_at_newline = stop_at_newline
         self.reuse_prefill = reuse_prefill
-        self.device = _device(model)
+        self.device = model_device(model)
         ids = _encode(tokenizer, prompt)
         if not ids:
             raise FusionError(f"prompt {prompt[:60]!r} tokenizes to no tokens")

@@ -15,8 +15,13 @@ import torch
 
 
 def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    """The device a model's input ids go to: its input embeddings' (the first parameter's for a model without
+    them, CPU for a model without parameters). The one rule every part of fusesteer uses."""
+    try:
+        emb = model.get_input_embeddings()
+        return emb.weight.device
+    except Exception:  # noqa: BLE001 - not an HF model, or embeddings without a weight
+        return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def fused_backend_name(device) -> str:
