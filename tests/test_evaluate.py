@@ -456,3 +456,29 @@ def test_paired_bootstrap_and_mcnemar():
         stats.mcnemar_p([1, 0], [1])
     with pytest.raises(stats.StatsError, match="0-1"):
         stats.paired_bootstrap_diff([0.5, 1], [1, 1])
+
+
+def test_scipy_backed_statistics_equal_their_closed_forms():
+    """wilson_ci and mcnemar_p go through scipy.stats.binomtest: they give the closed-form numbers."""
+    import math
+
+    from fusesteer.evaluate.stats import mcnemar_p, wilson_ci
+
+    def wilson(k, n, z=1.96):
+        p, z2 = k / n, z * z
+        d = 1 + z2 / n
+        c, h = (p + z2 / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / d
+        return (0.0 if k == 0 else max(0.0, c - h)), (1.0 if k == n else min(1.0, c + h))
+
+    for n in range(1, 200, 7):
+        for k in range(0, n + 1, 3):
+            for z in (1.0, 1.96, 2.576):
+                assert wilson_ci(k, n, z) == pytest.approx(wilson(k, n, z), abs=1e-12)
+    for only_a in range(0, 40, 3):
+        for only_b in range(0, 40, 4):
+            n = only_a + only_b
+            tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+            want = 1.0 if n == 0 else min(1.0, 2 * tail / 2 ** n)
+            a = [1] * only_a + [0] * only_b + [1, 0]
+            b = [0] * only_a + [1] * only_b + [1, 0]
+            assert mcnemar_p(a, b) == pytest.approx(want, abs=1e-12)

@@ -1,10 +1,14 @@
-"""Small statistics for evaluation and benchmarks (numpy only, no scipy).
+"""Small statistics for evaluation and benchmarks.
 
-* :func:`wilson_ci` — Wilson score interval of a proportion k/n.
+* :func:`wilson_ci` — Wilson score interval of a proportion k/n (``scipy.stats.binomtest(...).proportion_ci``).
+* :func:`mcnemar_p` — exact (binomial) two-sided McNemar test on paired outcomes (``scipy.stats.binomtest``).
 * :func:`bootstrap_ci` — percentile bootstrap interval of a statistic (median by default).
 * :func:`paired_bootstrap_diff` — paired bootstrap of the accuracy difference of two systems
   scored on the same items.
-* :func:`mcnemar_p` — exact (binomial) two-sided McNemar test on the same pairing.
+
+The bootstrap stays here rather than ``scipy.stats.bootstrap``: that draws its resamples in another order, so
+its percentile intervals differ from these (seeded, reproducible, vectorised) ones by resampling noise, and
+the recorded benchmark intervals would move. This module checks its inputs and gives :class:`StatsError`.
 """
 
 from __future__ import annotations
@@ -40,18 +44,19 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
         raise StatsError(f"wilson_ci: k must be in [0, n={n}], got {k}")
     if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
         raise StatsError(f"wilson_ci: z must be a positive number, got {z!r}")
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    lo, hi = centre - half, centre + half
+    from scipy.stats import norm
+
+    ci = _binomtest(k, n).proportion_ci(confidence_level=float(2 * norm.cdf(z) - 1), method="wilson")
     # exact endpoints at the boundaries (avoid -1e-17 style rounding)
-    if k == 0:
-        lo = 0.0
-    if k == n:
-        hi = 1.0
-    return max(0.0, lo), min(1.0, hi)
+    return (0.0 if k == 0 else max(0.0, float(ci.low))), (1.0 if k == n else min(1.0, float(ci.high)))
+
+
+def _binomtest(k: int, n: int, p: float = 0.5):
+    try:
+        from scipy.stats import binomtest
+    except ImportError:  # pragma: no cover - scipy comes with the methods extra
+        raise StatsError("these statistics need scipy: pip install 'fusesteer[methods]'") from None
+    return binomtest(int(k), int(n), p)
 
 
 _VECTOR_STATS = {"median": np.median, "mean": np.mean}
@@ -158,6 +163,5 @@ def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
     n = only_a + only_b
     if n == 0:
         return 1.0
-    k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1))
-    return min(1.0, 2 * tail / (1 << n))
+    # two-sided exact test at p = 1/2: min(1, 2 * P[Binomial(n, 1/2) <= min(n01, n10)])
+    return float(_binomtest(only_a, n).pvalue)
