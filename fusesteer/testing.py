@@ -164,3 +164,25 @@ def tiny(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     model.generation_config.bos_token_id = config.bos_token_id
     model.eval()
     return model
+
+
+def word_tokenizer(texts, size: int = 128):
+    """A whitespace word-level tokenizer over ``texts`` (the ``size - 4`` most frequent words, then <unk>), for
+    tiny models whose vocabulary is ``size``: real tokenization paths without a downloaded tokenizer."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    words: dict[str, int] = {}
+    for t in texts:
+        for w in t.split():
+            words[w] = words.get(w, 0) + 1
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size:
+            break
+        vocab[w] = len(vocab)
+    tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

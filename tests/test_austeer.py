@@ -10,9 +10,6 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tok_models
-from transformers import PreTrainedTokenizerFast
 
 from fusesteer import attach, cli
 from fusesteer.evaluate import tasks
@@ -22,7 +19,7 @@ from fusesteer.methods import pairs as P
 from fusesteer.methods import sweep as SW
 from fusesteer.methods.capture import site_recorder
 from fusesteer.runtime.plan import ModelSpec, SteeringPlan
-from fusesteer.testing import tiny
+from fusesteer.testing import tiny, word_tokenizer
 
 torch.set_num_threads(1)
 
@@ -41,21 +38,7 @@ def mc():
 
 
 def _word_tokenizer(records, size=128):
-    words = {}
-    for r in records:
-        texts = [tasks.format_prompt(r)] + tasks.choice_texts(r)
-        for t in texts:
-            for w in t.split():
-                words[w] = words.get(w, 0) + 1
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(vocab) >= size:
-            break
-        vocab[w] = len(vocab)
-    tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return word_tokenizer([t for r in records for t in [tasks.format_prompt(r)] + tasks.choice_texts(r)], size)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,10 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import FuseSteerError
+from ..runtime import tp
 from ..runtime.backends.base import model_device
 from ..runtime.families import model_parts
+from ..runtime.plan import ModelSpec
 from ..runtime.sites import SITES, hook_site
 
 
@@ -32,8 +34,14 @@ def site_recorder(model, site: str, layers: Sequence[int] | None = None):
         parts.check_site(l, site)  # e.g. Qwen3-MoE: no mlp.down_proj.in on a sparse layer (PlanError)
     store: dict[int, torch.Tensor] = {}
     handles = []
+    width = ModelSpec.from_model(model).site_width(site)
     for l in layers:
-        handles.append(hook_site(parts.layers[l], site, lambda x, l=l: store.__setitem__(l, x.detach())))
+        shard = tp.site_shard(parts.layers[l], l, site)  # tensor parallelism: this rank's columns of the site
+
+        def record(x, l=l, shard=shard):
+            x = x.detach()
+            store[l] = x if shard is None else tp.gather_last_dim(x, shard, width)  # full width on every rank
+        handles.append(hook_site(parts.layers[l], site, record))
     try:
         yield store
     finally:

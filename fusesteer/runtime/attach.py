@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 
 from ..errors import AttachError, PlanError
+from . import tp
 from .backends import BACKENDS, make, resolve
 from .backends.base import InstallContext
 from .families import layer_device, model_parts
@@ -43,13 +44,14 @@ class SteeringHandle:
                               f"({max(1, len(plans))}) to {MAX_CAPACITY}")
         bound = {name: self._bound(name, p) for name, p in plans.items()}
         devices = {i: layer_device(l) for i, l in enumerate(self.parts.layers)}
-        self.table = PlanTable(self.spec, cap, bound, devices, self.parts.site_keys(sites))
+        self.table = PlanTable(self.spec, cap, bound, devices, self.parts.site_keys(sites),
+                               shards=lambda keys: tp.shards(self.parts, keys))
         first = next((d for d in devices.values() if d is not None), torch.device("cpu"))
         self.router = Router(cap, self.table.ids[default] if default is not None else None, device=first)
         self.router.plan_names = self.table.names
         self.patcher = Patcher()
         self.check_finite, self.verify = check_finite, verify
-        self.guard = FiniteGuard(check_finite, self.spec)
+        self.guard = FiniteGuard(check_finite, self.spec, parallel=tp.is_parallel(model))
         for name, p in bound.items():
             self.guard.arm(name, p, "attach", maps=self.table.maps(p))
         self.attached = False

@@ -20,6 +20,7 @@ from ..errors import NonFiniteActivationError
 from ..formula import is_identity
 from .plan import PHASES, SteeringPlan
 from .tables import slot_of
+from .tp import local
 
 
 def plan_phases(plan: SteeringPlan, spec, maps=None) -> tuple[set, bool]:
@@ -34,9 +35,12 @@ def plan_phases(plan: SteeringPlan, spec, maps=None) -> tuple[set, bool]:
 
 
 class FiniteGuard:
-    def __init__(self, enabled: bool, spec):
+    def __init__(self, enabled: bool, spec, parallel: bool = False):
         self.enabled = enabled
         self.spec = spec
+        # tensor parallelism: a rank sees only its shard of a sharded site, and every rank must take the same
+        # decision, so a checked forward's flags are combined over the ranks (one all-reduce, checked forwards only)
+        self.parallel = parallel
         self.pending: dict[str, set] = {}  # plan name -> phases not yet seen finite
         self.free: dict[str, bool] = {}  # plan name -> its prompt and generated maps are the same
         # plan name -> (previous plan, its pending phases, its origin, its own fallback): values to go back to
@@ -110,7 +114,7 @@ class FiniteGuard:
 
     def mark(self, layer: int, site: str, y: torch.Tensor) -> None:
         if self.checking and not torch.compiler.is_compiling():
-            self._marks.append((layer, site, torch.isfinite(y).all()))
+            self._marks.append((layer, site, torch.isfinite(local(y)).all()))
 
     def end(self, slots: torch.Tensor | None, n_slots: int, ids: dict, failed: bool):
         """After a forward: None if it was fine, else ``(layer, site, names)``: the first site that went
@@ -125,6 +129,12 @@ class FiniteGuard:
         seen = torch.zeros(n_slots, dtype=torch.bool, device=dev)
         seen[slots.reshape(-1).long()] = True
         flags = [m[2].to(dev) for m in marks]
+        if flags and self.parallel:
+            import torch.distributed as dist
+
+            both = torch.stack(flags).to(torch.int64)
+            dist.all_reduce(both, op=dist.ReduceOp.MIN)
+            flags = list(both.bool())
         vals = torch.cat([torch.stack(flags), seen]).tolist() if flags else seen.tolist()
         ok, seen_slots = vals[:len(flags)], {s for s, v in enumerate(vals[len(flags):]) if v}
         ran = {}

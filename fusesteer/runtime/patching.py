@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AttachError
+from .tp import own_parallel_forward
 
 
 def foreign_forward(module: nn.Module, skipped: bool) -> str | None:
@@ -22,6 +23,8 @@ def foreign_forward(module: nn.Module, skipped: bool) -> str | None:
     fused into a neighbour), so any instance-level forward and any forward (pre-)hook would be bypassed."""
     fn = module.__dict__.get("forward")
     accelerate = hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
+    if fn is not None and not skipped and own_parallel_forward(module):
+        fn = None  # transformers' tensor-parallel wrapper (the module's own weights are DTensors): wrapped, kept
     if fn is not None and (skipped or not accelerate) and not (
             getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward):
         what = "accelerate's hook wrapper" if accelerate else f"{type(fn).__name__} {_name(fn)}"
@@ -37,6 +40,8 @@ def foreign_hooks(module: nn.Module, kind: str) -> str | None:
     (``kind="input"``) another library put on ``module``, named for an error message; None if there are none."""
     from torch.nn.modules import module as _m
 
+    if own_parallel_forward(module):
+        return None  # transformers' tensor-parallel layout hooks (the module's own weights are DTensors)
     if kind == "output":
         hooks = list(_m._global_forward_hooks.values()) + list(module._forward_hooks.values())
     else:

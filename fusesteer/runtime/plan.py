@@ -177,6 +177,10 @@ class SteeringPlan:
         that cannot be written, raises PlanError and leaves no file behind."""
         planfile.save_plan(self, path)
 
+    def to_bytes(self) -> bytes:
+        """The bytes of the plan file :meth:`save` writes (:meth:`from_bytes` reads them back)."""
+        return planfile.plan_bytes(self)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SteeringPlan":
         """Read a plan file: data-only, bounded, every field validated (never pickle)."""

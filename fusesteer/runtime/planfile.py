@@ -61,11 +61,9 @@ def check_header(plan) -> None:
             raise PlanError(f"plan.entries[{i}] must be a PlanEntry, got {type(e).__name__}")
     plan.validate()
 
-def save_plan(plan, path: str | os.PathLike) -> None:
-    """Write the plan (safetensors + JSON header) atomically; a plan that would not load again, or a path
-    that cannot be written, raises PlanError and leaves no file behind."""
-    from safetensors.torch import save_file
 
+def _serialized(plan) -> tuple[dict, str]:
+    """(tensors, header JSON) of a plan that will load again (PlanError otherwise)."""
     check_header(plan)
     header = plan_header(plan)
     tensors: dict[str, torch.Tensor] = {}
@@ -86,6 +84,23 @@ def save_plan(plan, path: str | os.PathLike) -> None:
     if len(meta_json.encode()) + 1024 > MAX_HEADER_BYTES:
         raise PlanError(f"the plan header would be {len(meta_json.encode())} bytes, more than the "
                         f"{MAX_HEADER_BYTES} byte limit the loader accepts (large metadata?)")
+    return tensors, meta_json
+
+
+def plan_bytes(plan) -> bytes:
+    """The bytes of the plan file ``save`` would write."""
+    from safetensors.torch import save
+
+    tensors, meta_json = _serialized(plan)
+    return save(tensors, metadata={"fusesteer": meta_json})
+
+
+def save_plan(plan, path: str | os.PathLike) -> None:
+    """Write the plan (safetensors + JSON header) atomically; a plan that would not load again, or a path
+    that cannot be written, raises PlanError and leaves no file behind."""
+    from safetensors.torch import save_file
+
+    tensors, meta_json = _serialized(plan)
     path = _path_arg(path, "save")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -102,6 +117,7 @@ def save_plan(plan, path: str | os.PathLike) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
 
 @dataclass
 class PlanRecord:

@@ -54,6 +54,7 @@ class SiteTable:
     phase_free: list[bool] = field(default_factory=list)  # per plan id: prompt row == generated row
     rows_a: list = field(default_factory=list)  # per-slot views A[s] (1-D)
     rows_b: list = field(default_factory=list)
+    cols: slice | None = None  # tensor parallelism: the columns of the full-width maps this rank's table holds
 
     def __post_init__(self):
         self.rows_a = [self.A[s] for s in range(self.A.shape[0])]
@@ -71,6 +72,8 @@ class SiteTable:
             s = slot_of(plan_id, ph == "generated")
             if maps is not None:
                 a, b = maps[ph]
+                if self.cols is not None:
+                    a, b = a[self.cols], b[self.cols]
                 self.A[s].copy_(a)
                 self.B[s].copy_(b)
             else:
@@ -110,15 +113,21 @@ def map_keys(maps) -> set:
     return {k for m in maps for k in m}
 
 
-def build_tables(spec: ModelSpec, devices: dict[int, torch.device], keys, capacity: int, maps: dict) -> dict:
-    """Compile plans' phase maps {plan id: maps} into {(layer, site): SiteTable} over ``keys``."""
+def build_tables(spec: ModelSpec, devices: dict[int, torch.device], keys, capacity: int, maps: dict,
+                 shards: dict | None = None) -> dict:
+    """Compile plans' phase maps {plan id: maps} into {(layer, site): SiteTable} over ``keys``; ``shards``:
+    {(layer, site): columns} this rank holds of a tensor-parallel site (its table holds those columns only)."""
+    shards = shards or {}
     try:
         out = {}
         for key, (A, B) in host_tables(spec, sorted(keys), capacity, maps).items():
             dev = devices.get(key[0])
             n = A.shape[0]
+            cols = shards.get(key)
+            if cols is not None:
+                A, B = A[:, cols].contiguous(), B[:, cols].contiguous()
             t = out[key] = SiteTable(key[0], key[1], A.to(dev), B.to(dev), [True] * n, [True] * n,
-                                     [True] * (capacity + 1))
+                                     [True] * (capacity + 1), cols=cols)
             for pid in range(capacity + 1):
                 t.flag_plan(pid)
         return out
@@ -139,7 +148,8 @@ class PlanTable:
     ``on_change`` (the backend re-planning) runs after the write, and if it raises, the previous plans are
     written back and it runs again before the error is re-raised."""
 
-    def __init__(self, spec: ModelSpec, capacity: int, plans: dict, devices: dict, extra_keys: set = frozenset()):
+    def __init__(self, spec: ModelSpec, capacity: int, plans: dict, devices: dict, extra_keys: set = frozenset(),
+                 shards=None):
         self.spec = spec
         self.capacity = capacity
         self._compiled: dict[int, tuple] = {}  # id(bound plan) -> (plan, its phase maps): composed once per plan
@@ -148,7 +158,9 @@ class PlanTable:
         self.names: list[str] = list(self.plans)
         self.keys = map_keys(self.maps(p) for p in self.plans.values()) | set(extra_keys)
         by_id = self.by_id()
-        self.tables = build_tables(spec, devices, self.keys, capacity, {i: self.maps(p) for i, p in by_id.items()})
+        self.shards = shards(self.keys) if callable(shards) else dict(shards or {})
+        self.tables = build_tables(spec, devices, self.keys, capacity, {i: self.maps(p) for i, p in by_id.items()},
+                                   self.shards)
         self._written = by_id  # plan id -> the plan whose values its rows hold
 
     # ---- what the table holds ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from ..patching import foreign_forward, foreign_hooks
 from ..sites import REGISTRY, module_at
 from ..sites import site as site_record
 from ..tables import slot_of
+from ..tp import is_dtensor, local
 from .base import Backend
 
 log = logging.getLogger("fusesteer")
@@ -69,7 +70,9 @@ def target_linear(parts, layer: int, site: str) -> tuple[str, nn.Module]:
 
 
 def _span(t: torch.Tensor) -> tuple[int, int] | None:
-    """Byte range [start, end) a tensor's elements occupy (None for empty/meta tensors)."""
+    """Byte range [start, end) a tensor's elements occupy on this rank (None for empty/meta tensors); a
+    DTensor's is its local shard's."""
+    t = local(t)
     if t.numel() == 0 or t.device.type == "meta":
         return None
     start = t.data_ptr()
@@ -122,6 +125,23 @@ def _linear_problem(name: str, mod: nn.Module, shared: _SharedIndex) -> Refusal 
             return Refusal("shared weight", f"{name}.{pname} shares its memory with {', '.join(others[:3])} (tied "
                                             f"or shared weights): folding would change those too", "")
     return None
+
+
+def _parallel_bias(parts, key, table) -> Refusal | None:
+    """Under tensor parallelism the target linear's output is this rank's partial sum, all-reduced after it:
+    gains fold into each rank's shard exactly, but a bias would need one rank to own it. Refused instead."""
+    name, mod = target_linear(parts, *key)
+    if not is_dtensor(mod.weight):
+        return None
+    rec = site_record(key[1])
+    adds = bool((table.B[_SLOT] != 0).any()) or (rec.fold == "rows+bias" and mod.bias is not None
+                                                 and not bool(table.additive_rows[_SLOT]))
+    if not adds:
+        return None
+    return Refusal("tensor parallel bias", f"{name} is split across tensor-parallel ranks and all-reduced after its "
+                                           f"matmul: a folded bias (b != 0 at {key[1]!r}) would have to be added "
+                                           f"once, after the all-reduce; only gains fold under tensor parallelism",
+                   "")
 
 
 def _has_fold_target(parts, layer: int, site: str) -> bool:
@@ -212,7 +232,7 @@ def fold_reasons(handle, keys=None) -> dict[tuple[int, str], Refusal | None]:
             why = Refusal("moe experts", f"layer {layer} is a sparse MoE layer: its output is a routed, weighted sum "
                                          f"of expert MLPs with no single down_proj to fold {site!r} into", first)
         if why is None and not _is_identity(table):
-            prob = linear_ok(layer, site) or _path_problem(parts, layer, site)
+            prob = linear_ok(layer, site) or _path_problem(parts, layer, site) or _parallel_bias(parts, key, table)
             if prob is not None:
                 why = Refusal(prob.tag, prob.text, first)
         out[key] = why
@@ -327,7 +347,7 @@ def apply_folds(handle, keys, check_finite: bool | None = None, patcher=None) ->
 def _prepare(f: _LinearFold, check_finite: bool) -> dict:
     """Compute the new weight slices and bias (fp32 math, one rounding) without touching the module."""
     mod = f.module
-    W = mod.weight.detach()
+    W = local(mod.weight).detach()
     dt = W.dtype
     ct = torch.float64 if dt == torch.float64 else torch.float32  # compute dtype: fp32 (fp64 stays fp64)
     a_in, b_in, a_out, b_out = (None if t is None else t.to(ct) for t in (f.a_in, f.b_in, f.a_out, f.b_out))
@@ -410,7 +430,7 @@ def _written_since(name: str, t, fp) -> str | None:
 
 def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
     mod = f.module
-    W = mod.weight
+    W = local(mod.weight)
     cols, rows, full = p["cols"], p["rows"], p["full"]
     info = {"name": f.name, "sites": list(f.sites), "cols": 0 if cols is None else int(cols.numel()),
             "rows": 0 if rows is None else int(rows.numel()), "full_copy": False, "bias": None, "bytes": 0}
@@ -444,13 +464,13 @@ def _commit(patcher, f: _LinearFold, p: dict, res: FoldResult) -> None:
              was=_layout(W)):
         # the parameters as they are now (not as captured), checked before anything is written: a failure
         # leaves this step whole for a retry
-        W = mod.weight
+        W = local(mod.weight)
         _check_layout(f.name + ".weight", W, was)
         if saved_bias is not None:
             _check_layout(f.name + ".bias", mod.bias, _layout(saved_bias))
         # a tensor written behind fusesteer's back keeps what was written (said out loud): restoring would
         # silently replace it with the pre-attach values
-        notes = {k: _written_since(f"{f.name}.{k}", getattr(mod, k), prints.get(k)) for k in ("weight", "bias")}
+        notes = {k: _written_since(f"{f.name}.{k}", local(getattr(mod, k)), prints.get(k)) for k in ("weight", "bias")}
         for note in filter(None, notes.values()):
             warnings.warn(note, RuntimeWarning, stacklevel=2)
             log.warning("%s", note)

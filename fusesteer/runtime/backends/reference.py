@@ -13,10 +13,15 @@ from ...formula import affine
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import hook_site
 from ..tables import SiteTable
+from ..tp import on_local
 from .base import Backend
 
 
 def reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
+    return on_local(x, lambda x: _reference_apply(x, table, router))
+
+
+def _reference_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
     shape = x.shape
     slots = router.on(x.device)[0].to(torch.long)  # one slot per token, computed from its position
     y = affine(x.reshape(-1, shape[-1]), table.A[slots], table.B[slots])

@@ -24,10 +24,15 @@ from ..compat import layer_positions, merged_kwargs, positional_names
 from ..patching import foreign_hooks
 from ..sites import hook_site, in_layer_order, module_at, site
 from ..tables import SiteTable
+from ..tp import on_local
 from .base import Backend
 
 
 def torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
+    return on_local(x, lambda x: _torch_apply(x, table, router))
+
+
+def _torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
     s = router.host_slot(table)
     if s is not None:  # eager, one plan for every token: skip identities, one add for additive maps
         if table.identity_rows[s]:

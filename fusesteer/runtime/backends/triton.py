@@ -32,6 +32,7 @@ from ..families import layer_modules
 from ..patching import foreign_forward, foreign_hooks
 from ..probe import observe_conventions
 from ..tables import SiteTable
+from ..tp import on_local
 from .base import Backend
 from .skeleton import layer_forward
 from .torch import patch_o_proj, routed_forward, tables_by_layer
@@ -183,7 +184,7 @@ class TritonBackend(Backend):
             if t_attn is not None:
                 def o_op(x, t):
                     A, B, sl = slots.args(t, x.numel() // x.shape[-1], x.device)
-                    return x if A is None else affine_map(x, A, B, sl)
+                    return x if A is None else on_local(x, lambda x: affine_map(x, A, B, sl))
                 patch_o_proj(ctx, li, layer, t_attn, o_op)
             if li + 1 < len(layers):
                 next_norm = getattr(layers[li + 1], fam.pre_attn_norm) if fam.pre_attn_norm else None
