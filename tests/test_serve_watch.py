@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -157,12 +158,27 @@ def test_replaced_file_updates_the_plan_and_requests_in_flight_keep_theirs(env):
     folder, scratch, (a, b) = env["folder"], env["scratch"], env["servers"]
     old_plan, new_plan = make_plan(env["ref"], 1), make_plan(env["ref"], 4)
     v0 = max(listing(s)["base"]["version"] for s in env["servers"])
-    # a stream that starts on the old version, with the file replaced while it runs
-    stream = a.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=N, temperature=0, stream=True,
-                                         extra_body={"steering": {"plan": "base"}, "ignore_eos": True})
-    first = next(iter(stream))
-    put(folder, "base.safetensors", plan_bytes(new_plan, scratch))
-    took = wait_for(lambda: usable_everywhere(env, "base", v0), "the new base served")
+    # a stream on the old version whose next forwards wait until the new version is in the registry: it is
+    # certainly in flight across the replacement (the watcher does not need the engine loop to make progress)
+    go, prepare, calls = threading.Event(), a.steerer.prepare, []
+
+    def held(*args):  # the prefill and one decode step run; the third forward waits
+        calls.append(1)
+        if len(calls) > 2:
+            go.wait(BOUND)
+        return prepare(*args)
+
+    a.steerer.prepare = held
+    try:
+        stream = a.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=N, temperature=0, stream=True,
+                                             extra_body={"steering": {"plan": "base"}, "ignore_eos": True})
+        first = next(iter(stream))
+        put(folder, "base.safetensors", plan_bytes(new_plan, scratch))
+        took = wait_for(lambda: usable_everywhere(env, "base", v0), "the new base served")
+        assert a.engine.active == 1  # the old-version stream is still decoding
+    finally:
+        go.set()
+        a.steerer.prepare = prepare
     print(f"replaced file served by both replicas after {took:.2f} s")
     text = first.choices[0].text + "".join(c.choices[0].text for c in stream if c.choices)
     assert text == env["tok"].decode(alone(env, old_plan))  # started on the old version: kept it to the end
@@ -217,20 +233,27 @@ def test_corrupted_replacement_is_refused_and_the_previous_version_keeps_serving
         assert e.value.code == "plan_not_usable"
 
 
-def test_file_being_written_is_read_only_once_complete(env, caplog):
+def test_file_being_written_is_never_served_half(env, caplog):
+    """A file written in place, a piece every INTERVAL / 10: never served before it is complete (the stability
+    rule keeps it unread while it grows; a writer that pauses for two polls gets its part refused, logged, and
+    read again once it changes), then served. The rule itself is tested poll by poll below."""
     caplog.set_level(logging.WARNING, logger="fusesteer.serve")
     folder, plan = env["folder"], make_plan(env["ref"], 8)
     data = plan_bytes(plan, env["scratch"])
     step = max(1, len(data) // 40)
-    with open(folder / "slow.safetensors", "wb") as f:  # written in place, a piece every INTERVAL / 4
+    with open(folder / "slow.safetensors", "wb") as f:
         for i in range(0, len(data), step):
             f.write(data[i:i + step])
             f.flush()
-            assert all("slow" not in listing(s) for s in env["servers"])
-            time.sleep(INTERVAL / 4)
+            for s in env["servers"]:
+                rec = s.registry.get("slow")
+                assert rec is None or rec.plan is None
+            time.sleep(INTERVAL / 10)
     wait_for(lambda: usable_everywhere(env, "slow"), "slow served")
     for s in env["servers"]:
         assert served(s, "slow") == alone(env, plan)
+    refused = sum("'slow'" in r.getMessage() for r in caplog.records)
+    print(f"slow file: {refused} partial read(s) refused while it was written (0 unless the writer stalled)")
 
 
 def test_uploads_and_files_sharing_a_name(env):
