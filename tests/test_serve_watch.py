@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -346,3 +349,52 @@ def test_watch_needs_a_folder_and_a_positive_interval(tok, tmp_path):
     assert main(["serve", "--plans", str(tmp_path), "--watch", "--watch-interval", "0"]) == 2
     with pytest.raises(ServerConfigError):
         Server(tiny(tok), tok, NAME, port=0, watch=True)
+
+
+def test_fusesteer_serve_watch_command(tok, tmp_path):
+    """`fusesteer serve --plans DIR --watch --watch-interval 0.1` as a process: a file added, then deleted."""
+    model = tiny(tok)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p))
+    cmd = [sys.executable, "-m", "fusesteer", "serve", "--model", str(tmp_path / "model"), "--plans", str(plans),
+           "--watch", "--watch-interval", str(INTERVAL), "--port", str(port), "--max-batch", "2", "--threads", "1"]
+    log = open(tmp_path / "serve.log", "w+")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def names():
+        return [d["name"] for d in httpx.get(url + "/v1/steering/plans", timeout=10).json()["data"]]
+
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"fusesteer serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - t0 < 120, "fusesteer serve did not start"
+            time.sleep(0.25)
+        assert names() == []
+        put(plans, "late.safetensors", plan_bytes(make_plan(model, 12), tmp_path))
+        wait_for(lambda: names() == ["late"], "late served by the command")
+        (plans / "late.safetensors").unlink()
+        wait_for(lambda: names() == [], "late removed by the command")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "serve.log").read_text()
+    assert "watching" in out and "removed" in out, out

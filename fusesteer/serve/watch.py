@@ -152,8 +152,8 @@ class PlanWatcher:
                 else:
                     self._load(name, *now)
                 done.append(name)
-            except _Changed:
-                pass  # not recorded as applied: read once it has been stable for two polls
+            except _Changed:  # not recorded as applied: read once it has been stable for two polls
+                log.info("plan %r: %s changed while it was read; not loaded yet", name, now[0])
         return done
 
     def load(self) -> list[PlanRecord]:
