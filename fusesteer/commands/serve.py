@@ -28,6 +28,10 @@ def register(sub, fmt):
                    help="embedded model name or local Hugging Face folder")
     p.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
     p.add_argument("--plans", default=None, metavar="DIR", help="folder of plans to load at start")
+    p.add_argument("--watch", action="store_true",
+                   help="keep serving what --plans DIR holds: new, changed and deleted files are picked up (replicas "
+                        "sharing one folder serve the same plans)")
+    p.add_argument("--watch-interval", type=float, default=1.0, metavar="S", help="seconds between polls of --plans")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("FUSESTEER_API_KEY"),
@@ -62,6 +66,8 @@ def run(args) -> int:
     for name in ("max_batch", "max_tokens", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise FuseSteerError(f"--{name.replace('_', '-')} must be positive")
+    if args.watch and (not args.plans or not args.watch_interval > 0):
+        raise FuseSteerError("--watch needs --plans DIR and a positive --watch-interval")
     if args.max_queue < 0:
         raise FuseSteerError("--max-queue must be >= 0")
     if args.threads is not None:
@@ -75,7 +81,7 @@ def run(args) -> int:
     srv = Server(model, tok, name, plans_dir=args.plans, host=args.host, port=args.port, api_key=args.api_key,
                  max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                  max_model_len=args.max_model_len, backend=args.backend, plan_slots=args.plan_slots,
-                 max_plan_bytes=args.max_plan_bytes)
+                 max_plan_bytes=args.max_plan_bytes, watch=args.watch, watch_interval=args.watch_interval)
     print(f"fusesteer serve: {name} on http://{args.host}:{args.port}/v1 ({len(srv.registry)} plan(s), backend "
           f"{srv.steerer.backend}, max batch {args.max_batch})", flush=True)
     srv.run()

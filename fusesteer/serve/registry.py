@@ -17,7 +17,6 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
@@ -189,38 +188,32 @@ class PlanRegistry:
         with self._lock:
             return self._plans.pop(name)  # KeyError if absent
 
+    def delete_version(self, name: str, version: int) -> PlanRecord | None:
+        """Remove ``name`` only if it is still at ``version`` (a plan replaced since, e.g. by an upload, stays)."""
+        with self._lock:
+            rec = self._plans.get(name)
+            if rec is None or rec.version != version:
+                return None
+            return self._plans.pop(name)
+
+    def add_unusable(self, name: str, source: str, error: str) -> PlanRecord | None:
+        """Record that the file for ``name`` cannot be used (listed with its reason; requests naming it get a 400),
+        unless a usable plan holds the name: a bad file never replaces a good plan. None when nothing was recorded."""
+        with self._lock:
+            cur = self._plans.get(name)
+            if (cur is not None and cur.plan is not None) or (cur is None and len(self._plans) >= self.max_plans):
+                return None
+            rec = PlanRecord(name, self._next_version(), None, source, sniff_kind(b""), error=error)
+            self._plans[name] = rec
+            return rec
+
     def load_dir(self, folder: str | os.PathLike) -> list[PlanRecord]:
-        """Register every *.safetensors / *.gguf in ``folder`` under its file stem. A file that cannot be used
-        with this model is kept as an unusable record carrying the reason (requests naming it get a 400)."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise PlanError(f"--plans {str(folder)!r} is not a folder")
-        out = []
-        for path in sorted(folder.iterdir()):
-            if path.suffix not in PLAN_SUFFIXES or not path.is_file():
-                continue
-            name = path.stem
-            try:
-                self.check_name(name)
-            except PlanError as e:
-                log.warning("skipping %s: %s", path, e)
-                continue
-            if name in self._plans:
-                log.warning("skipping %s: a plan named %r is already loaded", path, name)
-                continue
-            src = f"dir:{path}"
-            try:
-                size = path.stat().st_size
-                if size > self.max_plan_bytes:
-                    raise PlanError(f"{path}: {size} bytes, over the {self.max_plan_bytes} byte limit")
-                rec = self.add_bytes(name, path.read_bytes(), source=src)
-            except (PlanError, OSError) as e:
-                log.warning("plan %r from %s is not usable: %s", name, path, e)
-                with self._lock:
-                    rec = PlanRecord(name, self._next_version(), None, src, sniff_kind(b""), error=str(e))
-                    self._plans[name] = rec
-            out.append(rec)
-        return out
+        """Register every *.safetensors / *.gguf in ``folder`` under its file stem, once (``fusesteer serve --plans
+        DIR`` without --watch). A file that cannot be used with this model is kept as an unusable record carrying
+        the reason (requests naming it get a 400). The rules are :class:`~fusesteer.serve.watch.PlanWatcher`'s."""
+        from .watch import PlanWatcher
+
+        return PlanWatcher(self, folder).load()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .engine import Engine
 from .metrics import Metrics
 from .registry import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLAN_ENTRIES, PlanRegistry
 from .steer import Steerer
+from .watch import PlanWatcher
 
 log = logging.getLogger("fusesteer.serve")
 
@@ -44,7 +45,7 @@ class Server:
                  api_key: str | None = None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 512,
                  max_model_len: int | None = None, backend: str = "auto", plan_slots: int | None = None,
                  max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 4096,
-                 max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES):
+                 max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES, watch: bool = False, watch_interval: float = 1.0):
         from ..runtime.plan import ModelSpec
 
         check_options(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_model_len=max_model_len,
@@ -55,8 +56,11 @@ class Server:
         self.metrics = Metrics()
         self.registry = PlanRegistry(ModelSpec.from_model(model), max_plan_bytes=max_plan_bytes,
                                      max_plan_entries=max_plan_entries)
+        if watch and (plans_dir is None or not watch_interval > 0):
+            raise ServerConfigError(f"--watch needs --plans DIR and a positive --watch-interval ({watch_interval!r})")
+        self.watcher = PlanWatcher(self.registry, plans_dir, watch_interval) if watch else None  # runs with the engine
         if plans_dir is not None:
-            recs = self.registry.load_dir(plans_dir)
+            recs = self.watcher.load() if watch else self.registry.load_dir(plans_dir)
             log.info("loaded %d plan(s) from %s", sum(r.plan is not None for r in recs), plans_dir)
         ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.config = ServerConfig(model_name=model_name, max_tokens=max_tokens,
@@ -100,6 +104,8 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         """Serve on a background thread; returns once listening (``self.port`` is the bound port)."""
         self.engine.start()
+        if self.watcher is not None:
+            self.watcher.start(self.engine)
         self._uv = self._uvicorn()
         self._thread = threading.Thread(target=self._uv.run, name="fusesteer-http", daemon=True)
         self._thread.start()
@@ -124,12 +130,16 @@ class Server:
         self._close()
 
     def _close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.engine.stop()
         self.steerer.close()
         self.app.state.work.shutdown(wait=False, cancel_futures=True)
 
     def run(self) -> None:
         self.engine.start()
+        if self.watcher is not None:
+            self.watcher.start(self.engine)
         try:
             self._uvicorn().run()
         finally:
