@@ -26,8 +26,9 @@ class Site:
     # and bias, bias += b), "bias" (a = 1 only: bias += b, after the rows+bias site of the same linear)
     fold: str
     # the modules a folded map moves across, from the site to the linear: (path in the layer, whether that
-    # module's output hooks see the map's other side); another library's forward wrapper there, or output hooks
-    # where flagged, keeps the map from folding
+    # module's output hooks would see the map's other side: the site's own module's do not, since an output
+    # map runs before its module's forward hooks on every backend); another library's forward wrapper there, or
+    # output hooks where flagged, keeps the map from folding
     fold_across: tuple = ()
 
 
@@ -37,9 +38,9 @@ _RECORDS = (
     Site("mlp.down_proj.in", 1, "intermediate_size", "input", "mlp.down_proj", "mlp.down_proj", "columns",
          (("mlp.down_proj", False),)),
     Site("mlp.out", 2, "hidden_size", "output", "mlp", "mlp.down_proj", "rows+bias",
-         (("mlp.down_proj", True), ("mlp", True))),
+         (("mlp.down_proj", True), ("mlp", False))),
     Site("layer.out", 3, "hidden_size", "output", "", "mlp.down_proj", "bias",
-         (("mlp.down_proj", True), ("mlp", True), ("", True))),
+         (("mlp.down_proj", True), ("mlp", True), ("", False))),
 )
 REGISTRY = {s.name: s for s in _RECORDS}
 #: site names in the order the docs list them
@@ -67,7 +68,12 @@ def module_at(layer, path: str):
 
 def hook_site(layer, name: str, fn):
     """Register a hook that calls ``fn(x)`` with the site's activation; a tensor it returns replaces x.
-    Returns the hook handle."""
+    Returns the hook handle.
+
+    An output site's hook runs *first* among the module's forward hooks (``prepend``): the site is the module's
+    output, so every other forward hook (transformers' own output capture, another library's) sees it as the
+    fused backends produce it, after the map. An input site's hook runs after the pre-hooks already there, as
+    the input the module's forward receives."""
     rec = site(name)
     mod = module_at(layer, rec.path)
     if rec.where == "output":
@@ -77,7 +83,7 @@ def hook_site(layer, name: str, fn):
             if y is None:
                 return None
             return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
-        return mod.register_forward_hook(post)
+        return mod.register_forward_hook(post, prepend=True)
 
     def pre(m, args, kwargs):
         if args:

@@ -207,14 +207,6 @@ class PlanRegistry:
             self._plans[name] = rec
             return rec
 
-    def load_dir(self, folder: str | os.PathLike) -> list[PlanRecord]:
-        """Register every *.safetensors / *.gguf in ``folder`` under its file stem, once (``fusesteer serve --plans
-        DIR`` without --watch). A file that cannot be used with this model is kept as an unusable record carrying
-        the reason (requests naming it get a 400). The rules are :class:`~fusesteer.serve.watch.PlanWatcher`'s."""
-        from .watch import PlanWatcher
-
-        return PlanWatcher(self, folder).load()
-
 
 # --------------------------------------------------------------------------------------------------
 # per-request steering

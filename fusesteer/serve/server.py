@@ -59,8 +59,8 @@ class Server:
         if watch and (plans_dir is None or not watch_interval > 0):
             raise ServerConfigError(f"--watch needs --plans DIR and a positive --watch-interval ({watch_interval!r})")
         self.watcher = PlanWatcher(self.registry, plans_dir, watch_interval) if watch else None  # runs with the engine
-        if plans_dir is not None:
-            recs = self.watcher.load() if watch else self.registry.load_dir(plans_dir)
+        if plans_dir is not None:  # once, or then watched: the same rules (fusesteer.serve.watch)
+            recs = (self.watcher or PlanWatcher(self.registry, plans_dir)).load()
             log.info("loaded %d plan(s) from %s", sum(r.plan is not None for r in recs), plans_dir)
         ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.config = ServerConfig(model_name=model_name, max_tokens=max_tokens,

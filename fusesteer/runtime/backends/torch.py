@@ -21,8 +21,7 @@ import torch
 
 from ...formula import affine
 from ..compat import layer_positions, merged_kwargs, positional_names
-from ..patching import foreign_hooks
-from ..sites import hook_site, in_layer_order, module_at, site
+from ..sites import in_layer_order, module_at, site
 from ..tables import SiteTable
 from ..tp import on_local
 from .base import Backend
@@ -95,17 +94,6 @@ def routed_forward(ctx, layer, forward):
     return wrapped
 
 
-def _after_hooks(ctx, layer_idx: int, layer, name: str, maps, op) -> bool:
-    """An output site whose module carries another library's forward hooks: the map goes in a forward hook
-    registered after them (as the ``reference`` backend's does), so it acts on what those hooks return, not
-    before them. Returns whether it did; without such hooks the map is inlined into the forward."""
-    if foreign_hooks(module_at(layer, site(name).path), "output") is None:
-        return False
-    check, table = ctx.checker(layer_idx, name), maps[name]
-    ctx.patcher.add_hook(hook_site(layer, name, lambda x: check(op(x, table))))
-    return True
-
-
 class TorchBackend(Backend):
     name = "torch"
     apply = staticmethod(torch_apply)
@@ -127,12 +115,12 @@ class TorchBackend(Backend):
                 rec = site(name)
                 if rec.where == "input":  # attn.o_proj.in, mlp.down_proj.in: the input of the module at its path
                     patch_input(ctx, layer_idx, module_at(layer, rec.path), name, maps[name], op)
-            if "mlp.out" in maps and not _after_hooks(ctx, layer_idx, layer, "mlp.out", maps, op):
+            if "mlp.out" in maps:
                 mlp = layer.mlp
                 patcher.set_forward(mlp, mapped_output(patcher.original_forward(mlp), maps["mlp.out"], op,
                                                        ctx.checker(layer_idx, "mlp.out")))
             forward = patcher.original_forward(layer)
-            if "layer.out" in maps and not _after_hooks(ctx, layer_idx, layer, "layer.out", maps, op):
+            if "layer.out" in maps:
                 forward = mapped_output(forward, maps["layer.out"], op, ctx.checker(layer_idx, "layer.out"))
             patcher.set_forward(layer, routed_forward(ctx, layer, forward))
         self._install_stack(ctx)

@@ -145,23 +145,24 @@ class TritonBackend(Backend):
     @staticmethod
     def refuse_reordered(parts, tables) -> None:
         """AttachError for another library's hooks that would run on the other side of a map than they do with
-        the ``reference`` hooks: forward hooks on a layer whose ``layer.out`` map the fused residual kernel
-        applies inside the layer (the reference applies it after them), forward pre-hooks on a ``down_proj``
-        whose input map the fused GLU kernel applies before calling it (the reference after them)."""
+        the ``reference`` hooks: forward pre-hooks on a ``down_proj`` whose input map the fused GLU kernel applies
+        before calling it (the reference applies it after them, as the input ``down_proj``'s forward gets), and
+        forward hooks on a sparse MoE block whose ``mlp.out`` map runs after calling it (the reference's runs
+        first among the block's forward hooks)."""
         for (li, name) in sorted(tables):
-            if name == "layer.out":
-                mod, kind, full = parts.layers[li], "output", f"model.layers.{li}"
-            elif name == "mlp.down_proj.in" and hasattr(parts.layers[li].mlp, "down_proj"):
-                mod, kind, full = parts.layers[li].mlp.down_proj, "input", f"model.layers.{li}.mlp.down_proj"
+            mlp = parts.layers[li].mlp
+            if name == "mlp.down_proj.in" and hasattr(mlp, "down_proj"):
+                mod, kind, full = mlp.down_proj, "input", f"model.layers.{li}.mlp.down_proj"
+            elif name == "mlp.out" and not hasattr(mlp, "down_proj"):
+                mod, kind, full = mlp, "output", f"model.layers.{li}.mlp"
             else:
                 continue
             what = foreign_hooks(mod, kind)
             if what is not None:
                 raise AttachError(
                     f"{full} has {what} installed by another library, and the 'triton' backend applies the "
-                    f"{name} map of layer {li} inside its fused kernel, on the other side of that hook from where "
-                    f"the reference applies it: attach with backend='torch' (which runs the map after such "
-                    f"hooks, like the reference) or 'reference', or remove the hook first")
+                    f"{name} map of layer {li} on the other side of that hook from where the reference applies it: "
+                    f"attach with backend='torch' or 'reference', or remove the hook first")
 
     def install(self, ctx) -> None:
         parts, patcher = ctx.parts, ctx.patcher
