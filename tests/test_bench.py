@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fusesteer.bench as bench  # noqa: E402
-from fusesteer.bench import thresholds as TH  # noqa: E402
+from fusesteer import tolerances as TH  # noqa: E402
 from fusesteer.bench.options import VERBS  # noqa: E402
 from fusesteer.cli import main as cli_main  # noqa: E402
 

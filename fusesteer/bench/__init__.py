@@ -14,7 +14,7 @@ Modules: :mod:`~fusesteer.bench.options` (the command-line options of each suite
 into sub-commands), :mod:`~fusesteer.bench.runner` (runs a parsed command line),
 :mod:`~fusesteer.bench.parity` (every backend and the peers vs the reference hooks),
 :mod:`~fusesteer.bench.latency` (interleaved paired step timing), :mod:`~fusesteer.bench.report` (JSON,
-Markdown, plots), :mod:`~fusesteer.bench.thresholds` (the parity thresholds shared with the tests),
+Markdown, plots), :mod:`fusesteer.tolerances` (the parity thresholds shared with the tests),
 :mod:`~fusesteer.bench.gpu` / :mod:`~fusesteer.bench.gpu_kernels` (the GPU run),
 :mod:`~fusesteer.bench.traffic` (the bytes each kernel call and decode step moves), :mod:`~fusesteer.bench.serve`
 (the serve load test), :mod:`~fusesteer.bench.common` (machine info, models, plans, arms),

@@ -37,9 +37,9 @@ import torch
 import fusesteer as fs
 from fusesteer.runtime.compat import output_cache, with_cache
 
+from .. import tolerances as TH
 from . import common as C
 from . import gpu_kernels as GK
-from . import thresholds as TH
 from . import traffic as TR
 from .paths import resolve_out
 

@@ -17,7 +17,7 @@ step by step (not only until the first divergence). Reported per (model, dtype, 
   of the arm and of the reference at that dtype (is the arm further from the fp32 result than the
   reference's own rounding puts it?). Informational; the gate uses the tests' thresholds.
 
-The gate (:mod:`fusesteer.bench.thresholds`, the tests' thresholds) fails on any ``FAIL``, ``ERROR`` or ``vacuous``
+The gate (:mod:`fusesteer.tolerances`, the tests' thresholds) fails on any ``FAIL``, ``ERROR`` or ``vacuous``
 row. ``n/a`` rows are arms that refuse the plan by design (e.g. ``fold`` with per-row plans), ``skipped``
 rows could not run here (with the reason).
 """
@@ -34,8 +34,8 @@ from fusesteer.errors import AttachError, ContractError, FuseSteerError
 from fusesteer.methods.capture import site_recorder
 from fusesteer.runtime.compat import output_cache, with_cache
 
+from .. import tolerances as TH
 from . import common as C
-from . import thresholds as TH
 
 PLAN_KINDS = ("affine", "blend+gains", "additive", "per-row")
 GATED_BAD = ("FAIL", "ERROR", "vacuous")

@@ -86,7 +86,7 @@ def parity_md(doc: dict) -> list[str]:
     cnt = ", ".join(f"{k}: {v}" for k, v in r["counts"].items())
     L += [f"- gate: **{'PASS' if r['ok'] else 'FAIL'}** ({cnt}); {r['seconds']} s; prompt {r['config']['batch']}"
           f" × {r['config']['prompt_len']} tokens, {r['config']['steps']} teacher-forced greedy steps",
-          "- thresholds (fusesteer/bench/thresholds.py, the tests' thresholds): " + "; ".join(
+          "- thresholds (fusesteer/tolerances.py, the tests' thresholds): " + "; ".join(
               f"{k}: {v['max_abs_logit']}" for k, v in r["thresholds"].items() if isinstance(v, dict)),
           f"- peers: {', '.join(f'{k} {v}' for k, v in r['peers'].items())}"]
     tq = r["config"].get("triton_quick_rows")
