@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import fusesteer as fs
-from fusesteer.runtime.backends.base import fused_backend_name
+from fusesteer.runtime.backends import resolve
 from fusesteer.runtime.compat import output_cache, with_cache
 from fusesteer.timing import (
     ArmResult,
@@ -215,7 +215,7 @@ def run_latency(cfg: LatencyConfig) -> dict:
     else:
         loaded = C.real_model(cfg.model, "fp32", device)
     model = loaded.model
-    fused = fused_backend_name(device)
+    fused = resolve("auto", model, per_row=True)  # the fused backend auto runs on this model (the one rule)
     plans = {
         "blend+gains": C.blend_gains_plan(model, seed=cfg.seed, k=cfg.k),
         "additive": C.additive_plan(model, seed=cfg.seed),
