@@ -4,7 +4,6 @@ back-pressure, the queue limit."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fusesteer.serve.requests import GenRequest, Status
