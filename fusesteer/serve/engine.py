@@ -375,6 +375,8 @@ class Engine:
             done = self._sample_rows(dec, logits, time.perf_counter(), "generated")
             self._retire([r for r, d in zip(dec, done) if d])
             self.steps += 1
+        if not self._rows:  # idle: leave the model routed as one unsteered row (as a lone request leaves it)
+            self.steerer.prepare([None], [0])
         dt = time.perf_counter() - t0
         self.metrics.add_time("step", dt)
         self.step_time_ema = 0.9 * self.step_time_ema + 0.1 * dt

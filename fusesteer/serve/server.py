@@ -47,7 +47,7 @@ class Server:
     def __init__(self, model, tokenizer, model_name: str, plans_dir=None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 512,
                  max_model_len: int | None = None, backend: str = "auto", plan_slots: int | None = None,
-                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 4096,
+                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 512,
                  max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES, kv_cache_tokens: int | None = None,
                  compile: bool | None = None, compile_backend: str = "inductor", decode_buckets=None,
                  prefix_cache: bool = True):
