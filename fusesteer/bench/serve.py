@@ -46,6 +46,9 @@ PROMPTS = ["Tell me about the history of the city of", "Write a short story abou
            "Describe a day in the life of a", "What are the benefits of regular", "Once upon a time in a small"]
 
 
+LONG_STREAM_TOKENS = 256  # tokens of each running stream in the --long-prompt measurement
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -239,9 +242,9 @@ async def _long_prompt_itl(url: str, model: str, prompt_tokens: int, streams: in
 
     long_prompt = " ".join(["word"] * prompt_tokens)  # one token per word with SmolLM2's tokenizer (+-1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        runs = [asyncio.create_task(_one(client, url, model, PROMPTS[i % len(PROMPTS)], None, 96))
+        runs = [asyncio.create_task(_one(client, url, model, PROMPTS[i % len(PROMPTS)], None, LONG_STREAM_TOKENS))
                 for i in range(streams)]
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(1.0)
         t0 = time.perf_counter()
         big = await _one(client, url, model, long_prompt, None, 1)
         t1 = big["stamps"][0] if big["stamps"] else time.perf_counter()
@@ -362,7 +365,8 @@ def cli(args) -> int:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         res["machine"] = machine_info(dev)
         extra = args.serve_args.split() if args.serve_args else []
-        srv = ServerProc(args.model, plans_dir, max(args.clients), args.max_tokens, args.backend, args.threads,
+        cap = max(args.max_tokens, LONG_STREAM_TOKENS) if args.long_prompt else args.max_tokens
+        srv = ServerProc(args.model, plans_dir, max(args.clients), cap, args.backend, args.threads,
                          out / "server.log", extra)
         peer = None
         try:
