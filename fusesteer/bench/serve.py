@@ -148,9 +148,10 @@ class PeerProc(ServerProc):
 
 
 async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_tokens: int,
-               scale: float | None = None) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+               scale: float | None = None, ignore_eos: bool = True) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if ignore_eos:  # fusesteer's extension (the peer refuses unknown fields)
+        body["ignore_eos"] = True
     if plan is not None:
         body["steering"] = {"plan": plan} if scale is None else {"plan": plan, "scale": scale}
     t0 = time.perf_counter()
@@ -186,7 +187,7 @@ async def _arm(url: str, model: str, clients: int, requests: int, max_tokens: in
                 if time.perf_counter() - t_start > time_cap:
                     return
                 results.append(await _one(client, url, model, rng.choice(PROMPTS), f"row{i}" if steered else None,
-                                          max_tokens))
+                                          max_tokens, ignore_eos=name is None))
 
         await asyncio.gather(*(worker(i) for i in range(clients)))
     wall = time.perf_counter() - t_start
