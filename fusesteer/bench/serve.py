@@ -47,6 +47,7 @@ PROMPTS = ["Tell me about the history of the city of", "Write a short story abou
 
 
 LONG_STREAM_TOKENS = 256  # tokens of each running stream in the --long-prompt measurement
+LONG_STREAMS = 4  # running streams in the --long-prompt measurement
 
 
 def _free_port() -> int:
@@ -236,7 +237,7 @@ async def _first_use(url: str, model: str) -> dict:
             "warm_ttft_s": round(warm["stamps"][0] - warm["t0"], 4)}
 
 
-async def _long_prompt_itl(url: str, model: str, prompt_tokens: int, streams: int = 4) -> dict:
+async def _long_prompt_itl(url: str, model: str, prompt_tokens: int, streams: int = LONG_STREAMS) -> dict:
     """ITL of ``streams`` running requests while a ``prompt_tokens``-token prompt arrives (from its send to its
     first token), and that prompt's TTFT."""
     import httpx
@@ -367,8 +368,8 @@ def cli(args) -> int:
         res["machine"] = machine_info(dev)
         extra = args.serve_args.split() if args.serve_args else []
         cap = max(args.max_tokens, LONG_STREAM_TOKENS) if args.long_prompt else args.max_tokens
-        srv = ServerProc(args.model, plans_dir, max(args.clients), cap, args.backend, args.threads,
-                         out / "server.log", extra)
+        rows = max(max(args.clients), LONG_STREAMS + 1 if args.long_prompt else 1)
+        srv = ServerProc(args.model, plans_dir, rows, cap, args.backend, args.threads, out / "server.log", extra)
         peer = None
         try:
             srv.wait_ready()
@@ -453,7 +454,7 @@ def _finish(res: dict, args, out: Path) -> int:
         for a in res["arms"]:
             if a["clients"] == c:
                 by_round.setdefault(a["round"], {})[a["arm"]] = a["tokens_per_s"]
-        paired = [r["steered"] / r["unsteered"] for r in by_round.values() if len(r) == 2]
+        paired = [r["steered"] / r["unsteered"] for r in by_round.values() if "steered" in r and "unsteered" in r]
         ratios[str(c)] = {
             "pooled": round(get[(c, "steered")]["tokens_per_s"] / get[(c, "unsteered")]["tokens_per_s"], 3),
             "median_of_rounds": round(statistics.median(paired), 3), "rounds": [round(x, 3) for x in paired]}
