@@ -251,7 +251,8 @@ async def _long_prompt_itl(url: str, model: str, prompt_tokens: int, streams: in
         big = await _one(client, url, model, long_prompt, None, 1)
         t1 = big["stamps"][0] if big["stamps"] else time.perf_counter()
         done = await asyncio.gather(*runs)
-    itl = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if t0 <= b <= t1]
+    # every gap between two tokens of a running stream that overlaps [send, first token of the long prompt]
+    itl = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if a < t1 and b > t0]
     return {"prompt_tokens": prompt_tokens, "streams": streams, "long_prompt_ttft_s": round(t1 - t0, 3),
             "itl_samples": len(itl), "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
             "itl_max_s": max(itl) if itl else None}
