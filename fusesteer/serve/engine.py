@@ -375,8 +375,6 @@ class Engine:
             done = self._sample_rows(dec, logits, time.perf_counter(), "generated")
             self._retire([r for r, d in zip(dec, done) if d])
             self.steps += 1
-        if not self._rows:  # idle: leave the model routed as one unsteered row (as a lone request leaves it)
-            self.steerer.prepare([None], [0])
         dt = time.perf_counter() - t0
         self.metrics.add_time("step", dt)
         self.step_time_ema = 0.9 * self.step_time_ema + 0.1 * dt
@@ -415,6 +413,8 @@ class Engine:
         if not rows:
             return
         gone = set(map(id, rows))
+        if all(id(r) in gone for r in self._rows):  # idle next: leave the model routed as one unsteered row (as
+            self.steerer.prepare([None], [0])  # a lone request leaves it) before the last client hears back
         for r in rows:
             if not r.req.done:
                 self._finish(r.req, r.req.cancel_reason)
