@@ -1,12 +1,11 @@
-"""The server's admission policy (``serve/scheduler.py``) and batch KV surgery (``serve/kv.py``), with no model
-and no server: FIFO, the row limit, the prefill token cap, plan-slot back-pressure, the queue limit."""
+"""The server's admission policy (``serve/scheduler.py``), KV slots and masks (``serve/kv.py``) and the prefix
+cache (``serve/prefix.py``), with no model and no server: FIFO, the row limit, the prefill token cap, plan-slot
+back-pressure, the queue limit."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from fusesteer.serve.kv import Batch, merge_batches, select_rows, zero_padding
 from fusesteer.serve.requests import GenRequest, Status
 from fusesteer.serve.scheduler import Admission, Limits, Waiting, admit, queue_has_room, retry_after
 
@@ -107,67 +106,59 @@ def test_request_status_and_cancel():
     assert req.done
 
 
-# ---- KV batch surgery --------------------------------------------------------------------------------------
+# ---- KV slots, masks and the prefix cache -----------------------------------------------------------------
 
 
-def _kv(rows, t, layers=2):
-    g = torch.Generator().manual_seed(rows * 100 + t)
-    return [(torch.randn(rows, 2, t, 3, generator=g), torch.randn(rows, 2, t, 3, generator=g))
-            for _ in range(layers)]
+def test_slot_cache_writes_per_row_columns_and_moves_slots():
+    from fusesteer.serve.kv import SlotCache
+
+    c = SlotCache(rows=3, max_len=6, n_layers=1)
+    k = torch.arange(2 * 2 * 1 * 2, dtype=torch.float32).view(2, 2, 1, 2) + 1  # [batch, heads, q, dim]
+    c.write, c.span, c.slots = torch.tensor([[4], [c.scratch]]), torch.zeros(2, 1, 1, 5, dtype=torch.bool), None
+    kk, vv = c.update(k, -k, 0)
+    assert kk.shape == (2, 2, 5, 2) and c.key_cache[0].shape == (3, 2, 7, 2)
+    assert torch.equal(c.key_cache[0][0, :, 4], k[0, :, 0]) and torch.equal(c.value_cache[0][1, :, 6], -k[1, :, 0])
+    assert not c.key_cache[0][1, :, :6].any()  # an idle row writes its scratch column only
+    c.slots = torch.tensor([2])  # a gathered (prefill) forward into slot 2
+    c.write = torch.tensor([[0]])
+    c.update(k[:1], -k[:1], 0)
+    assert torch.equal(c.key_cache[0][2, :, 0], k[0, :, 0])
+    c.copy(0, 1, 5)
+    assert torch.equal(c.key_cache[0][1, :, :5], c.key_cache[0][0, :, :5])
+    c.zero(0)
+    assert not c.key_cache[0][0].any() and not c.value_cache[0][0].any()
 
 
-def test_merge_left_pads_the_shorter_batch():
-    a, b = _kv(2, 3), _kv(1, 5)
-    ma, mb = torch.ones(2, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)
-    kv, mask = merge_batches(a, ma, b, mb)
-    assert mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    for (k, v), (ka, va), (kb, vb) in zip(kv, a, b):
-        assert k.shape == (3, 2, 5, 3)
-        assert torch.equal(k[:2, :, 2:], ka) and torch.equal(v[2:], vb) and not k[:2, :, :2].any()
-    kv, mask = merge_batches(None, None, b, mb)
-    assert kv is b and mask is mb
+def test_attention_masks_per_row_and_window():
+    from fusesteer.serve.kv import attention_mask
+
+    m = attention_mask(torch.tensor([[2], [0]]), 4, {"full_attention": None}, "sdpa", torch.float32)
+    assert m.shape == (2, 1, 1, 4) and m[:, 0, 0].tolist() == [[True, True, True, False], [True, False, False, False]]
+    d = attention_mask(torch.tensor([[1, 3]]), 4, {"full_attention": None, "sliding_attention": 2}, "eager",
+                       torch.float32)
+    assert (d["sliding_attention"][0, 0] == 0).tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert (d["full_attention"][0, 0] == 0).tolist() == [[True, True, False, False], [True, True, True, True]]
 
 
-def test_select_keeps_rows_and_cuts_common_padding():
-    kv = _kv(3, 6)
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    out, m = select_rows(kv, mask, [0, 1], [3, 4])
-    assert m.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
-    assert torch.equal(out[0][0], kv[0][0][:2, :, 2:])
-    out, m = select_rows(kv, mask, [0, 1, 2], [3, 4, 6])
-    assert torch.equal(out[1][1], kv[1][1]) and torch.equal(m, mask)
-    assert select_rows(kv, mask, [], []) == (None, None)
+def test_prefix_cache_shares_only_with_the_same_prompt_steering():
+    import fusesteer as fs
+    from fusesteer.serve.prefix import PrefixCache, prompt_key
 
-
-def test_zero_padding_clears_pad_columns_only():
-    kv = [(torch.full((2, 1, 3, 2), float("nan")), torch.ones(2, 1, 3, 2))]
-    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    out = zero_padding(kv, mask)
-    assert out[0][0][0, :, 0].eq(0).all() and out[0][0][0, :, 1:].isnan().all() and out[0][1][0, :, 0].eq(0).all()
-    full = torch.ones(2, 3, dtype=torch.long)
-    assert zero_padding(kv, full) is kv
-    # finite pad entries give x * 0, bit for bit what the multiply-by-mask gave before (a signed zero);
-    # +-Inf gives 0 where x * 0 was NaN
-    k = torch.tensor([-1.5, 2.0, float("inf"), float("-inf")]).view(4, 1, 1, 1).expand(4, 1, 2, 1).contiguous()
-    out = zero_padding([(k, k)], torch.tensor([[0, 1]] * 4))[0][0][:, 0, 0, 0]
-    assert out.eq(0).all() and out.signbit().tolist() == [True, False, False, False]
-
-
-def test_batch_append_and_keep_through_a_real_cache():
-    pytest.importorskip("transformers")
-    from fusesteer.runtime.compat import cache_from_tensors, cache_tensors
-
-    b = Batch()
-    first = _kv(2, 4)
-    b.append(cache_from_tensors(first), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), [0, 1], [3, 4])
-    second = _kv(1, 2)
-    b.append(cache_from_tensors(second), torch.ones(1, 2, dtype=torch.long), [0], [2])
-    assert b.mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]
-    k = cache_tensors(b.cache)[0][0]
-    assert torch.equal(k[1], first[0][0][1]) and torch.equal(k[2, :, 2:], second[0][0][0])
-    assert not k[0, :, 0].any()  # the pad column was zeroed on the way in
-    assert b.next_mask().shape == (3, 5)
-    b.keep([2], [2])
-    assert b.mask.tolist() == [[1, 1]] and torch.equal(cache_tensors(b.cache)[1][1][0], second[1][1][0])
-    b.keep([], [])
-    assert b.cache is None and b.mask is None
+    model = fs.testing.tiny("llama")
+    plan = fs.SteeringPlan.for_model(model)
+    w = model.config.hidden_size
+    plan.add(layer=0, site="layer.out", b=torch.ones(w), gating="generated")
+    assert prompt_key("gen#1@1.0", plan) is None  # generated-only: shares the unsteered prompt KV
+    plan.add(layer=1, site="layer.out", b=torch.ones(w), gating="prompt")
+    assert prompt_key("gen#1@1.0", plan) == "gen#1@1.0"
+    assert prompt_key(None, None) is None and prompt_key("a", None) == "a"
+    p = PrefixCache(4)
+    p.offer(2, [1, 2, 3, 4, 5], "a")
+    p.offer(3, [1, 2, 3], None)
+    assert p.lookup([1, 2, 3, 4, 5, 6], "b") == (-1, 0)  # another plan's prompt KV is never reused
+    assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (2, 5)
+    assert p.lookup([1, 2, 3, 4, 5], "a") == (2, 4)  # the last prompt token is always recomputed
+    assert p.lookup([1, 2, 9, 7], None, live=[(0, [1, 2, 9, 9], None)]) == (0, 3)
+    assert p.pick([1, 2, 3]) == 1 and p.pick([2, 3]) == 3  # plain slots first, then the least recently used
+    p.forget(2)
+    assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (-1, 0)

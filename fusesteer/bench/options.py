@@ -121,6 +121,14 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--sequential-clients", type=int, default=8)
     p.add_argument("--backend", default="auto", choices=SERVE_BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server process")
+    p.add_argument("--serve-args", default="", metavar="'FLAGS'",
+                   help="extra `fusesteer serve` flags, e.g. '--compile' or '--max-prefill-tokens 4096'")
+    p.add_argument("--peer", default="none", choices=["none", "transformers", "transformers-compile"],
+                   help="also run `transformers serve --continuous-batching` (optionally --compile) on the same "
+                        "model, unsteered, interleaved with the fusesteer arms (its tokens counted as streamed)")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
+                   help="then: ITL of 4 running streams while a prompt of about TOKENS tokens arrives")
+    p.add_argument("--no-sequential", action="store_true", help="skip the --max-batch 1 server")
     p.add_argument("--out", default=None, help=OUT_HELP.format(sub="/serve"))
     p.add_argument("--quick", action="store_true", help="1 and 2 clients, 1 request, 8 tokens (a smoke run)")
 

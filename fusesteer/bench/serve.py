@@ -46,6 +46,10 @@ PROMPTS = ["Tell me about the history of the city of", "Write a short story abou
            "Describe a day in the life of a", "What are the benefits of regular", "Once upon a time in a small"]
 
 
+LONG_STREAM_TOKENS = 256  # tokens of each running stream in the --long-prompt measurement
+LONG_STREAMS = 4  # running streams in the --long-prompt measurement
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -65,7 +69,7 @@ class ServerProc:
     """`fusesteer serve` in a subprocess, listening on 127.0.0.1 only."""
 
     def __init__(self, model: str, plans: str, max_batch: int, max_tokens: int, backend: str, threads: int | None,
-                 log_path: Path):
+                 log_path: Path, extra: list | None = None):
         self.port = _free_port()
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
@@ -76,6 +80,7 @@ class ServerProc:
                     "--max-queue", "1024", "--max-tokens", str(max_tokens), "--backend", backend]
         if threads:
             self.cmd += ["--threads", str(threads)]
+        self.cmd += list(extra or [])
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
@@ -100,7 +105,7 @@ class ServerProc:
         raise RuntimeError(f"the server did not come up in {timeout:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None:  # our own child, by its process object
             self.proc.terminate()
             try:
                 self.proc.wait(20)
@@ -110,10 +115,44 @@ class ServerProc:
         self.log.close()
 
 
+class PeerProc(ServerProc):
+    """``transformers serve MODEL_DIR --continuous-batching`` (the peer arm) on 127.0.0.1, offline."""
+
+    def __init__(self, model_dir: str, threads: int | None, log_path: Path, compile: bool = False):
+        self.port = _free_port()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        exe = Path(sys.executable).with_name("transformers")
+        self.cmd = [str(exe), "serve", model_dir, "--continuous-batching", "--host", HOST, "--port", str(self.port)]
+        if compile:
+            self.cmd.append("--compile")
+        self.model_id = model_dir
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"transformers serve did not come up in {timeout:.0f} s; see {self.log.name}")
+
+
 async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_tokens: int,
-               scale: float | None = None) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+               scale: float | None = None, ignore_eos: bool = True) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if ignore_eos:  # fusesteer's extension (the peer refuses unknown fields)
+        body["ignore_eos"] = True
     if plan is not None:
         body["steering"] = {"plan": plan} if scale is None else {"plan": plan, "scale": scale}
     t0 = time.perf_counter()
@@ -134,7 +173,9 @@ async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_
 
 
 async def _arm(url: str, model: str, clients: int, requests: int, max_tokens: int, steered: bool,
-               time_cap: float, usage_tokens) -> dict:
+               time_cap: float, usage_tokens, name: str | None = None) -> dict:
+    """``name``: an arm of another server (the peer): its tokens are counted from the streamed chunks (it may
+    stop at EOS), not assumed to be ``max_tokens``."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -147,15 +188,16 @@ async def _arm(url: str, model: str, clients: int, requests: int, max_tokens: in
                 if time.perf_counter() - t_start > time_cap:
                     return
                 results.append(await _one(client, url, model, rng.choice(PROMPTS), f"row{i}" if steered else None,
-                                          max_tokens))
+                                          max_tokens, ignore_eos=name is None))
 
         await asyncio.gather(*(worker(i) for i in range(clients)))
     wall = time.perf_counter() - t_start
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     chunks = sum(len(r["stamps"]) for r in results)
-    tokens = len(results) * max_tokens  # ignore_eos: every request generates exactly max_tokens
-    return {"clients": clients, "arm": "steered" if steered else "unsteered", "requests": len(results),
+    # ignore_eos: every fusesteer request generates exactly max_tokens; the peer's are counted
+    tokens = chunks if name else len(results) * max_tokens
+    return {"clients": clients, "arm": name or ("steered" if steered else "unsteered"), "requests": len(results),
             "tokens": tokens, "chunks": chunks, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
             "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99), "_ttft": ttft, "_itl": itl}
@@ -193,6 +235,27 @@ async def _first_use(url: str, model: str) -> dict:
         warm = await _one(client, url, model, PROMPTS[0], "row0", 4, scale=0.37)
     return {"cold_ttft_s": round(cold["stamps"][0] - cold["t0"], 4),
             "warm_ttft_s": round(warm["stamps"][0] - warm["t0"], 4)}
+
+
+async def _long_prompt_itl(url: str, model: str, prompt_tokens: int, streams: int = LONG_STREAMS) -> dict:
+    """ITL of ``streams`` running requests while a ``prompt_tokens``-token prompt arrives (from its send to its
+    first token), and that prompt's TTFT."""
+    import httpx
+
+    long_prompt = " ".join(["word"] * prompt_tokens)  # one token per word with SmolLM2's tokenizer (+-1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        runs = [asyncio.create_task(_one(client, url, model, PROMPTS[i % len(PROMPTS)], None, LONG_STREAM_TOKENS))
+                for i in range(streams)]
+        await asyncio.sleep(1.0)
+        t0 = time.perf_counter()
+        big = await _one(client, url, model, long_prompt, None, 1)
+        t1 = big["stamps"][0] if big["stamps"] else time.perf_counter()
+        done = await asyncio.gather(*runs)
+    # every gap between two tokens of a running stream that overlaps [send, first token of the long prompt]
+    itl = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if a < t1 and b > t0]
+    return {"prompt_tokens": prompt_tokens, "streams": streams, "long_prompt_ttft_s": round(t1 - t0, 3),
+            "itl_samples": len(itl), "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+            "itl_max_s": max(itl) if itl else None}
 
 
 def _engine_seconds(url: str) -> dict:
@@ -270,6 +333,14 @@ def _command(args) -> str:
              "--backend", args.backend]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if args.serve_args:
+        parts += ["--serve-args", repr(args.serve_args)]
+    if args.peer != "none":
+        parts += ["--peer", args.peer]
+    if args.long_prompt:
+        parts += ["--long-prompt", str(args.long_prompt)]
+    if args.no_sequential:
+        parts.append("--no-sequential")
     if args.out is not None:
         parts += ["--out", str(args.out)]
     if args.quick:
@@ -296,34 +367,60 @@ def cli(args) -> int:
         res["plan"] = _write_plans(args.model, n_plans, plans_dir)
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         res["machine"] = machine_info(dev)
-        srv = ServerProc(args.model, plans_dir, max(args.clients), args.max_tokens, args.backend, args.threads,
-                         out / "server.log")
+        extra = args.serve_args.split() if args.serve_args else []
+        cap = max(args.max_tokens, LONG_STREAM_TOKENS) if args.long_prompt else args.max_tokens
+        rows = max(max(args.clients), LONG_STREAMS + 1 if args.long_prompt else 1)
+        srv = ServerProc(args.model, plans_dir, rows, cap, args.backend, args.threads, out / "server.log", extra)
+        peer = None
         try:
             srv.wait_ready()
+            res["server_command"] = " ".join(srv.cmd)
+            if args.peer != "none":
+                from ..models import cache_path
+
+                model_dir = str(Path(args.model) if Path(args.model).exists() else cache_path(args.model))
+                peer = PeerProc(model_dir, args.threads, out / "peer.log", compile=args.peer.endswith("compile"))
+                peer.wait_ready()
+                res["peer_command"] = " ".join(peer.cmd)
+                asyncio.run(_arm(peer.url, peer.model_id, 2, 1, 4, False, 60, None, name="peer"))  # warm-up
             asyncio.run(_arm(srv.url, args.model, 2, 1, 4, True, 60, None))  # warm-up
             order = random.Random(0)
             for c in args.clients:
                 for rnd in range(args.rounds):
-                    arms = [False, True]
-                    order.shuffle(arms)  # paired rounds in random order: machine drift hits both arms alike
+                    arms = [False, True] + (["peer"] if peer else [])
+                    order.shuffle(arms)  # paired rounds in random order: machine drift hits all arms alike
                     for steered in arms:
-                        e0 = _engine_seconds(srv.url)
-                        a = asyncio.run(_arm(srv.url, args.model, c, args.requests, args.max_tokens, steered,
-                                             args.arm_time_cap, None))
-                        e1 = _engine_seconds(srv.url)
-                        step, fwd = e1["step"] - e0["step"], e1["forward"] - e0["forward"]
-                        a["engine_busy_share"] = round(step / a["wall_s"], 3)  # engine thread busy / wall
-                        a["forward_share_of_step"] = round(fwd / step, 3) if step else None
+                        if steered == "peer":
+                            a = asyncio.run(_arm(peer.url, peer.model_id, c, args.requests, args.max_tokens, False,
+                                                 args.arm_time_cap, None, name=args.peer))
+                        else:
+                            e0 = _engine_seconds(srv.url)
+                            a = asyncio.run(_arm(srv.url, args.model, c, args.requests, args.max_tokens, steered,
+                                                 args.arm_time_cap, None))
+                            e1 = _engine_seconds(srv.url)
+                            step, fwd = e1["step"] - e0["step"], e1["forward"] - e0["forward"]
+                            a["engine_busy_share"] = round(step / a["wall_s"], 3)  # engine thread busy / wall
+                            a["forward_share_of_step"] = round(fwd / step, 3) if step else None
                         a["round"] = rnd
                         a["load_average_1m"] = os.getloadavg()[0]
                         res["arms"].append(a)
                         print(json.dumps({k: v for k, v in a.items() if not k.startswith("_")}), flush=True)
             res["first_use_of_a_new_steering"] = asyncio.run(_first_use(srv.url, args.model))
             print(json.dumps(res["first_use_of_a_new_steering"]), flush=True)
+            if args.long_prompt:
+                res["long_prompt"] = asyncio.run(_long_prompt_itl(srv.url, args.model, args.long_prompt))
+                print(json.dumps(res["long_prompt"]), flush=True)
+            res["server_metrics"] = _server_gauges(srv.url)
         finally:
             srv.stop()
+            if peer is not None:
+                peer.stop()
+    if args.no_sequential:
+        return _finish(res, args, out)
+    with tempfile.TemporaryDirectory(prefix="fusesteer-bench-serve-") as plans_dir:
+        _write_plans(args.model, n_plans, plans_dir)
         seq_srv = ServerProc(args.model, plans_dir, 1, args.max_tokens, args.backend, args.threads,
-                             out / "server-sequential.log")
+                             out / "server-sequential.log", args.serve_args.split() if args.serve_args else [])
         try:
             seq_srv.wait_ready()
             asyncio.run(_arm(seq_srv.url, args.model, 1, 1, 4, True, 60, None))
@@ -334,6 +431,22 @@ def cli(args) -> int:
             print(json.dumps({k: v for k, v in s.items() if not k.startswith("_")}), flush=True)
         finally:
             seq_srv.stop()
+    return _finish(res, args, out)
+
+
+def _server_gauges(url: str) -> dict:
+    """The engine's fixed-shape facts from /metrics: recompiles after warm-up, KV bytes, prefix hit rate."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for g in ("compile_recompiles", "kv_cache_bytes", "prefix_cache_hit_rate"):
+            if line.startswith(f"fusesteer_{g} "):
+                out[g] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _finish(res: dict, args, out: Path) -> int:
     res["pooled"] = _pool(res["arms"])
     get = {(a["clients"], a["arm"]): a for a in res["pooled"]}
     ratios = {}
@@ -342,17 +455,24 @@ def cli(args) -> int:
         for a in res["arms"]:
             if a["clients"] == c:
                 by_round.setdefault(a["round"], {})[a["arm"]] = a["tokens_per_s"]
-        paired = [r["steered"] / r["unsteered"] for r in by_round.values() if len(r) == 2]
+        paired = [r["steered"] / r["unsteered"] for r in by_round.values() if "steered" in r and "unsteered" in r]
         ratios[str(c)] = {
             "pooled": round(get[(c, "steered")]["tokens_per_s"] / get[(c, "unsteered")]["tokens_per_s"], 3),
             "median_of_rounds": round(statistics.median(paired), 3), "rounds": [round(x, 3) for x in paired]}
     res["summary"] = {"tokens_per_s_ratio_steered_vs_unsteered": ratios, "speedup_vs_one_at_a_time": None}
+    if args.peer != "none":
+        res["summary"]["tokens_per_s_vs_peer"] = {
+            str(c): {"unsteered": round(get[(c, "unsteered")]["tokens_per_s"] / get[(c, args.peer)]["tokens_per_s"], 3),
+                     "steered": round(get[(c, "steered")]["tokens_per_s"] / get[(c, args.peer)]["tokens_per_s"], 3),
+                     "peer_tokens_per_request": round(get[(c, args.peer)]["tokens"] / max(1, get[(c, args.peer)]
+                                                                                          ["requests"]), 1)}
+            for c in args.clients}
     sc = args.sequential_clients
-    if (sc, "steered") in get:
+    if (sc, "steered") in get and res.get("sequential"):
         res["summary"]["speedup_vs_one_at_a_time"] = {
             "clients": sc, "value": round(get[(sc, "steered")]["tokens_per_s"] / res["sequential"]["tokens_per_s"], 2)}
     res["targets"] = {"ratio_at_8": ">= 0.95", "speedup_at_8": ">= 3x"}
-    for a in res["arms"] + [res["sequential"]]:
+    for a in res["arms"] + ([res["sequential"]] if res.get("sequential") else []):
         a.pop("_ttft", None)
         a.pop("_itl", None)
     (out / "serve.json").write_text(json.dumps(res, indent=1))

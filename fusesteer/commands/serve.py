@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -43,11 +44,40 @@ def register(sub, fmt):
     p.add_argument("--plan-slots", type=int, default=None,
                    help="plans the model's plan table holds at once (default: max-batch + 8)")
     p.add_argument("--max-plan-bytes", type=int, default=64 * 1024 * 1024, help="size cap of an uploaded plan")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                   help="preallocated KV cache, rows x tokens per row (default 32768): --max-batch rows of "
+                        "--max-model-len tokens if it holds them, else fewer rows; without --max-model-len each "
+                        "row gets N / --max-batch tokens (at most the model's context)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, metavar="N",
+                   help="prompt tokens prefilled per engine step (chunked prefill: running requests decode between "
+                        "the chunks of a long prompt)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode under torch.compile(fullgraph=True), one graph per batch bucket, warmed up at start "
+                        "(CUDA graphs on CUDA); default: on with CUDA, off on CPU")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "eager"],
+                   help="torch.compile backend ('eager': dynamo tracing only, for checks)")
+    p.add_argument("--decode-buckets", default=None, metavar="B1,B2,...",
+                   help="batch sizes the decode step runs at (default: powers of two up to --max-batch)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="never reuse the KV of a shared prompt prefix (by default it is reused between requests "
+                        "whose prompt tokens are steered alike)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=run)
+
+
+def _buckets(text):
+    if text is None:
+        return None
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise FuseSteerError(f"--decode-buckets must be positive integers separated by commas, got {text!r}")
+    return out
 
 
 def run(args) -> int:
@@ -81,8 +111,13 @@ def run(args) -> int:
     srv = Server(model, tok, name, plans_dir=args.plans, host=args.host, port=args.port, api_key=args.api_key,
                  max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                  max_model_len=args.max_model_len, backend=args.backend, plan_slots=args.plan_slots,
-                 max_plan_bytes=args.max_plan_bytes, watch=args.watch, watch_interval=args.watch_interval)
+                 max_plan_bytes=args.max_plan_bytes, kv_cache_tokens=args.kv_cache_tokens,
+                 max_prefill_tokens=args.max_prefill_tokens, compile=args.compile,
+                 compile_backend=args.compile_backend, decode_buckets=_buckets(args.decode_buckets),
+                 prefix_cache=args.prefix_cache, watch=args.watch, watch_interval=args.watch_interval)
+    fw = srv.engine.fw
     print(f"fusesteer serve: {name} on http://{args.host}:{args.port}/v1 ({len(srv.registry)} plan(s), backend "
-          f"{srv.steerer.backend}, max batch {args.max_batch})", flush=True)
+          f"{srv.steerer.backend}, {fw.rows} rows x {fw.max_len} tokens of KV cache, decode "
+          f"{'compiled' if fw.copts.enabled else 'eager'})", flush=True)
     srv.run()
     return 0

@@ -12,6 +12,10 @@ from functools import lru_cache
 
 import transformers
 
+# re-exported for the server's preallocated KV cache (serve/kv.py): a cache (model code calls its
+# ``update(k, v, layer_idx, ...)``) and the per-layer base, both public from 5.0 on
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: F401
+
 TRANSFORMERS_VERSION = transformers.__version__
 CACHE_KEYWORDS = ("cache", "past_key_values")
 POSITION_KEYWORDS = ("position_ids", "cache_position")

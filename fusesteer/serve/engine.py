@@ -1,20 +1,24 @@
-"""Continuous batching over Hugging Face's KV cache, one plan and one phase per batch row.
+"""Continuous batching over preallocated KV slots, one plan and one phase per batch row.
 
-One engine thread owns the model. Every iteration it
+One engine thread owns the model. At start it checks the cache contract and warms up (compiles, with
+``--compile``) one decode step per batch bucket (:mod:`.forward`). Every iteration it
 
-1. drops cancelled requests (their rows leave the batch at once),
-2. admits waiting requests (``scheduler.admit``: FIFO while rows are free, under the prefill token cap, with
-   plan-slot back-pressure), makes sure their effective plans are in the plan table (added between two
-   forwards: requests in flight are not touched),
-3. prefills the admitted requests in one left-padded forward (prompt phase) and samples their first token,
-4. merges their KV cache into the running batch (``kv.Batch``; left padding, so every row ends at the same
-   column),
-5. runs one decode forward for every row (generated phase) and samples the next token of each row.
+1. drops cancelled requests (their rows leave the batch at once, their KV slots are free again),
+2. admits waiting requests while KV slots are free (``scheduler.admit``: FIFO, with plan-slot back-pressure),
+   gives each the lowest free slot, reuses the KV of a shared prompt prefix when the prompt-phase steering
+   is the same (:mod:`.prefix`), and makes sure their effective plans are in the plan table (added between
+   two forwards: requests in flight are not touched),
+3. prefills prompt chunks of at most ``max_prefill_tokens`` tokens in all (chunked prefill: a long prompt takes
+   several steps, and running rows decode at every one of them); a row whose prompt is complete samples its
+   first token,
+4. runs one fixed-shape decode forward over slots ``[0, bucket)`` (generated phase) and samples the next token
+   of each decoding row,
+5. retires finished rows and keeps busy slots at the bottom (the highest row's KV moves into a hole), so the
+   bucket shrinks as rows leave.
 
 Each row carries its own plan (``Steerer.prepare`` routes it) and its own prompt length; position ids are
-per row (the number of real tokens before the token), so a row's tokens get the same positions, plans and
-gating as when the request runs alone. A row whose logits go non-finite fails alone: rows never mix in a
-forward (matmuls, norms and attention are per row), and its KV rows leave the cache with it. Sampling
+per row (the number of tokens before the token), so a row's tokens get the same positions, plans and gating
+as when the request runs alone. A row whose logits go non-finite fails alone (its slot is zeroed); sampling
 (``sampling.py``) is per row too: a row that cannot be sampled with its parameters fails alone.
 
 transformers' own continuous-batching engine (``generate_batch`` / ``ContinuousBatchingManager``) is not
@@ -24,6 +28,7 @@ used; see the README's "Server" section for why.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -32,10 +37,10 @@ import torch
 
 from ..errors import PlanError
 from ..runtime.backends.base import model_device
-from ..runtime.compat import with_cache
 from . import scheduler
-from .kv import Batch, new_cache
+from .forward import Chunk, CompileOptions, Forwards
 from .metrics import Metrics
+from .prefix import PrefixCache, prompt_key
 from .registry import Steering, effective_plan
 from .requests import GenRequest, Row, Status
 from .sampling import RowSampler, sample
@@ -52,29 +57,37 @@ class QueueFull(RuntimeError):
 
 class Engine:
     def __init__(self, model, steerer: Steerer, metrics: Metrics | None = None, max_batch: int = 32,
-                 max_queue: int = 256, max_prefill_tokens: int = 4096):
+                 max_queue: int = 256, max_prefill_tokens: int = 4096, max_len: int = 2048,
+                 compile: CompileOptions | None = None, buckets=None, prefix_cache: bool = True):
         self.model = model
         self.steerer = steerer
         self.metrics = metrics or Metrics()
-        self.max_batch = int(max_batch)
+        self.max_batch = int(max_batch)  # KV slots = rows decoded together
         self.max_queue = int(max_queue)
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.device = model_device(model)
+        self.fw = Forwards(model, steerer, self.max_batch, int(max_len), buckets=buckets, compile=compile)
+        self.prefix = PrefixCache(self.max_batch) if prefix_cache else None
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()  # Status.QUEUED
-        self._admitting: list[Row] = []  # Status.ADMITTED (failed too if a step breaks)
-        self._rows: list[Row] = []  # Status.RUNNING, in the order of the batch's cache rows
-        self._batch = Batch()
+        self._rows: list[Row] = []  # slot holders in admission order: ADMITTED (prefilling) and RUNNING
+        self._slots: list[Row | None] = [None] * self.max_batch
         self._preload: list[tuple] = []  # (Steering, effective plan or None)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self.steps = 0
         self.step_time_ema = 0.05
 
     # ---- public (any thread) ---------------------------------------------------------------------
     def start(self) -> Engine:
+        """Start the engine thread; returns once its KV cache is allocated and every decode bucket warmed up."""
         self._thread = threading.Thread(target=self._run, name="fusesteer-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -92,8 +105,7 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
-            busy = len(self._rows) + len(self._admitting)
-            if not scheduler.queue_has_room(len(self._waiting), busy, self.max_batch, self.max_queue):
+            if not scheduler.queue_has_room(len(self._waiting), len(self._rows), self.max_batch, self.max_queue):
                 raise QueueFull(scheduler.retry_after(self.step_time_ema))
             req.status = Status.QUEUED
             self._waiting.append(req)
@@ -113,15 +125,29 @@ class Engine:
 
     @property
     def active(self) -> int:
+        """Requests holding a KV slot (prefilling or decoding)."""
         return len(self._rows)
 
     @property
     def queued(self) -> int:
         return len(self._waiting)
 
+    @property
+    def recompiles(self) -> int:
+        """torch.compile recompilations since the warm-up (0 unless a compiled decode step saw a new shape)."""
+        return self.fw.recompiles_since_warmup()
+
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
+            try:
+                self.fw.start()
+            except BaseException as e:  # noqa: BLE001 - handed to start()
+                self._start_error = e
+                self._ready.set()
+                return
+            self.metrics.set_gauge("kv_cache_bytes", self.fw.cache.nbytes())
+            self._ready.set()
             while True:
                 with self._cv:
                     while not self._stop and not self._waiting and not self._rows and not self._preload:
@@ -134,11 +160,13 @@ class Engine:
                     self._step()
                 except Exception as e:
                     log.exception("engine step failed")
-                    for r in self._rows + self._admitting:
+                    for r in self._rows:
                         self._fail(r.req, 500, f"internal error in the generation step: {type(e).__name__}: {e}",
                                    "internal_error")
-                    self._rows, self._admitting = [], []
-                    self._batch.clear()
+                        self.fw.cache.zero(r.slot)
+                    self._rows, self._slots = [], [None] * self.max_batch
+                    if self.prefix is not None:
+                        self.prefix.clear()
                 self._gauges()
 
     def _do_preloads(self) -> None:
@@ -157,6 +185,7 @@ class Engine:
         m.set_gauge("active_requests", len(self._rows))
         m.set_gauge("queued_requests", len(self._waiting))
         m.set_gauge("plans_attached", len(self.steerer.held))
+        m.set_gauge("compile_recompiles", self.recompiles)
 
     def _emit(self, req: GenRequest, ev: tuple) -> None:
         try:
@@ -205,9 +234,11 @@ class Engine:
     def _in_use(self) -> set:
         return {r.key for r in self._rows if r.key is not None}
 
+    # ---- admission -------------------------------------------------------------------------------
     def _admit(self) -> list[Row]:
-        """Take the waiting requests that :func:`scheduler.admit` lets start now; make their plans available."""
-        limits = scheduler.Limits(self.max_batch, self.max_prefill_tokens, self.steerer.capacity)
+        """Take the waiting requests that :func:`scheduler.admit` lets start now (a free KV slot each; chunked
+        prefill bounds the prefill work, so admission does not), make their plans available, give them slots."""
+        limits = scheduler.Limits(self.max_batch, sys.maxsize, self.steerer.capacity)
         with self._cv:
             queue = list(self._waiting)
             adm = scheduler.admit([scheduler.Waiting(len(r.prompt_ids), r.steering.key, r.cancelled) for r in queue],
@@ -222,6 +253,7 @@ class Engine:
         for req in (queue[i] for i in adm.take):
             req.status = Status.ADMITTED
             key = req.steering.key
+            plan = None
             if key is not None and not self.steerer.has(key):
                 try:
                     plan = req.plan if req.plan is not None else effective_plan(req.steering)
@@ -234,8 +266,13 @@ class Engine:
                     continue
             elif key is not None:
                 self.steerer.touch(key)
+            if key is not None:
+                plan = self.steerer.held.get(key, plan)
             n = len(req.prompt_ids)
-            new.append(Row(req, key, n, 0, -1, RowSampler(req.sampling, req.prompt_ids, req.eos_ids)))
+            row = Row(req, key, n, 0, -1, RowSampler(req.sampling, req.prompt_ids, req.eos_ids),
+                      prefix_key=prompt_key(key, plan))
+            self._take_slot(row)
+            new.append(row)
             self.metrics.count_tokens(req.steering.label, "prompt", n)
         if back:
             with self._cv:
@@ -244,30 +281,54 @@ class Engine:
                     self._waiting.appendleft(req)
         return new
 
-    def _forward(self, rows: list[Row], input_ids, mask, pos, cache):
-        self.steerer.prepare([r.key for r in rows], [r.prompt_len for r in rows])
-        t0 = time.perf_counter()
-        out = self.model(**with_cache(self.model, cache, input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                                      use_cache=True, logits_to_keep=1))
-        logits = out.logits[:, -1, :].float()
-        self.metrics.add_time("forward", time.perf_counter() - t0)
-        return logits
+    def _take_slot(self, row: Row) -> None:
+        """The lowest free slot (one without a cached prefix if there is one), with the KV of the longest
+        cached prefix of the same prompt steering copied in."""
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        slot = free[0] if self.prefix is None else self.prefix.pick(free)
+        row.slot = slot
+        self._slots[slot] = row
+        if self.prefix is None:
+            return
+        self.prefix.forget(slot)
+        src, m = self.prefix.lookup(row.req.prompt_ids, row.prefix_key, self._live_prefixes())
+        if m > 0:
+            self.fw.cache.copy(src, slot, m)
+            row.n_cached = m
+        self.metrics.count_prefix(m, row.prompt_len)
 
-    def _sample_rows(self, rows: list[Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:
-        """Sample one token per row; returns per-row 'finished' (incl. failed). A row whose logits are not
-        finite, or that cannot be sampled with its parameters, fails alone."""
+    def _live_prefixes(self) -> list:
+        """Running rows' prompts as prefix sources: (slot, prompt tokens in its KV, prompt steering key)."""
+        return [(r.slot, r.req.prompt_ids[:min(r.n_cached, r.prompt_len)], r.prefix_key) for r in self._rows]
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _forward(self, what: str, arg):
+        t0 = time.perf_counter()
+        out = self.fw.prefill(arg) if what == "prefill" else self.fw.decode(arg)
+        self.metrics.add_time("forward", time.perf_counter() - t0)
+        return out
+
+    def _live(self, rows: list[Row], logits: torch.Tensor, phase: str) -> list[int]:
+        """Indices of ``rows`` whose logits are finite; the others fail alone."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         live = []
         for i, r in enumerate(rows):
             if r.req.cancelled:
                 continue
             if not finite[i]:
+                where = "the prompt" if phase == "prompt" else f"generated token {len(r.req.generated)}"
                 self._fail(r.req, 400, (
-                    f"steering {r.req.steering.label!r} made the activations non-finite (NaN/Inf) at "
-                    f"{'the prompt' if phase == 'prompt' else f'generated token {len(r.req.generated)}'}; "
+                    f"steering {r.req.steering.label!r} made the activations non-finite (NaN/Inf) at {where}; "
                     "the request was stopped (lower the scale)"), "non_finite_activations")
+                self.fw.cache.zero(r.slot, min(self.fw.max_len + 1, r.n_cached + 1))
                 continue
             live.append(i)
+        return live
+
+    def _sample_rows(self, rows: list[Row], logits: torch.Tensor, now: float, phase: str) -> list[bool]:
+        """Sample one token per row; returns per-row 'finished' (incl. failed). A row whose logits are not
+        finite, or that cannot be sampled with its parameters, fails alone."""
+        live = self._live(rows, logits, phase)
         if len(live) < len(rows):
             logits = logits.index_select(0, torch.tensor(live, dtype=torch.long, device=logits.device))
         toks = sample(logits, [rows[i].sampler for i in live])
@@ -293,62 +354,86 @@ class Engine:
                 for r in [r for r in self._waiting if r.cancelled]:
                     self._finish(r, r.cancel_reason)
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
-        if any(r.req.cancelled for r in self._rows):
-            self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled])
-        # 2-4. admit + prefill + merge
-        new = self._admitting = self._admit()
-        if new:
-            self._prefill(new)
-        self._admitting = []
-        # 5. one decode step for every row
-        if self._rows:
-            rows = self._rows
-            ids = torch.tensor([[r.pending] for r in rows], device=self.device)
-            mask = self._batch.next_mask()
-            pos = torch.tensor([[r.n_cached] for r in rows], device=self.device)
-            logits = self._forward(rows, ids, mask, pos, self._batch.cache)
-            self.metrics.observe_batch(len(rows))
-            self._batch.mask = mask
-            for r in rows:
+        self._retire([r for r in self._rows if r.req.cancelled])
+        # 2. admit: a KV slot each
+        self._rows = self._rows + self._admit()
+        # 3. prompt chunks, under the prefill token budget
+        if any(r.prefilling for r in self._rows):
+            self._prefill()
+        # 4. one decode step for every decoding row
+        dec = [r for r in self._rows if not r.prefilling and not r.req.done]
+        if dec:
+            by_slot: list = [None] * (max(r.slot for r in self._rows) + 1)
+            for r in dec:
+                by_slot[r.slot] = (r.pending, r.n_cached, r.key, r.prompt_len)
+            logits, _ = self._forward("decode", by_slot)
+            idx = torch.tensor([r.slot for r in dec], dtype=torch.long, device=logits.device)
+            logits = logits.index_select(0, idx).float()
+            self.metrics.observe_batch(len(dec))
+            for r in dec:
                 r.n_cached += 1
-            done = self._sample_rows(rows, logits, time.perf_counter(), "generated")
-            if any(done):
-                self._drop([i for i, d in enumerate(done) if d])
+            done = self._sample_rows(dec, logits, time.perf_counter(), "generated")
+            self._retire([r for r, d in zip(dec, done) if d])
             self.steps += 1
         dt = time.perf_counter() - t0
         self.metrics.add_time("step", dt)
         self.step_time_ema = 0.9 * self.step_time_ema + 0.1 * dt
 
-    def _prefill(self, new: list[Row]) -> None:
-        p = max(len(r.req.prompt_ids) for r in new)
-        ids = torch.full((len(new), p), 0, dtype=torch.long)
-        mask = torch.zeros((len(new), p), dtype=torch.long)
-        for i, r in enumerate(new):
-            n = len(r.req.prompt_ids)
-            ids[i, p - n:] = torch.tensor(r.req.prompt_ids)
-            mask[i, p - n:] = 1
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-        cache = new_cache()
-        logits = self._forward(new, ids, mask, pos, cache)
-        for r in new:
-            r.n_cached = len(r.req.prompt_ids)
-        done = self._sample_rows(new, logits, time.perf_counter(), "prompt")
-        keep = [i for i, d in enumerate(done) if not d]
-        if not keep:
-            return
-        self._batch.append(cache, mask, keep, [new[i].n_cached for i in keep])
-        for i in keep:
-            new[i].req.status = Status.RUNNING
-        self._rows = self._rows + [new[i] for i in keep]
+    def _prefill(self) -> None:
+        budget = self.max_prefill_tokens
+        chunks: list[Chunk] = []
+        rows: list[Row] = []
+        for r in self._rows:
+            if not r.prefilling or budget <= 0:
+                continue
+            c = min(r.prompt_len - r.n_cached, budget)
+            chunks.append(Chunk(r.slot, r.req.prompt_ids[r.n_cached:r.n_cached + c], r.n_cached, r.key, r.prompt_len))
+            rows.append(r)
+            budget -= c
+        logits = self._forward("prefill", chunks).float()
+        for r, c in zip(rows, chunks):
+            r.n_cached += len(c.tokens)
+        live = set(self._live(rows, logits, "prompt"))
+        fail = [r for i, r in enumerate(rows) if i not in live]
+        ready = [i for i in live if not rows[i].prefilling]
+        if ready:
+            sel = torch.tensor(ready, dtype=torch.long, device=logits.device)
+            got = [rows[i] for i in ready]
+            done = self._sample_rows(got, logits.index_select(0, sel), time.perf_counter(), "prompt")
+            for r, d in zip(got, done):
+                if d:
+                    fail.append(r)
+                else:
+                    r.req.status = Status.RUNNING
+        self._retire(fail)
 
-    def _drop(self, idx: list[int]) -> None:
-        gone = set(idx)
-        for i in idx:
-            r = self._rows[i]
+    def _retire(self, rows: list[Row]) -> None:
+        """Finished, failed or cancelled rows leave: their slots are free (a finished prompt stays there as a
+        cached prefix), and the highest busy rows move down into the holes."""
+        if not rows:
+            return
+        gone = set(map(id, rows))
+        if all(id(r) in gone for r in self._rows):  # idle next: leave the model routed as one unsteered row (as
+            self.steerer.prepare([None], [0])  # a lone request leaves it) before the last client hears back
+        for r in rows:
             if not r.req.done:
                 self._finish(r.req, r.req.cancel_reason)
-        keep = [i for i in range(len(self._rows)) if i not in gone]
-        rows = [self._rows[i] for i in keep]
-        self._batch.keep(keep, [r.n_cached for r in rows])
-        self._rows = rows
+            self._slots[r.slot] = None
+            if self.prefix is not None and r.req.finish_reason != "error":
+                self.prefix.offer(r.slot, r.req.prompt_ids[:min(r.n_cached, r.prompt_len)], r.prefix_key)
+        self._rows = [r for r in self._rows if id(r) not in gone]
+        self._compact()
+
+    def _compact(self) -> None:
+        while True:
+            busy = [i for i, r in enumerate(self._slots) if r is not None]
+            free = [i for i, r in enumerate(self._slots) if r is None]
+            if not busy or not free or free[0] > busy[-1]:
+                return
+            src, row = busy[-1], self._slots[busy[-1]]
+            dst = free[0] if self.prefix is None else self.prefix.pick([f for f in free if f < src])
+            if self.prefix is not None:
+                self.prefix.forget(dst)
+            self.fw.cache.copy(src, dst, row.n_cached)
+            self._slots[dst], self._slots[src] = row, None
+            row.slot = dst

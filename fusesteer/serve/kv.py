@@ -1,92 +1,206 @@
-"""The running batch's KV cache as left-padded rows: merge newly prefilled rows in, keep some rows, zero padding.
+"""Preallocated KV memory with one slot per batch row (gpt-fast style), and the attention masks that go with it.
 
-Every row ends at the last column (left padding), so one decode forward appends one column to all of them. The
-cache object itself is built and read through :mod:`fusesteer.runtime.compat` (``new_cache``,
-``cache_tensors``, ``cache_from_tensors``); this module only handles the per-layer ``[batch, heads, time, dim]``
-tensors and the ``[batch, time]`` attention mask.
+Every layer's keys and values live in one tensor ``[rows, kv_heads, max_len + 1, head_dim]`` allocated once (its
+address never changes: ``torch._dynamo.mark_static_address``, so a compiled decode step and a CUDA graph see
+the same memory). Row ``r`` of a forward writes its token at position ``p`` into column ``p`` of its slot; the
+last column (``max_len``) is a scratch column where padding tokens and idle rows write, never attended.
+
+A forward attends over the first ``n`` columns of its slots with a 4-D mask built here (``n`` rounded up to
+``step`` columns so a compiled decode sees few distinct lengths); row ``r``'s token at position ``p`` sees the
+columns ``j <= p`` of its own slot (and ``j > p - window`` at sliding-window layers). So rows of different
+lengths, admitted and retired at any step, share one fixed-shape decode forward.
+
+The cache object given to the model is a ``transformers.Cache`` subclass (:class:`SlotCache`) whose ``update``
+writes at the per-row columns set before the forward (``write``) and returns the attended view. The model's
+own mask creation returns a 4-D mask unchanged, so attention itself is transformers' (sdpa or eager).
+:func:`check_contract` runs the model once with this cache against a plain forward at start-up.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..runtime.compat import cache_from_tensors, cache_tensors, new_cache
+from ..runtime.compat import Cache, CacheLayerMixin
 
-__all__ = ["Batch", "merge_batches", "new_cache", "select_rows", "zero_padding"]
+__all__ = ["SlotCache", "attention_mask", "check_contract", "mask_kind"]
 
-
-def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def merge_batches(kv_a, mask_a, kv_b, mask_b):
-    """Concatenate two left-padded batches along the batch dimension (left-padding the shorter one)."""
-    if kv_a is None:
-        return kv_b, mask_b
-    ta, tb = mask_a.shape[1], mask_b.shape[1]
-    t = max(ta, tb)
-    kv = [(torch.cat([_left_pad(ka, t - ta, 2), _left_pad(kb, t - tb, 2)]),
-           torch.cat([_left_pad(va, t - ta, 2), _left_pad(vb, t - tb, 2)]))
-          for (ka, va), (kb, vb) in zip(kv_a, kv_b)]
-    return kv, torch.cat([_left_pad(mask_a, t - ta, 1), _left_pad(mask_b, t - tb, 1)])
+class _SlotLayer(CacheLayerMixin):
+    """Bookkeeping face of one layer (the tensors and the writes are the :class:`SlotCache`'s)."""
+
+    is_compileable = True
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated by SlotCache
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):  # SlotCache.update does the work
+        raise NotImplementedError("SlotCache layers are written through SlotCache.update")
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.max_len, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def get_max_cache_shape(self) -> int:  # transformers 5.0's name of get_max_length
+        return self.max_len
 
 
-def select_rows(kv, mask, keep: list[int], n_cached: list[int]):
-    """Keep batch rows ``keep`` and cut the leading columns that are padding in every kept row."""
-    if not keep:
-        return None, None
-    t = mask.shape[1]
-    cut = t - max(n_cached)
-    idx = torch.tensor(keep, device=mask.device)
-    full = len(keep) == mask.shape[0]
-    kv = [((k if full else k.index_select(0, idx))[:, :, cut:], (v if full else v.index_select(0, idx))[:, :, cut:])
-          for k, v in kv]
-    mask = (mask if full else mask.index_select(0, idx))[:, cut:]
-    return kv, mask
+class SlotCache(Cache):
+    """``rows`` slots of ``max_len`` tokens for each of ``n_layers`` layers; tensors allocated by :meth:`allocate`
+    (or at the first write, with the shapes the model's attention hands over).
+
+    Per forward the host sets ``write`` (``[batch, q]`` int64: the column of each token), ``span`` (the mask:
+    its last dim is the number of columns attended) and ``slots`` (None: batch row i is slot i; a ``slice``; or
+    an index tensor of slots, gathered)."""
+
+    def __init__(self, rows: int, max_len: int, n_layers: int, device=None):
+        super().__init__(layers=[_SlotLayer(max_len) for _ in range(n_layers)])
+        self.rows, self.max_len, self.n_layers = int(rows), int(max_len), int(n_layers)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.key_cache: list[torch.Tensor | None] = [None] * n_layers
+        self.value_cache: list[torch.Tensor | None] = [None] * n_layers
+        self.row_ids = torch.arange(self.rows, device=self.device).unsqueeze(1)  # [rows, 1]
+        self.write: torch.Tensor | None = None
+        self.span: torch.Tensor | None = None
+        self.slots = None
+
+    @property
+    def scratch(self) -> int:
+        return self.max_len
+
+    def _alloc(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        shape = lambda t: (self.rows, t.shape[1], self.max_len + 1, t.shape[3])  # noqa: E731
+        self.key_cache[i] = torch.zeros(shape(k), dtype=k.dtype, device=k.device)
+        self.value_cache[i] = torch.zeros(shape(v), dtype=v.dtype, device=v.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.key_cache[i])
+            torch._dynamo.mark_static_address(self.value_cache[i])
+
+    @property
+    def allocated(self) -> bool:
+        return all(k is not None for k in self.key_cache)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.key_cache + self.value_cache if t is not None)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.key_cache[layer_idx] is None:
+            self._alloc(layer_idx, key_states, value_states)
+        k, v = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        n = self.span.shape[-1]
+        b = key_states.shape[0]
+        sl = self.slots
+        if sl is None or isinstance(sl, slice):
+            kk, vv = (k, v) if sl is None else (k[sl], v[sl])
+            rows = self.row_ids[:b]
+            kk[rows, :, self.write] = key_states.transpose(1, 2).to(k.dtype)
+            vv[rows, :, self.write] = value_states.transpose(1, 2).to(v.dtype)
+            return kk[:b, :, :n], vv[:b, :, :n]
+        rows = sl[:, None]
+        k[rows, :, self.write] = key_states.transpose(1, 2).to(k.dtype)
+        v[rows, :, self.write] = value_states.transpose(1, 2).to(v.dtype)
+        return k.index_select(0, sl)[:, :, :n], v.index_select(0, sl)[:, :, :n]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    # ---- slot surgery (host side, between forwards) ------------------------------------------------
+    def copy(self, src: int, dst: int, n: int, start: int = 0) -> None:
+        """Copy columns ``[start, n)`` of slot ``src`` into slot ``dst`` (every layer)."""
+        if n <= start or src == dst:
+            return
+        for t in self.key_cache + self.value_cache:
+            if t is not None:
+                t[dst, :, start:n] = t[src, :, start:n]
+
+    def zero(self, slot: int, n: int | None = None) -> None:
+        """Zero the first ``n`` columns of a slot (all of it by default): a row that went non-finite leaves no
+        NaN behind for the next owner (a masked NaN still poisons attention as 0 * NaN)."""
+        for t in self.key_cache + self.value_cache:
+            if t is not None:
+                t[slot, :, : (self.max_len + 1 if n is None else n)] = 0
 
 
-def zero_padding(kv, mask):
-    """Zero the pad columns of a freshly prefilled batch, so masked garbage (a pad token's steered activations
-    may be Inf/NaN) can never leak as 0 * NaN through an attention weight of zero. A finite pad entry becomes
-    ``x * 0`` (a signed zero, as before), a non-finite one 0; real columns are untouched."""
-    if not bool((mask == 0).any()):
-        return kv
-    real = mask[:, None, :, None].bool()
-    m = real.to(kv[0][0].dtype)
-
-    def zero(t):
-        return torch.where(real, t, (t * m).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
-
-    return [(zero(k), zero(v)) for k, v in kv]
+def mask_kind(model) -> str:
+    """The attention implementation the masks are built for; refuses the ones a 4-D mask does not reach."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(f"the server's static KV cache needs sdpa or eager attention, the model uses {impl!r}; "
+                         f"load it with attn_implementation='sdpa'")
+    return impl
 
 
-class Batch:
-    """The running rows' KV cache and attention mask (None while no row runs). Row ``i`` of the cache is row
-    ``i`` of the engine's row list; callers keep the two in the same order."""
+def layer_windows(model) -> dict[str, int | None]:
+    """Attention window per mask kind the model's forward asks for: {'full_attention': None} plus
+    {'sliding_attention': w} when some layer slides (models with ``layer_types``); a model whose every layer
+    slides (``sliding_window`` without ``layer_types``) gets the window in its one mask."""
+    cfg = model.config
+    w = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        out: dict = {"full_attention": None}
+        if "sliding_attention" in types:
+            out["sliding_attention"] = int(w)
+        return out
+    if w is not None and getattr(cfg, "use_sliding_window", True) is not False:
+        return {"full_attention": int(w)}
+    return {"full_attention": None}
 
-    def __init__(self):
-        self.cache = None  # DynamicCache, left-padded: every row ends at the last column
-        self.mask = None  # [rows, time] attention mask (1 = a real token)
 
-    def clear(self) -> None:
-        self.cache, self.mask = None, None
+def attention_mask(qpos: torch.Tensor, n: int, windows: dict, kind: str, dtype):
+    """The model's attention mask for queries at positions ``qpos`` ``[batch, q]`` over ``n`` slot columns: a
+    4-D tensor, or a dict by layer type when the model has sliding layers. Bool for sdpa (True = attend),
+    additive float for eager."""
+    cols = torch.arange(n, device=qpos.device)[None, None, :]
+    q = qpos[:, :, None]
 
-    def append(self, cache, mask, keep: list[int], n_cached: list[int]) -> None:
-        """Add rows ``keep`` of a prefilled ``cache`` (with its ``mask``) after the running rows; ``n_cached``: the
-        real tokens of each kept row."""
-        kv, mask = select_rows(zero_padding(cache_tensors(cache), mask), mask, keep, n_cached)
-        kv, self.mask = merge_batches(None if self.cache is None else cache_tensors(self.cache), self.mask, kv, mask)
-        self.cache = cache_from_tensors(kv)
+    def one(window):
+        m = cols <= q
+        if window is not None:
+            m = m & (cols > q - window)
+        m = m[:, None]
+        if kind == "eager":
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+        return m
 
-    def keep(self, keep: list[int], n_cached: list[int]) -> None:
-        """Keep only rows ``keep`` (in that order); ``n_cached``: the real tokens of each kept row."""
-        kv, self.mask = select_rows(cache_tensors(self.cache), self.mask, keep, n_cached)
-        self.cache = None if kv is None else cache_from_tensors(kv)
+    masks = {k: one(w) for k, w in windows.items()}
+    return masks["full_attention"] if len(masks) == 1 else masks
 
-    def next_mask(self) -> torch.Tensor:
-        """The mask of the next decode forward: one more real column for every row."""
-        return torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+
+def check_contract(model, forward, tol: float = 1e-3) -> None:
+    """Run ``forward`` (the engine's cached forward: ids, positions, write columns, mask -> logits) on a short
+    sequence in two chunks and one decode token, against one plain uncached forward of the same tokens; raise
+    RuntimeError when they differ (this transformers version or model does not honour the cache contract)."""
+    from ..runtime.compat import with_cache  # noqa: F401 - documented dependency of `forward`
+
+    cfg = model.config
+    w = getattr(cfg, "sliding_window", None) or 0
+    t = max(6, min(2 * int(w) + 3, 40)) if w else 9
+    g = torch.Generator().manual_seed(0)
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, int(cfg.vocab_size), (1, t), generator=g).to(dev)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits[0].float()
+        cut = t // 2
+        a = forward(ids[:, :cut], torch.arange(cut, device=dev)[None])
+        b = forward(ids[:, cut:t - 1], torch.arange(cut, t - 1, device=dev)[None])
+        c = forward(ids[:, t - 1:], torch.tensor([[t - 1]], device=dev))
+    got = torch.stack([a[0], b[0], c[0]]).float()
+    want = ref[[cut - 1, t - 2, t - 1]]
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item() + 1e-6
+    if not err <= tol * max(1.0, scale):
+        raise RuntimeError(f"the static KV cache does not reproduce the model's own forward with this transformers "
+                           f"version / model (max logit error {err:.3g}); the server cannot serve it")

@@ -16,6 +16,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 GAUGES = {"active_requests": "Requests holding a batch row.",
+          "compile_recompiles": "torch.compile recompilations since the decode warm-up (0 is the promise: new "
+                                "plans, scales, routings and phases never recompile).",
+          "kv_cache_bytes": "Preallocated KV cache memory (fixed for the server's lifetime).",
+          "prefix_cache_hit_rate": "Prompt tokens whose KV came from the prefix cache, over all prompt tokens.",
           "plans_attached": "Effective plans held in the model's plan table.",
           "plans_loaded": "Plans in the registry.",
           "queued_requests": "Requests waiting for a batch row."}
@@ -46,6 +50,9 @@ class Metrics:
                                 registry=r)
         for part in ("forward", "step"):
             self._seconds.labels(part)  # both series exist (at 0) before the first step
+        self._prefix = Counter("fusesteer_prefix_cache_tokens", "Prompt tokens by prefix cache result: 'hit' (KV "
+                               "copied from a prompt with the same prompt steering) or 'miss' (prefilled).",
+                               ("result",), registry=r)
         self._batch = Histogram("fusesteer_batch_size", "Rows in each decode forward.", buckets=BATCH_BUCKETS,
                                 registry=r)
         self._ttft = Histogram("fusesteer_time_to_first_token_seconds", "Arrival to first generated token.",
@@ -63,6 +70,13 @@ class Metrics:
     def count_tokens(self, plan: str, kind: str, n: int) -> None:
         if n > 0:
             self._tokens.labels(plan, kind).inc(n)
+
+    def count_prefix(self, hit: int, prompt: int) -> None:
+        self._prefix.labels("hit").inc(max(0, hit))
+        self._prefix.labels("miss").inc(max(0, prompt - hit))
+        h = self.value("fusesteer_prefix_cache_tokens_total", result="hit")
+        total = h + self.value("fusesteer_prefix_cache_tokens_total", result="miss")
+        self.set_gauge("prefix_cache_hit_rate", h / total if total else 0.0)
 
     def observe_ttft(self, s: float) -> None:
         self._ttft.observe(s)

@@ -62,11 +62,17 @@ class GenRequest:
 
 @dataclass(eq=False)
 class Row:
-    """A request holding a batch row."""
+    """A request holding a batch row: one KV slot, filled by chunked prefill, then decoding."""
 
     req: GenRequest
     key: str | None  # effective plan key (None = unsteered)
     prompt_len: int
-    n_cached: int  # real tokens in the KV cache for this row
-    pending: int  # sampled token not yet fed to the model
+    n_cached: int  # tokens in this row's KV slot (prompt chunks so far, then prompt + generated)
+    pending: int  # sampled token not yet fed to the model (-1 while prefilling)
     sampler: RowSampler
+    slot: int = -1  # its KV slot
+    prefix_key: str | None = None  # what steers its prompt tokens (prefix cache key; None = unsteered prompt)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_cached < self.prompt_len

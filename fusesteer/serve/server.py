@@ -9,12 +9,15 @@ import time
 from ..errors import FuseSteerError
 from .app import ServerConfig, create_app
 from .engine import Engine
+from .forward import CompileOptions
 from .metrics import Metrics
 from .registry import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLAN_ENTRIES, PlanRegistry
 from .steer import Steerer
 from .watch import PlanWatcher
 
 log = logging.getLogger("fusesteer.serve")
+
+DEFAULT_KV_CACHE_TOKENS = 32768  # rows x tokens of the preallocated KV cache when --kv-cache-tokens is not given
 
 
 class ServerConfigError(FuseSteerError, ValueError):
@@ -24,9 +27,10 @@ class ServerConfigError(FuseSteerError, ValueError):
 def check_options(**opts) -> None:
     """Refuse options that would give a server that cannot serve (each named with what it must be)."""
     at_least = {"max_batch": 1, "max_queue": 0, "max_tokens": 1, "max_model_len": 2, "plan_slots": 1,
-                "max_plan_bytes": 1, "max_plan_entries": 1, "max_prefill_tokens": 1, "port": 0}
+                "max_plan_bytes": 1, "max_plan_entries": 1, "max_prefill_tokens": 1, "port": 0,
+                "kv_cache_tokens": 2}
     for name, v in opts.items():
-        if v is None and name in ("max_model_len", "plan_slots"):
+        if v is None and name in ("max_model_len", "plan_slots", "kv_cache_tokens"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(v, bool) or not isinstance(v, int):
@@ -44,13 +48,19 @@ class Server:
     def __init__(self, model, tokenizer, model_name: str, plans_dir=None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 512,
                  max_model_len: int | None = None, backend: str = "auto", plan_slots: int | None = None,
-                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 4096,
-                 max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES, watch: bool = False, watch_interval: float = 1.0):
+                 max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 512,
+                 max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES, kv_cache_tokens: int | None = None,
+                 compile: bool | None = None, compile_backend: str = "inductor", decode_buckets=None,
+                 prefix_cache: bool = True, watch: bool = False, watch_interval: float = 1.0):
+        """``kv_cache_tokens``: the preallocated KV cache, rows x tokens per row (default
+        ``DEFAULT_KV_CACHE_TOKENS``): ``max_batch`` rows of ``max_model_len`` tokens when it holds them, fewer rows
+        otherwise; without ``max_model_len`` each of ``max_batch`` rows gets its share (at most the model's
+        context). ``compile``: decode under ``torch.compile`` (None: on CUDA only)."""
         from ..runtime.plan import ModelSpec
 
         check_options(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_model_len=max_model_len,
                       plan_slots=plan_slots, max_plan_bytes=max_plan_bytes, max_plan_entries=max_plan_entries,
-                      max_prefill_tokens=max_prefill_tokens, port=port)
+                      max_prefill_tokens=max_prefill_tokens, port=port, kv_cache_tokens=kv_cache_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.host, self.port = host, port
         self.metrics = Metrics()
@@ -63,13 +73,24 @@ class Server:
             recs = (self.watcher or PlanWatcher(self.registry, plans_dir)).load()
             log.info("loaded %d plan(s) from %s", sum(r.plan is not None for r in recs), plans_dir)
         ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        self.config = ServerConfig(model_name=model_name, max_tokens=max_tokens,
-                                   max_model_len=min(ctx, max_model_len or ctx), api_key=api_key)
+        kv = kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
+        max_len = min(ctx, max_model_len or max(2, kv // max_batch))
+        rows = min(max_batch, kv // max_len)
+        if rows < 1:
+            raise ServerConfigError(f"--kv-cache-tokens {kv} cannot hold one row of --max-model-len {max_len} tokens")
+        if rows < max_batch:
+            log.warning("--kv-cache-tokens %d holds %d rows of %d tokens: --max-batch %d lowered to %d", kv, rows,
+                        max_len, max_batch, rows)
+        self.config = ServerConfig(model_name=model_name, max_tokens=max_tokens, max_model_len=max_len,
+                                   api_key=api_key)
         slots = plan_slots if plan_slots is not None else max_batch + 8
         self.steerer = Steerer(model, backend=backend, capacity=max(slots, max_batch))
         self._preload_registry(slots)
-        self.engine = Engine(model, self.steerer, self.metrics, max_batch=max_batch, max_queue=max_queue,
-                             max_prefill_tokens=max_prefill_tokens)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        copts = CompileOptions(enabled=on_cuda if compile is None else bool(compile), backend=compile_backend)
+        self.engine = Engine(model, self.steerer, self.metrics, max_batch=rows, max_queue=max_queue,
+                             max_prefill_tokens=max_prefill_tokens, max_len=max_len, compile=copts,
+                             buckets=decode_buckets, prefix_cache=prefix_cache)
         self.app = create_app(self.engine, self.registry, tokenizer, self.config, self.metrics)
         self._uv = None
         self._thread = None

@@ -1,0 +1,194 @@
+"""The engine's model forwards over the preallocated KV slots (:mod:`.kv`): chunked prefill and the fixed-shape
+decode step, eager or under ``torch.compile(fullgraph=True)``.
+
+Decode runs at a few bucketed batch sizes: the batch is slots ``[0, bucket)`` (the engine keeps busy rows in the
+lowest slots), rows that are idle or still prefilling ride along writing to the scratch column, unsteered. The
+shapes of a decode forward are ``[bucket, 1]`` for ids, positions and write columns, and ``[bucket, 1, 1, n]``
+for the mask, where ``n`` (columns attended: the longest row, rounded up to ``kv_step``) is the one dynamic
+dimension (``torch._dynamo.mark_dynamic``), so a decode step compiles once per bucket; with
+``mode="reduce-overhead"`` (CUDA graphs) each distinct ``n`` is one recording, not a recompile. Routing and
+prompt lengths go through the runtime's persistent device tables (``handle.route`` / ``set_prompt_length``
+write in place), so plans added, removed or rescaled, and rows changing phase, never change a compiled graph.
+
+Prefill is eager: the chunks of several prompts in one left-padded forward (padding writes to scratch).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.compat import cache_keyword
+from .kv import SlotCache, attention_mask, check_contract, layer_windows, mask_kind
+
+log = logging.getLogger("fusesteer.serve")
+
+
+def recompiles() -> int:
+    """Dynamo's recompilation count in this process (all compiled code)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0
+
+
+def default_buckets(rows: int) -> tuple[int, ...]:
+    """Powers of two up to ``rows`` (and ``rows`` itself)."""
+    out, b = [], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    return tuple(out + [rows])
+
+
+@dataclass
+class CompileOptions:
+    enabled: bool = False
+    backend: str = "inductor"  # "eager" (dynamo tracing only: tests), "inductor"
+    mode: str | None = None  # None: "reduce-overhead" on CUDA, inductor's default elsewhere
+
+
+@dataclass
+class Chunk:
+    """One row's part of a prefill forward: ``tokens`` at positions ``start..``, into slot ``slot``."""
+
+    slot: int
+    tokens: list
+    start: int
+    key: str | None
+    prompt_len: int
+
+
+class Forwards:
+    def __init__(self, model, steerer, rows: int, max_len: int, buckets=None, compile: CompileOptions | None = None,
+                 kv_step: int | None = None):
+        self.model, self.steerer = model, steerer
+        self.device = next(model.parameters()).device
+        self.kind = mask_kind(model)
+        self.windows = layer_windows(model)
+        self.dtype = next(model.parameters()).dtype
+        n_layers = int(model.config.num_hidden_layers)
+        self.cache = SlotCache(rows, max_len, n_layers, self.device)
+        self.rows, self.max_len = rows, max_len
+        self.buckets = tuple(sorted({min(int(b), rows) for b in (buckets or default_buckets(rows))} | {rows}))
+        self.kv_step = int(kv_step or (256 if self.device.type == "cuda" else 32))
+        self.copts = compile or CompileOptions()
+        self.cache_kw = cache_keyword(model)  # read here: the compiled step must not trace inspect.signature
+        self._decode = self._decode_eager
+        self.recompiles_at_warmup: int | None = None
+        self.warmup_s = 0.0
+
+    # ---- start-up ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check the cache contract (allocating the KV memory), then compile and warm up every decode bucket."""
+        t0 = time.perf_counter()
+        self.steerer.prepare([None], [0])
+
+        def fwd(ids, pos):
+            return self._run(ids, pos, pos, slice(0, 1), pos.max().item() + 1)
+        check_contract(self.model, fwd)
+        self.cache.zero(0)
+        self._idle(max(self.buckets))  # eager: grows the router's tables to the largest bucket
+        if self.copts.enabled:
+            if self.copts.backend == "inductor" and not self.copts.mode and self.device.type == "cuda":
+                self.copts.mode = "reduce-overhead"
+            lim = len(self.buckets) + 8
+            cfg = torch._dynamo.config
+            if getattr(cfg, "recompile_limit", 8) < lim:
+                cfg.recompile_limit = lim
+            if getattr(cfg, "cache_size_limit", 8) < lim:
+                cfg.cache_size_limit = lim
+            kw = {"mode": self.copts.mode} if self.copts.mode else {}
+            self._decode = torch.compile(self._decode_eager, fullgraph=True, backend=self.copts.backend, **kw)
+            for b in self.buckets:
+                for n in (self.kv_step, 2 * self.kv_step):
+                    self._idle(b, min(n, self.max_len))
+        self.recompiles_at_warmup = recompiles()
+        self.warmup_s = time.perf_counter() - t0
+        log.info("KV cache: %d slots x %d tokens (%.1f MiB), decode buckets %s, %s in %.1f s", self.rows,
+                 self.max_len, self.cache.nbytes() / 2 ** 20, list(self.buckets),
+                 f"compiled ({self.copts.backend}, {self.copts.mode or 'default'})" if self.copts.enabled
+                 else "eager", self.warmup_s)
+
+    def recompiles_since_warmup(self) -> int:
+        return 0 if self.recompiles_at_warmup is None else recompiles() - self.recompiles_at_warmup
+
+    def _idle(self, b: int, n: int | None = None) -> None:
+        """A decode forward of ``b`` idle rows (scratch writes only)."""
+        t = self._inputs([0] * b, [0] * b, [self.cache.scratch] * b)
+        self.steerer.prepare([None] * b, [0] * b)
+        self.decode_tensors(t[0], t[1], t[2], n or self.kv_step)
+
+    def _inputs(self, toks, pos, write):
+        """The decode inputs as one host-to-device copy: ``[3, batch, 1]`` (ids, positions, write columns)."""
+        return torch.tensor([toks, pos, write], dtype=torch.long).to(self.device).unsqueeze(-1)
+
+    # ---- forwards ----------------------------------------------------------------------------------
+    def _mask(self, qpos, n):
+        return attention_mask(qpos, n, self.windows, self.kind, self.dtype)
+
+    def _run(self, ids, qpos, write, slots, n):
+        """One eager forward: tokens ``ids`` at positions ``qpos`` written to columns ``write`` of ``slots``,
+        attending ``n`` columns; returns the last column's logits."""
+        c = self.cache
+        mask = self._mask(qpos, n)
+        c.slots, c.write, c.span = slots, write, (mask if torch.is_tensor(mask) else mask["full_attention"])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=qpos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: c})
+        return out.logits[:, -1, :]
+
+    def _decode_eager(self, ids, qpos, write, mask):
+        c = self.cache
+        c.slots, c.write, c.span = None, write, (mask if torch.is_tensor(mask) else mask["full_attention"])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=qpos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: c})
+        return out.logits[:, -1, :]
+
+    def decode_tensors(self, ids, qpos, write, n: int):
+        mask = self._mask(qpos, n)
+        if self._decode is not self._decode_eager:
+            for m in ([mask] if torch.is_tensor(mask) else mask.values()):
+                torch._dynamo.mark_dynamic(m, 3)
+            for t in (ids, qpos, write):
+                torch._dynamo.mark_static(t, 0)
+        return self._decode(ids, qpos, write, mask)
+
+    def bucket(self, busy: int) -> int:
+        return next(b for b in self.buckets if b >= busy)
+
+    def decode(self, by_slot: list) -> tuple[torch.Tensor, int]:
+        """One decode step. ``by_slot[i]``: None (idle) or (token, position, plan key, prompt length) for slot i
+        (``len(by_slot)`` = highest busy slot + 1). Returns the logits ``[bucket, vocab]`` and the bucket."""
+        b = self.bucket(len(by_slot))
+        toks, pos, write, keys, plens = [0] * b, [0] * b, [self.cache.scratch] * b, [None] * b, [0] * b
+        last = 0
+        for i, r in enumerate(by_slot):
+            if r is not None:
+                toks[i], pos[i], keys[i], plens[i] = r
+                write[i] = pos[i]
+                last = max(last, pos[i])
+        n = min(self.max_len, -(-(last + 1) // self.kv_step) * self.kv_step)
+        t = self._inputs(toks, pos, write)
+        self.steerer.prepare(keys, plens)
+        return self.decode_tensors(t[0], t[1], t[2], n), b
+
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """One eager forward over several rows' prompt chunks (left-padded); returns each row's last logits."""
+        q = max(len(c.tokens) for c in chunks)
+        k = len(chunks)
+        ids = torch.zeros(k, q, dtype=torch.long)
+        pos = torch.zeros(k, q, dtype=torch.long)
+        write = torch.full((k, q), self.cache.scratch, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            m = len(c.tokens)
+            ids[i, q - m:] = torch.tensor(c.tokens, dtype=torch.long)
+            pos[i, q - m:] = torch.arange(c.start, c.start + m)
+            write[i, q - m:] = pos[i, q - m:]
+        n = max(c.start + len(c.tokens) for c in chunks)
+        slots = [c.slot for c in chunks]
+        sl = slice(slots[0], slots[0] + k) if slots == list(range(slots[0], slots[0] + k)) else \
+            torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.steerer.prepare([c.key for c in chunks], [c.prompt_len for c in chunks])
+        return self._run(ids.to(self.device), pos.to(self.device), write.to(self.device), sl, n)
