@@ -95,27 +95,3 @@ def layer_positions(kwargs):
         if t is not None:
             return t
     return None
-
-
-# ---- the KV cache as per-layer tensors (the server's batch surgery) -------------------------------------------
-
-
-def new_cache():
-    """An empty ``DynamicCache`` (full-attention layers, created as a forward fills them)."""
-    return transformers.DynamicCache()
-
-
-def cache_tensors(cache) -> list:
-    """Per-layer ``(keys, values)`` of a ``DynamicCache`` with full layers, each ``[batch, heads, time, dim]``."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def cache_from_tensors(kv):
-    """A ``DynamicCache`` holding these per-layer ``(keys, values)`` without copying them (each layer is created
-    empty by ``update``, then given the tensors)."""
-    cache = new_cache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k[:, :, :0], v[:, :, :0], i)
-        layer = cache.layers[i]
-        layer.keys, layer.values = k, v
-    return cache
