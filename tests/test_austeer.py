@@ -271,9 +271,9 @@ def test_plan_applies_gain_exactly_on_chosen_dims(model, tok, yn_pairs, site):
     plan = A.austeer_plan(loc, 9, 3.0)
     full = A.resolve_site(site)
     ids = torch.tensor([P.pair_token_ids(tok, yn_pairs[0])[0]])
-    with torch.no_grad(), site_recorder(model, full) as before:
-        with attach(model, plan, backend="reference"), site_recorder(model, full) as after:
-            model(input_ids=ids)
+    with torch.no_grad(), attach(model, plan, backend="reference"), site_recorder(model, full) as after, \
+            site_recorder(model, full, before_maps=True) as before:
+        model(input_ids=ids)
     gains = {}
     for u in plan.metadata["units"]:
         gains[(u["layer"], u["dim"])] = 1.0 + u["gamma"]
@@ -388,9 +388,9 @@ def test_iti_on_model_and_caa_plan(model, tok, yn_pairs, head_loc):
     assert torch.allclose(many["layer.out"].stats.mean_m.float(), vec, atol=1e-4)
     cp = B.caa_layer_plan(head_loc.spec, 1, vec[1], 2.0)
     ids = torch.tensor([P.pair_token_ids(tok, yn_pairs[0])[0]])
-    with torch.no_grad(), site_recorder(model, "layer.out") as before:
-        with attach(model, cp, backend="reference"), site_recorder(model, "layer.out") as after:
-            model(input_ids=ids)
+    with torch.no_grad(), attach(model, cp, backend="reference"), site_recorder(model, "layer.out") as after, \
+            site_recorder(model, "layer.out", before_maps=True) as before:
+        model(input_ids=ids)
     assert torch.equal(after[1], before[1] + 2.0 * vec[1])
     assert torch.equal(after[0], before[0])
 

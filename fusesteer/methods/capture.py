@@ -21,8 +21,10 @@ from ..runtime.sites import SITES, hook_site
 
 
 @contextmanager
-def site_recorder(model, site: str, layers: Sequence[int] | None = None):
-    """Context manager yielding a dict {layer: tensor} filled by each forward with the site's activation."""
+def site_recorder(model, site: str, layers: Sequence[int] | None = None, before_maps: bool = False):
+    """Context manager yielding a dict {layer: tensor} filled by each forward with the site's activation (as steered
+    by an attached plan). ``before_maps``: entered while a plan is attached with the ``reference`` backend, record the
+    site's value before that plan's map instead (the recorder's hook then runs first)."""
     if site not in SITES:
         raise FuseSteerError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
     parts = model_parts(model)
@@ -41,7 +43,7 @@ def site_recorder(model, site: str, layers: Sequence[int] | None = None):
         def record(x, l=l, shard=shard):
             x = x.detach()
             store[l] = x if shard is None else tp.gather_last_dim(x, shard, width)  # full width on every rank
-        handles.append(hook_site(parts.layers[l], site, record))
+        handles.append(hook_site(parts.layers[l], site, record, first=before_maps))
     try:
         yield store
     finally:

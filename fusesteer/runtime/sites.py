@@ -66,14 +66,15 @@ def module_at(layer, path: str):
     return mod
 
 
-def hook_site(layer, name: str, fn):
+def hook_site(layer, name: str, fn, first: bool = False):
     """Register a hook that calls ``fn(x)`` with the site's activation; a tensor it returns replaces x.
     Returns the hook handle.
 
-    An output site's hook runs *first* among the module's forward hooks (``prepend``): the site is the module's
-    output, so every other forward hook (transformers' own output capture, another library's) sees it as the
-    fused backends produce it, after the map. An input site's hook runs after the pre-hooks already there, as
-    the input the module's forward receives."""
+    ``first``: the hook runs first among the module's forward (pre-)hooks (``prepend``), else last. The reference
+    backend's output maps run first: the site is the module's output, so every other forward hook (transformers'
+    own output capture, another library's, a capture recorder) sees it as the fused backends produce it, after
+    the map. Its input maps run last among the pre-hooks already there, on the input the module's forward
+    receives."""
     rec = site(name)
     mod = module_at(layer, rec.path)
     if rec.where == "output":
@@ -83,7 +84,7 @@ def hook_site(layer, name: str, fn):
             if y is None:
                 return None
             return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
-        return mod.register_forward_hook(post, prepend=True)
+        return mod.register_forward_hook(post, prepend=first)
 
     def pre(m, args, kwargs):
         if args:
@@ -95,4 +96,4 @@ def hook_site(layer, name: str, fn):
         kwargs = dict(kwargs)
         kwargs["input"] = y
         return args, kwargs
-    return mod.register_forward_pre_hook(pre, with_kwargs=True)
+    return mod.register_forward_pre_hook(pre, with_kwargs=True, prepend=first)

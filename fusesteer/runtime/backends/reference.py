@@ -12,6 +12,7 @@ import torch
 from ...formula import affine
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import hook_site
+from ..sites import site as site_record
 from ..tables import SiteTable
 from ..tp import on_local
 from .base import Backend
@@ -47,9 +48,10 @@ class ReferenceBackend(Backend):
             patcher.add_hook(layer.register_forward_pre_hook(route_pre, with_kwargs=True))
         for (layer_idx, site), table in ctx.tables.items():
             check = ctx.checker(layer_idx, site)
+            output = site_record(site).where == "output"  # an output map runs before the module's other hooks
             patcher.add_hook(hook_site(parts.layers[layer_idx], site,
                                        lambda x, table=table, check=check: check(
-                                           reference_apply(x, table, ctx.router))))
+                                           reference_apply(x, table, ctx.router)), first=output))
 
         def stack_pre(mod, args, kwargs):
             ctx.begin_forward()
