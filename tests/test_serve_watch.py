@@ -271,7 +271,8 @@ def test_uploads_and_files_sharing_a_name(env):
     upload(a, "apionly", up)  # no file has this name: the watcher never touches it
     upload(a, "shared", up)
     put(folder, "shared.safetensors", plan_bytes(filed, scratch))  # a file appears: it takes the name
-    wait_for(lambda: all(listing(s)["shared"]["source"].startswith("dir:") for s in (a, b)), "the file takes 'shared'")
+    wait_for(lambda: all(listing(s).get("shared", {}).get("source", "").startswith("dir:") for s in (a, b)),
+             "the file takes 'shared'")  # b has no 'shared' until its watcher reads the file
     assert served(a, "shared") == served(b, "shared") == alone(env, filed)
     upload(a, "shared", up2, replace=True)  # an upload with replace=true wins until the file next changes
     (folder / "shared.safetensors").unlink()  # deleting the file then leaves the uploaded plan
