@@ -21,6 +21,8 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from serve_helpers import greedy_alone  # noqa: E402
+
 import fusesteer as fs  # noqa: E402
 from fusesteer.interop.gguf_cv import write_control_vector  # noqa: E402
 from fusesteer.serve.server import Server  # noqa: E402
@@ -72,17 +74,7 @@ def env(tmp_path_factory):
 
 def alone(env, ids, plan, n=N_TOK):
     """The request run by itself: fs.attach + greedy generate() on the second copy of the model."""
-    ref, tok = env["ref"], env["tok"]
-    x = torch.tensor([ids])
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, temperature=None, top_p=None,
-              top_k=None, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        if plan is None:
-            out = ref.generate(x, **kw)
-        else:
-            with fs.attach(ref, plan, backend="torch"):
-                out = ref.generate(x, **kw)
-    return out[0, x.shape[1]:].tolist()
+    return greedy_alone(env["ref"], ids, plan, n, pad_id=env["tok"].pad_token_id)
 
 
 def composed(env, steering):

@@ -20,6 +20,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
+from serve_helpers import greedy_alone  # noqa: E402
+
 import fusesteer as fs  # noqa: E402
 from fusesteer.serve.server import Server  # noqa: E402
 
@@ -66,17 +68,7 @@ def _complete(srv, ids, n, steering=None):
 
 
 def alone(env, ids, plan, n):
-    ref = env["ref"]
-    x = torch.tensor([ids])
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-              temperature=None, top_p=None, top_k=None, pad_token_id=0)
-    with torch.no_grad():
-        if plan is None:
-            out = ref.generate(x, **kw)
-        else:
-            with fs.attach(ref, plan, backend="torch"):
-                out = ref.generate(x, **kw)
-    return out[0, x.shape[1]:].tolist()
+    return greedy_alone(env["ref"], ids, plan, n, exact=True)
 
 
 def _ids(seed, n):

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
+
+from serve_helpers import greedy_alone, wait_healthy  # noqa: E402
 
 import fusesteer as fs  # noqa: E402
 from fusesteer.runtime.backends import resolve  # noqa: E402
@@ -54,16 +55,7 @@ def ref(folder):
 
 def alone(ref, prompt, plan):
     model, tok = ref
-    x = torch.tensor([tok(prompt)["input_ids"]])
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=N, do_sample=False, temperature=None, top_p=None,
-              top_k=None, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        if plan is None:
-            out = model.generate(x, **kw)
-        else:
-            with fs.attach(model, plan, backend="reference"):
-                out = model.generate(x, **kw)
-    return out[0, x.shape[1]:].tolist()
+    return greedy_alone(model, tok(prompt)["input_ids"], plan, N, backend="reference")
 
 
 def complete(url, prompt, steering=None):
@@ -119,17 +111,7 @@ def test_fusesteer_serve_command_starts_and_answers(folder, ref, tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fusesteer serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() - t0 < 180, "fusesteer serve did not start"
-            time.sleep(0.25)
+        wait_healthy(proc, url, tmp_path / "serve.log", 180)
         assert complete(url, PROMPTS[0]) == alone(ref, PROMPTS[0], None)
         assert complete(url, PROMPTS[1], {"plan": "lift", "scale": 0.8}) == alone(ref, PROMPTS[1],
                                                                                  folder["plan"].scaled(0.8))

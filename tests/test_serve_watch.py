@@ -25,6 +25,8 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from serve_helpers import greedy_alone, wait_healthy  # noqa: E402
+
 import fusesteer as fs  # noqa: E402
 from fusesteer.interop.gguf_cv import write_control_vector  # noqa: E402
 from fusesteer.runtime.plan import ModelSpec  # noqa: E402
@@ -98,17 +100,7 @@ def env(tok, tmp_path_factory):
 
 def alone(env, plan) -> list[int]:
     """Greedy tokens of PROMPT with ``plan`` attached by itself (fs.attach) on the reference copy."""
-    ref, tok = env["ref"], env["tok"]
-    x = torch.tensor([tok(PROMPT)["input_ids"]])
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=N, do_sample=False, temperature=None, top_p=None,
-              top_k=None, pad_token_id=0)
-    with torch.no_grad():
-        if plan is None:
-            out = ref.generate(x, **kw)
-        else:
-            with fs.attach(ref, plan, backend="torch"):
-                out = ref.generate(x, **kw)
-    return out[0, x.shape[1]:].tolist()
+    return greedy_alone(env["ref"], env["tok"](PROMPT)["input_ids"], plan, N)
 
 
 def served(srv, plan_name) -> list[int]:
@@ -373,17 +365,7 @@ def test_fusesteer_serve_watch_command(tok, tmp_path):
         return [d["name"] for d in httpx.get(url + "/v1/steering/plans", timeout=10).json()["data"]]
 
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fusesteer serve exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() - t0 < 120, "fusesteer serve did not start"
-            time.sleep(0.25)
+        wait_healthy(proc, url, tmp_path / "serve.log", 120)
         assert names() == []
         put(plans, "late.safetensors", plan_bytes(make_plan(model, 12), tmp_path))
         wait_for(lambda: names() == ["late"], "late served by the command")
