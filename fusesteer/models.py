@@ -461,7 +461,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _load_folder(folder: Path, what: str, dtype: torch.dtype, quantization, device: torch.device,
-                 padding_side: str):
+                 padding_side: str, tp_plan: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
@@ -473,6 +473,10 @@ def _load_folder(folder: Path, what: str, dtype: torch.dtype, quantization, devi
     kwargs: dict[str, Any] = dict(local_files_only=True, dtype=dtype)
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map=str(device))
+    if tp_plan is not None:
+        from .runtime.compat import tensor_parallel_kwargs
+
+        kwargs.update(tensor_parallel_kwargs(tp_plan))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except Exception as e:  # noqa: BLE001 - one clear message, not a deep trace
@@ -481,7 +485,7 @@ def _load_folder(folder: Path, what: str, dtype: torch.dtype, quantization, devi
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{what}: could not load the tokenizer from {folder}: {type(e).__name__}: {e}") from None
-    if qconfig is None:
+    if qconfig is None and tp_plan is None:  # a tensor-parallel model is on each rank's device already
         model.to(device)
     model.eval()
     _fix_tokenizer(model, tokenizer, padding_side)
@@ -499,7 +503,7 @@ def _fix_tokenizer(model, tokenizer, padding_side: str) -> None:
 
 
 def load(name_or_path: str | os.PathLike = "smollm2-135m", dtype=torch.float32, quantization: str | None = None,
-         device="cpu", progress: bool = True, padding_side: str = "left"):
+         device="cpu", progress: bool = True, padding_side: str = "left", tp_plan: str | None = None):
     """Load an embedded model (see :data:`KNOWN`) or a local Hugging Face folder; returns ``(model, tokenizer)``.
 
     Args:
@@ -510,6 +514,8 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", dtype=torch.float32, 
         device: torch device for the weights.
         progress: show a progress bar on the first (converting) load of a known name.
         padding_side: tokenizer padding side, ``"left"`` (for batched generation) or ``"right"``.
+        tp_plan: transformers' tensor-parallel plan (``"auto"``), under ``torchrun`` with the process group
+            initialized: each process loads its shard (not with ``quantization``).
 
     The model is returned in eval mode. The tokenizer always has a pad token (eos if it had none).
     Raises :class:`~fusesteer.errors.ModelLoadError` with one clear message on any failure (missing wheel:
@@ -521,6 +527,8 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", dtype=torch.float32, 
         raise ModelLoadError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if quantization not in _QUANTIZATIONS:
         raise ModelLoadError(f"unsupported quantization {quantization!r}; use None, '8bit' or '4bit'")
+    if tp_plan is not None and quantization is not None:
+        raise ModelLoadError("tp_plan and quantization cannot be combined here; load one or the other")
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(f"name_or_path must be a model name or a folder path, got {type(name_or_path).__name__}")
 
@@ -528,8 +536,10 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", dtype=torch.float32, 
         if isinstance(name_or_path, str) and name_or_path in KNOWN:
             folder = _ensure_converted(name_or_path, progress)
             log.info("loading %s from cache %s", name_or_path, folder)
-            return _load_folder(folder, f"model {name_or_path!r} (cache)", dtype, quantization, dev, padding_side)
+            return _load_folder(folder, f"model {name_or_path!r} (cache)", dtype, quantization, dev, padding_side,
+                                tp_plan)
         folder = Path(name_or_path).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(_unknown_message(os.fspath(name_or_path)))
-        return _load_folder(folder, f"model folder {str(folder)!r}", dtype, quantization, dev, padding_side)
+        return _load_folder(folder, f"model folder {str(folder)!r}", dtype, quantization, dev, padding_side,
+                            tp_plan)

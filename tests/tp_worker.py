@@ -21,6 +21,7 @@ from fusesteer.evaluate import tasks  # noqa: E402
 from fusesteer.methods import austeer as A  # noqa: E402
 from fusesteer.methods import pairs as P  # noqa: E402
 from fusesteer.runtime import tp  # noqa: E402
+from fusesteer.runtime.compat import tensor_parallel_kwargs  # noqa: E402
 from fusesteer.runtime.families import model_parts  # noqa: E402
 from fusesteer.testing import word_tokenizer  # noqa: E402
 from fusesteer.tolerances import FP32_ABS  # noqa: E402
@@ -73,7 +74,7 @@ def main():
     folder, out_path = sys.argv[1], sys.argv[2]
     backends = ["reference", "torch", "auto"] + (["triton"] if "--triton" in sys.argv else [])
     try:  # transformers itself may not shard a model (5.0 cannot load Qwen3-MoE with tp_plan on CPU)
-        par = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
+        par = AutoModelForCausalLM.from_pretrained(folder, **tensor_parallel_kwargs("auto")).eval()
     except Exception as e:  # noqa: BLE001 - reported to the test, which skips naming it
         with open(f"{out_path}.load-error.{os.environ.get('RANK', '?')}", "w") as f:
             f.write(f"{type(e).__name__}: {e}")

@@ -32,10 +32,10 @@ def worker(folder: str, out: str, steps: int, batch: int, ctx: int) -> None:
 
     import fusesteer as fs
     from fusesteer.evaluate.stats import bootstrap_ci
-    from fusesteer.runtime.compat import output_cache
+    from fusesteer.runtime.compat import output_cache, tensor_parallel_kwargs
 
     parallel = "RANK" in os.environ
-    model = AutoModelForCausalLM.from_pretrained(folder, **({"tp_plan": "auto"} if parallel else {})).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, **(tensor_parallel_kwargs("auto") if parallel else {})).eval()
     torch.manual_seed(0)
     plan = fs.SteeringPlan.for_model(model)
     for layer in range(model.config.num_hidden_layers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from ..errors import FuseSteerError
 
@@ -65,6 +66,12 @@ def register(sub, fmt):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor parallelism over N processes on this machine (transformers' tp_plan='auto'; NCCL "
+                        "with CUDA, gloo on CPU): runs itself under torchrun; rank 0 serves HTTP. Under your own "
+                        "torchrun, leave it out (or give the world size)")
+    p.add_argument("--tp-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a rank waits for another that stopped answering before the server stops")
     p.set_defaults(func=run)
 
 
@@ -77,6 +84,20 @@ def _buckets(text):
         out = []
     if not out or min(out) < 1:
         raise FuseSteerError(f"--decode-buckets must be positive integers separated by commas, got {text!r}")
+    return out
+
+
+def _without_tp(argv: list[str]) -> list[str]:
+    """The arguments after ``serve`` with ``--tp N`` taken out."""
+    rest = argv[argv.index("serve") + 1:] if "serve" in argv else list(argv)
+    out, skip = [], False
+    for a in rest:
+        if skip:
+            skip = False
+        elif a == "--tp":
+            skip = True
+        elif not a.startswith("--tp="):
+            out.append(a)
     return out
 
 
@@ -104,9 +125,33 @@ def run(args) -> int:
         if args.threads < 1:
             raise FuseSteerError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..serve import parallel
+
+    rank, world = parallel.world_from_env()
+    if args.tp is not None and (args.tp < 1 or (world > 1 and args.tp != world)):
+        raise FuseSteerError(f"--tp must be at least 1{f' and equal torchrun world size {world}' if world > 1 else ''}"
+                             f", got {args.tp}")
+    if not args.tp_timeout > 0:
+        raise FuseSteerError(f"--tp-timeout must be positive, got {args.tp_timeout}")
+    if args.tp is not None and args.tp > 1 and world == 1:  # become torchrun, which runs this command N times
+        cmd = parallel.spawn_argv(_without_tp(args.argv), args.tp)
+        print(f"fusesteer serve: tensor parallelism over {args.tp} processes: {' '.join(cmd[1:])}", flush=True)
+        os.execv(cmd[0], cmd)
     logging.getLogger("fusesteer.serve").setLevel(logging.INFO)
-    model, tok = models.load(args.model, dtype=args.dtype, device=device)
+    channel = None
+    if world > 1:
+        if args.device not in (None, "cpu", "cuda"):
+            raise FuseSteerError("with tensor parallelism each rank picks its device (cuda:LOCAL_RANK, or cpu); "
+                                 f"--device may be cpu or cuda, got {args.device!r}")
+        channel = parallel.init(args.tp_timeout)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = models.load(args.model, dtype=args.dtype, device=device, tp_plan="auto" if channel else None)
+    if channel is not None and rank != 0:
+        rc = parallel.follow(model, channel)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)  # not a clean interpreter exit: it could wait on a rank that is gone
     name = args.served_name or (args.model if os.sep not in args.model else os.path.basename(args.model.rstrip(os.sep)))
     srv = Server(model, tok, name, plans_dir=args.plans, host=args.host, port=args.port, api_key=args.api_key,
                  max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
@@ -114,10 +159,12 @@ def run(args) -> int:
                  max_plan_bytes=args.max_plan_bytes, kv_cache_tokens=args.kv_cache_tokens,
                  max_prefill_tokens=args.max_prefill_tokens, compile=args.compile,
                  compile_backend=args.compile_backend, decode_buckets=_buckets(args.decode_buckets),
-                 prefix_cache=args.prefix_cache, watch=args.watch, watch_interval=args.watch_interval)
+                 prefix_cache=args.prefix_cache, watch=args.watch, watch_interval=args.watch_interval,
+                 channel=channel)
     fw = srv.engine.fw
     print(f"fusesteer serve: {name} on http://{args.host}:{args.port}/v1 ({len(srv.registry)} plan(s), backend "
           f"{srv.steerer.backend}, {fw.rows} rows x {fw.max_len} tokens of KV cache, decode "
-          f"{'compiled' if fw.copts.enabled else 'eager'})", flush=True)
+          f"{'compiled' if fw.copts.enabled else 'eager'}"
+          f"{f', tensor parallel over {channel.world} processes' if channel else ''})", flush=True)
     srv.run()
     return 0

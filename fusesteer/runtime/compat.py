@@ -95,3 +95,16 @@ def layer_positions(kwargs):
         if t is not None:
             return t
     return None
+
+
+def tensor_parallel_kwargs(plan: str = "auto") -> dict:
+    """``from_pretrained`` keywords for transformers' tensor parallelism with ``plan``: a ``DistributedConfig``
+    where this transformers has one that takes a ``tp_plan`` (newer releases deprecate the bare keyword), else
+    ``tp_plan=`` (5.0)."""
+    try:
+        from transformers import DistributedConfig
+    except ImportError:
+        return {"tp_plan": plan}
+    if "tp_plan" not in inspect.signature(DistributedConfig).parameters:
+        return {"tp_plan": plan}
+    return {"distributed_config": DistributedConfig(tp_plan=plan)}

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PlanError
-from .engine import Engine, QueueFull
+from .engine import Engine, EngineStopped, QueueFull
 from .metrics import Metrics
 from .protocol import (
     MAX_BODY_BYTES,
@@ -54,6 +54,7 @@ class ServerConfig:
     max_model_len: int = 2048  # prompt + completion
     api_key: str | None = None
     default_completion_tokens: int = 16  # OpenAI's default for /v1/completions
+    world_size: int = 1  # processes running the model (tensor parallelism); rank 0 serves
 
 
 class _ClientGone(Exception):
@@ -261,6 +262,9 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
                            f"(--max-queue); retry in {math.ceil(e.retry_after)} s", type_="rate_limit_error",
                            code="queue_full",
                            headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+        except EngineStopped as e:
+            metrics.count_request(endpoint, req.steering.label, "http_503")
+            raise APIError(503, str(e), type_="server_error", code="unavailable") from None
         shape = Shape(chat=chat, model=config.model_name)
         poll = _Poll()
         text = TextStream(tokenizer, params.stop, params.sampling.min_tokens)
@@ -419,7 +423,11 @@ def create_app(engine: Engine, registry: PlanRegistry, tokenizer, config: Server
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, "active_requests": engine.active,
+        if engine.failure is not None:
+            return JSONResponse({"status": "failed", "error": engine.failure, "world_size": config.world_size},
+                                status_code=503)
+        return {"status": "ok", "model": config.model_name, "world_size": config.world_size,
+                "active_requests": engine.active,
                 "queued_requests": engine.queued, "plans": len(registry), "steps": engine.steps}
 
     @app.get("/metrics")

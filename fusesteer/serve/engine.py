@@ -49,6 +49,10 @@ from .steer import CapacityFull, Steerer
 log = logging.getLogger("fusesteer.serve")
 
 
+class EngineStopped(RuntimeError):
+    """The engine is not taking requests (shutting down, or a tensor-parallel rank failed)."""
+
+
 class QueueFull(RuntimeError):
     def __init__(self, retry_after: float):
         super().__init__("the request queue is full")
@@ -58,7 +62,10 @@ class QueueFull(RuntimeError):
 class Engine:
     def __init__(self, model, steerer: Steerer, metrics: Metrics | None = None, max_batch: int = 32,
                  max_queue: int = 256, max_prefill_tokens: int = 4096, max_len: int = 2048,
-                 compile: CompileOptions | None = None, buckets=None, prefix_cache: bool = True):
+                 compile: CompileOptions | None = None, buckets=None, prefix_cache: bool = True, channel=None,
+                 on_fatal=None):
+        """``channel``: this is rank 0 of a tensor-parallel server (:mod:`.parallel`): every model call is sent
+        to the other ranks first, and a failed step is fatal (``on_fatal()`` runs after every request failed)."""
         self.model = model
         self.steerer = steerer
         self.metrics = metrics or Metrics()
@@ -66,7 +73,15 @@ class Engine:
         self.max_queue = int(max_queue)
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.device = model_device(model)
-        self.fw = Forwards(model, steerer, self.max_batch, int(max_len), buckets=buckets, compile=compile)
+        fw_args = (model, steerer, self.max_batch, int(max_len))
+        if channel is None:
+            self.fw = Forwards(*fw_args, buckets=buckets, compile=compile)
+        else:
+            from .parallel import LeaderForwards
+
+            self.fw = LeaderForwards(*fw_args, buckets=buckets, compile=compile, channel=channel)
+        self.channel, self.on_fatal = channel, on_fatal
+        self.failure: str | None = None  # why the engine stopped for good (tensor-parallel rank failure)
         self.prefix = PrefixCache(self.max_batch) if prefix_cache else None
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()  # Status.QUEUED
@@ -104,7 +119,7 @@ class Engine:
     def submit(self, req: GenRequest) -> None:
         with self._cv:
             if self._stop:
-                raise RuntimeError("the engine is stopped")
+                raise EngineStopped(self.failure or "the server is shutting down")
             if not scheduler.queue_has_room(len(self._waiting), len(self._rows), self.max_batch, self.max_queue):
                 raise QueueFull(scheduler.retry_after(self.step_time_ema))
             req.status = Status.QUEUED
@@ -150,24 +165,46 @@ class Engine:
             self._ready.set()
             while True:
                 with self._cv:
-                    while not self._stop and not self._waiting and not self._rows and not self._preload:
+                    idle = not self._waiting and not self._rows and not self._preload
+                    if idle and not self._stop:
                         self._cv.wait(0.5)
                     if self._stop:
                         return
                 try:
+                    if idle:
+                        self.fw.tick()
+                        continue
                     if self._preload:
                         self._do_preloads()
                     self._step()
                 except Exception as e:
+                    if self.channel is not None:
+                        self._fatal(e)
+                        return
                     log.exception("engine step failed")
                     for r in self._rows:
                         self._fail(r.req, 500, f"internal error in the generation step: {type(e).__name__}: {e}",
                                    "internal_error")
-                        self.fw.cache.zero(r.slot)
+                        self.fw.zero(r.slot)
                     self._rows, self._slots = [], [None] * self.max_batch
                     if self.prefix is not None:
                         self.prefix.clear()
                 self._gauges()
+
+    def _fatal(self, e: BaseException) -> None:
+        """A tensor-parallel step failed: the ranks no longer run the same forward, so nothing more can run."""
+        self.failure = (f"a tensor-parallel rank failed or stopped answering ({type(e).__name__}: {e}); "
+                        "the server is stopping")
+        log.critical("fusesteer serve: %s (exit code 1)", self.failure)
+        with self._cv:
+            self._stop = True
+            reqs = list(self._waiting) + [r.req for r in self._rows]
+            self._waiting.clear()
+            self._rows = []
+        for req in reqs:
+            self._fail(req, 503, self.failure, "rank_failed")
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _do_preloads(self) -> None:
         with self._cv:
@@ -293,7 +330,7 @@ class Engine:
         self.prefix.forget(slot)
         src, m = self.prefix.lookup(row.req.prompt_ids, row.prefix_key, self._live_prefixes())
         if m > 0:
-            self.fw.cache.copy(src, slot, m)
+            self.fw.copy(src, slot, m)
             row.n_cached = m
         self.metrics.count_prefix(m, row.prompt_len)
 
@@ -320,7 +357,7 @@ class Engine:
                 self._fail(r.req, 400, (
                     f"steering {r.req.steering.label!r} made the activations non-finite (NaN/Inf) at {where}; "
                     "the request was stopped (lower the scale)"), "non_finite_activations")
-                self.fw.cache.zero(r.slot, min(self.fw.max_len + 1, r.n_cached + 1))
+                self.fw.zero(r.slot, min(self.fw.max_len + 1, r.n_cached + 1))
                 continue
             live.append(i)
         return live
@@ -434,6 +471,6 @@ class Engine:
             dst = free[0] if self.prefix is None else self.prefix.pick([f for f in free if f < src])
             if self.prefix is not None:
                 self.prefix.forget(dst)
-            self.fw.cache.copy(src, dst, row.n_cached)
+            self.fw.copy(src, dst, row.n_cached)
             self._slots[dst], self._slots[src] = row, None
             row.slot = dst

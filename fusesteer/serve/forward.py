@@ -155,6 +155,16 @@ class Forwards:
                 torch._dynamo.mark_static(t, 0)
         return self._decode(ids, qpos, write, mask)
 
+    # ---- KV-slot surgery and idling (rank 0 of a tensor-parallel server also tells the other ranks) ---------
+    def copy(self, src: int, dst: int, n: int) -> None:
+        self.cache.copy(src, dst, n)
+
+    def zero(self, slot: int, n: int | None = None) -> None:
+        self.cache.zero(slot, n)
+
+    def tick(self) -> None:
+        """Called while the engine is idle."""
+
     def bucket(self, busy: int) -> int:
         return next(b for b in self.buckets if b >= busy)
 

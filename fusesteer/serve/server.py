@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -51,11 +52,13 @@ class Server:
                  max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES, max_prefill_tokens: int = 512,
                  max_plan_entries: int = DEFAULT_MAX_PLAN_ENTRIES, kv_cache_tokens: int | None = None,
                  compile: bool | None = None, compile_backend: str = "inductor", decode_buckets=None,
-                 prefix_cache: bool = True, watch: bool = False, watch_interval: float = 1.0):
+                 prefix_cache: bool = True, watch: bool = False, watch_interval: float = 1.0, channel=None):
         """``kv_cache_tokens``: the preallocated KV cache, rows x tokens per row (default
         ``DEFAULT_KV_CACHE_TOKENS``): ``max_batch`` rows of ``max_model_len`` tokens when it holds them, fewer rows
         otherwise; without ``max_model_len`` each of ``max_batch`` rows gets its share (at most the model's
-        context). ``compile``: decode under ``torch.compile`` (None: on CUDA only)."""
+        context). ``compile``: decode under ``torch.compile`` (None: on CUDA only). ``channel``: this process is
+        rank 0 of a tensor-parallel server (:func:`fusesteer.serve.parallel.init`); the other ranks run
+        :func:`~fusesteer.serve.parallel.follow`."""
         from ..runtime.plan import ModelSpec
 
         check_options(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, max_model_len=max_model_len,
@@ -82,18 +85,30 @@ class Server:
             log.warning("--kv-cache-tokens %d holds %d rows of %d tokens: --max-batch %d lowered to %d", kv, rows,
                         max_len, max_batch, rows)
         self.config = ServerConfig(model_name=model_name, max_tokens=max_tokens, max_model_len=max_len,
-                                   api_key=api_key)
+                                   api_key=api_key, world_size=channel.world if channel is not None else 1)
         slots = plan_slots if plan_slots is not None else max_batch + 8
-        self.steerer = Steerer(model, backend=backend, capacity=max(slots, max_batch))
+        if channel is None:
+            self.steerer = Steerer(model, backend=backend, capacity=max(slots, max_batch))
+        else:
+            from .parallel import LeaderSteerer
+
+            self.steerer = LeaderSteerer(model, channel, backend=backend, capacity=max(slots, max_batch))
         self._preload_registry(slots)
         on_cuda = next(model.parameters()).device.type == "cuda"
         copts = CompileOptions(enabled=on_cuda if compile is None else bool(compile), backend=compile_backend)
         self.engine = Engine(model, self.steerer, self.metrics, max_batch=rows, max_queue=max_queue,
                              max_prefill_tokens=max_prefill_tokens, max_len=max_len, compile=copts,
-                             buckets=decode_buckets, prefix_cache=prefix_cache)
+                             buckets=decode_buckets, prefix_cache=prefix_cache, channel=channel,
+                             on_fatal=self._rank_failed if channel is not None else None)
         self.app = create_app(self.engine, self.registry, tokenizer, self.config, self.metrics)
         self._uv = None
         self._thread = None
+
+    def _rank_failed(self) -> None:
+        """A tensor-parallel rank failed (the engine logged it and failed every request with 503): give the
+        answers a moment to leave, then end the process with exit code 1 (a clean shutdown could wait forever
+        on the ranks that are gone)."""
+        threading.Timer(1.0, os._exit, (1,)).start()
 
     def _preload_registry(self, slots: int) -> None:
         """Write the folder's plans (scale 1) into the plan table before serving, as many as there are slots: a

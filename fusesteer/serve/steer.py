@@ -60,14 +60,21 @@ class Steerer:
                 victim = next((k for k in self.held if k not in keep), None)
                 if victim is None:
                     raise CapacityFull(f"all {self.capacity} plan slots are in use")
-                self.handle.route([None])  # the last forward's routing may still name it
-                self.handle.remove_plan(victim)
-                del self.held[victim]
+                self._remove(victim)
             try:
-                self.handle.add_plan(key, plan)
+                self._add(key, plan)
             except AttachError as e:
                 raise CapacityFull(str(e)) from None
-            self.held[key] = plan
+
+    def _add(self, key: str, plan: SteeringPlan) -> None:
+        """Write ``plan`` into a free slot of the plan table under ``key``."""
+        self.handle.add_plan(key, plan)
+        self.held[key] = plan
+
+    def _remove(self, key: str) -> None:
+        self.handle.route([None])  # the last forward's routing may still name it
+        self.handle.remove_plan(key)
+        del self.held[key]
 
     # ---- per forward -----------------------------------------------------------------------------
     def prepare(self, row_keys: list, prompt_lens: list[int]) -> None:
