@@ -13,7 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-FAMILIES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3")
+from fusesteer.runtime.ir import ModelSpec  # noqa: E402
+from fusesteer.testing import TINY_FAMILIES  # noqa: E402
+
+FAMILIES = TINY_FAMILIES  # the one family list every family-parametrized test uses (the tiny model of each)
 
 
 @pytest.fixture(scope="session")
@@ -44,14 +47,20 @@ def patched_forward(module):
 
 
 def random_plan(model, sites, sparse=False, seed=0, gating="all", scale=0.5):
-    """A plan touching every layer at the given sites with random (a, b)."""
+    """A plan touching every layer at the given sites with random (a, b): each layer at those of the sites it has
+    (a sparse MoE layer has no single ``mlp.down_proj``); every site is on some layer."""
     import fusesteer as fs
+    from fusesteer.runtime.families import model_parts
 
     g = torch.Generator().manual_seed(seed)
     plan = fs.SteeringPlan.for_model(model)
     spec = plan.spec
+    parts = model_parts(model)
+    assert all(any(s in parts.sites_of(i) for i in range(spec.num_layers)) for s in sites), sites
     for layer in range(spec.num_layers):
         for site in sites:
+            if site not in parts.sites_of(layer):
+                continue
             w = spec.site_width(site)
             if sparse:
                 dims = torch.randperm(w, generator=g)[: max(1, w // 8)]
@@ -85,3 +94,19 @@ try:
     _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 except ImportError:  # pragma: no cover
     pass
+
+
+# A small model shape for plan-level tests that need no model.
+SMALL_SPEC = ModelSpec("llama", num_layers=4, hidden_size=8, intermediate_size=12, attn_width=8)
+
+
+def small_plan():
+    """One ``layer.out`` entry on :data:`SMALL_SPEC`."""
+    import fusesteer as fs
+
+    return fs.SteeringPlan.for_spec(SMALL_SPEC, name="p").add(layer=1, site="layer.out", b=torch.arange(8.0))
+
+
+def rand_ids(model, batch=2, seq=6, seed=0):
+    """Random token ids ``[batch, seq]`` for ``model`` (never 0, the pad id of the tiny models)."""
+    return torch.randint(1, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import patched_forward, random_plan
+from conftest import FAMILIES, patched_forward, random_plan
 
 import fusesteer as fs
 from fusesteer.runtime.compat import TRANSFORMERS_VERSION
@@ -69,7 +69,7 @@ def test_positions_not_passed_is_refused(tiny_models):
         fs.attach(m, random_plan(m, ["layer.out"], seed=1, gating="generated"), backend="torch")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_contract_runs_once_per_layer_class(tiny_models, family):
     from fusesteer.runtime import contract
 

@@ -10,6 +10,7 @@ from conftest import FAMILIES, patched_forward
 
 import fusesteer as fs
 from fusesteer.runtime.compat import output_cache, with_cache
+from fusesteer.runtime.families import model_parts
 from fusesteer.testing import FP32_ABS, logit_tolerance
 
 FOLD_SITES = ("attn.o_proj.in", "mlp.down_proj.in", "mlp.out")
@@ -57,13 +58,23 @@ def module_state(model):
             for n, m in model.named_modules()}
 
 
-def foldable_plan(model, seed=0, layer_out=True, scale=0.5):
-    """Gains and biases on every foldable site of every layer: sparse and dense, plus additive layer.out."""
+def foldable_plan(model, seed=0, scale=0.5, layer_out=None):
+    """Gains and biases, sparse and dense, on every site that folds on this model's family (what
+    ``FoldBackend.support`` declares): ``attn.o_proj.in`` on every layer, ``mlp.down_proj.in`` and ``mlp.out`` on
+    the layers with one ``down_proj`` (not a sparse MoE layer's routed experts), and there an additive
+    ``layer.out`` where nothing sits between ``down_proj`` and the residual add (pre-norm layouts;
+    ``layer_out=False``: none)."""
     g = torch.Generator().manual_seed(seed)
     plan = fs.SteeringPlan.for_model(model)
     spec = plan.spec
+    parts = model_parts(model)
+    layer_out = parts.family.layout == "pre" if layer_out is None else layer_out
+    dense = [i for i in range(spec.num_layers) if "mlp.down_proj.in" in parts.sites_of(i)]
+    assert dense, "no layer with a single down_proj: the plan would miss two of the three fold sites"
     for layer in range(spec.num_layers):
         for j, site in enumerate(FOLD_SITES):
+            if site != "attn.o_proj.in" and layer not in dense:
+                continue
             w = spec.site_width(site)
             if (layer + j) % 2:  # sparse gains + biases on those dims
                 dims = torch.randperm(w, generator=g)[: max(2, w // 6)]
@@ -73,10 +84,10 @@ def foldable_plan(model, seed=0, layer_out=True, scale=0.5):
             a = 1 + scale * (torch.rand(n, generator=g) - 0.5) * 2
             b = scale * torch.randn(n, generator=g)
             plan.add(layer=layer, site=site, a=a, b=b, dims=dims)
-        if layer_out:
+        if layer_out and layer in dense:
             plan.add(layer=layer, site="layer.out", b=scale * torch.randn(spec.hidden_size, generator=g))
     # a second entry composing at one site (a2*a1, a2*b1 + b2)
-    plan.add(layer=0, site="mlp.out", a=0.9, b=0.1 * torch.randn(spec.hidden_size, generator=g))
+    plan.add(layer=dense[0], site="mlp.out", a=0.9, b=0.1 * torch.randn(spec.hidden_size, generator=g))
     return plan
 
 
@@ -105,7 +116,7 @@ def kept_by_undo(handle):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fold_matches_reference_fp32(tiny_models, family):
     model = tiny_models(family)
-    plan = foldable_plan(model, seed=hash(family) % 1000, layer_out=not family.startswith("gemma"))
+    plan = foldable_plan(model, seed=FAMILIES.index(family))
     ids = ids_for(model)
     with torch.no_grad():
         vanilla = model(ids).logits
@@ -130,7 +141,7 @@ def test_fold_bf16_within_tolerance(tiny_models, family):
     exact fp32 result is at most 2x the reference backend's own bf16 distance + 0.02, and the two bf16
     results differ by at most 2% of max|logit| + 0.01 (the `torch` backend's bf16 tolerance)."""
     model = tiny_models(family, torch.bfloat16)
-    plan = foldable_plan(model, seed=7, layer_out=not family.startswith("gemma"), scale=0.3)
+    plan = foldable_plan(model, seed=7, scale=0.3)
     ids = ids_for(model)
     exact = copy.deepcopy(model).float()  # same weight values, fp32 math
     with fs.attach(exact, plan, backend="reference"), torch.no_grad():
@@ -173,7 +184,7 @@ def test_fold_existing_biases_scaled_and_restored():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_detach_restores_state_dict_bit_exactly(tiny_models, family, dtype):
     model = tiny_models(family, dtype)
-    plan = foldable_plan(model, seed=5, layer_out=not family.startswith("gemma"))
+    plan = foldable_plan(model, seed=5)
     snap = snapshot(model)
     names = [n for n, _ in model.named_parameters()]
     mods = module_state(model)

@@ -36,7 +36,7 @@ def test_triton_matches_reference_with_cached_decode(tiny_models, family):
     assert (res["triton"][2] - res["reference"][2]).abs().max() <= FP32_ABS
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_triton_per_row_plans_and_gating(tiny_models, family):
     model = tiny_models(family)
     calm = random_plan(model, ["layer.out", "mlp.down_proj.in"], seed=11, gating="prompt")
@@ -55,9 +55,13 @@ def test_triton_per_row_plans_and_gating(tiny_models, family):
     assert (res["triton"][1] - res["reference"][1]).abs().max() <= FP32_ABS
 
 
-def test_triton_bf16_within_tolerance(tiny_models):
-    model = tiny_models("qwen3", torch.bfloat16)
-    plan = random_plan(model, fs.SITES, seed=5, scale=0.3)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_bf16_within_tolerance(tiny_models, family):
+    """bf16: the fused kernels round once per fused op where HF rounds after every step (the tolerance's triton
+    rule). On Qwen3-MoE the router must see HF's own norm: an ulp there can flip an expert."""
+    model = tiny_models(family, torch.bfloat16)
+    plan = random_plan(model, [s for s in fs.SITES if any(s in have for have in fs.model_sites(model).values())],
+                       seed=5, scale=0.3)
     ids = torch.randint(1, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     out = {}
     for backend in ("reference", "triton"):

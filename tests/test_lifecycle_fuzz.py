@@ -26,7 +26,7 @@ STEPS = 10
 STATS = {"sequences": 0, "steps": 0, "checks": 0, "seconds": 0.0}
 RULES: dict = {}
 FAMILIES = ("llama", "gemma3")  # pre-norm and sandwich-norm layers
-# triton only where CUDA is: on CPU it runs under the Triton interpreter, ~1 s a forward (test_reliability2 has it)
+# triton only where CUDA is: on CPU it runs under the Triton interpreter, ~1 s a forward (test_lifecycle.py has it)
 BACKENDS = ("reference", "torch", "fold", "auto") + (("triton",) if torch.cuda.is_available() else ())
 DTYPES = (torch.float32, torch.bfloat16)
 _MODELS: dict = {}
