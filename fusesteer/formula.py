@@ -18,6 +18,11 @@ def affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(b, x.float(), a).to(x.dtype)
 
 
+def shift(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``affine(x, 1, b)``, bit for bit, with one op: ``x + b`` in float32, returned in ``x``'s dtype."""
+    return x + b if x.dtype == torch.float32 else (x.float() + b).to(x.dtype)
+
+
 def is_identity(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Whether the map (a, b) is exactly x' = x (None: the default, a = 1 or b = 0)."""
     return is_gain_free(a) and (b is None or bool((b == 0).all()))

@@ -154,6 +154,37 @@ def test_per_row_plans_and_gating_match_rows_alone(tiny_models, family, backend)
         assert (logits[i] - l1).abs().max() <= FP32_ABS, f"row {i}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gating", ["all", "generated"])
+def test_per_row_additive_and_untouched_sites_equal_the_reference(tiny_models, dtype, gating):
+    """Several plans in one batch, where the host knows more than the device tables say: sites no routed plan
+    acts at are skipped, sites where every routed plan is additive run one add. Bit for bit the reference's
+    (which maps every token by itself), phase-free and gated, fp32 and bf16; a gains plan routed next to them
+    turns the generic path back on."""
+    model = tiny_models("llama", dtype)
+    h_ = model.config.hidden_size
+    g = torch.Generator().manual_seed(9)
+    one = fs.SteeringPlan.for_model(model).add(layer=1, site="layer.out", b=torch.randn(h_, generator=g),
+                                               gating=gating)
+    two = fs.SteeringPlan.for_model(model).add(layer=1, site="layer.out", b=torch.randn(h_, generator=g))
+    two.add(layer=0, site="mlp.out", b=torch.randn(h_, generator=g), gating=gating)
+    gains = random_plan(model, ["layer.out"], seed=4)
+    ids = ids_for(model, batch=3)
+    out = {}
+    for backend in ("reference", "torch"):
+        with fs.attach(model, {"one": one, "two": two, "gains": gains}, backend=backend) as h:
+            for route in (["one", None, "two"], ["two", "one", "gains"]):
+                h.route(route)
+                out[backend, tuple(route)] = greedy_with_logits(model, ids, 4)
+    for route in (("one", None, "two"), ("two", "one", "gains")):
+        ref, got = out["reference", route], out["torch", route]
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), route
+    with torch.no_grad():
+        van = greedy_with_logits(model, ids, 4)
+    assert not torch.equal(out["torch", ("one", None, "two")][1][0], van[1][0])  # not vacuous
+    assert torch.equal(out["torch", ("one", None, "two")][1][1], van[1][1])  # the unsteered row
+
+
 def test_gating_prompt_vs_generated_differ(tiny_models):
     model = tiny_models("llama")
     ids = ids_for(model, batch=1)

@@ -49,6 +49,7 @@ class Router:
         self.n_plans = n_plans
         self.default_plan = default_plan
         self.host_rows: list[int] | None = None  # route(): plan id per row
+        self.host_slots: frozenset[int] = frozenset()  # the slots those rows can use (both phases)
         self.n_rows = 0  # len(host_rows), read under compile instead of the list
         self.tokens = None  # route_tokens(): (plan ids, prompt lengths) broadcastable to [batch, seq]
         self.token_plans: frozenset = frozenset()  # the plan ids route_tokens() refers to (host side)
@@ -102,6 +103,7 @@ class Router:
         else:
             self._grow(len(row_plans))
             self.host_rows, self.n_rows = list(row_plans), len(row_plans)
+            self.host_slots = frozenset(slot_of(p, g) for p in set(self.host_rows) for g in (False, True))
             self.plan[: len(row_plans), 0].copy_(torch.tensor(row_plans, dtype=torch.int64))
         self._update_ready()
 
@@ -256,6 +258,14 @@ class Router:
         if p == 0:
             return 0
         return slot_of(p, False) if table.phase_free[p] else None
+
+    def rows_flags(self, table: SiteTable) -> tuple[bool, bool]:
+        """Eager only: (no row's plan acts at this table, every row's map is additive) over the slots the routed
+        rows can use; (False, False) when the host does not know (compiling, token routing, no route)."""
+        if _compiling() or self.tokens is not None or self.host_rows is None:
+            return False, False
+        used = self.host_slots
+        return all(table.identity_rows[s] for s in used), all(table.additive_rows[s] for s in used)
 
     def rows_phase_free(self, table: SiteTable) -> bool:
         """Eager only: every plan in use maps prompt and generated tokens alike at this table."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ...formula import affine
+from ...formula import affine, shift
 from ..compat import layer_positions, merged_kwargs, positional_names
 from ..sites import in_layer_order, module_at, site
 from ..tables import SiteTable
@@ -37,15 +37,23 @@ def _torch_apply(x: torch.Tensor, table: SiteTable, router) -> torch.Tensor:
         if table.identity_rows[s]:
             return x
         if table.additive_rows[s]:
-            return x + table.rows_b[s] if x.dtype == torch.float32 else (x.float() + table.rows_b[s]).to(x.dtype)
+            return shift(x, table.rows_b[s])
         return affine(x, table.rows_a[s], table.rows_b[s])
+    untouched, additive = router.rows_flags(table)  # eager, several plans: what the host knows of their rows here
+    if untouched:
+        return x
     slots, rows = router.on(x.device)
     shape = x.shape
     if x.dim() == 3 and shape[0] == router.batch and router.rows_phase_free(table):
         # one slot per batch row: gather [B, 1, W] rows and broadcast over the sequence
-        return affine(x, table.A[rows].unsqueeze(1), table.B[rows].unsqueeze(1))
-    y = affine(x.reshape(-1, shape[-1]), table.A[slots], table.B[slots])
+        # (index_select: on CPU several times faster than advanced indexing for the same gather)
+        b = table.B.index_select(0, rows).unsqueeze(1)
+        return shift(x, b) if additive else affine(x, table.A.index_select(0, rows).unsqueeze(1), b)
+    flat = x.reshape(-1, shape[-1])
+    b = table.B.index_select(0, slots)
+    y = shift(flat, b) if additive else affine(flat, table.A.index_select(0, slots), b)
     return y.reshape(shape)
+
 
 
 def tables_by_layer(ctx) -> dict[int, dict]:
