@@ -23,6 +23,7 @@ def register(sub, fmt):
         epilog="examples:\n"
                "  fusesteer serve --model smollm2-135m --plans plans/\n"
                "  fusesteer serve --model ./my-hf-model --port 9000 --api-key $KEY --max-batch 16\n"
+               "  fusesteer serve --model ./my-hf-model --tp 2          # tensor parallel over 2 processes\n"
                "  curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d \\\n"
                "    '{\"model\": \"smollm2-135m\", \"prompt\": \"Hi\", "
                "\"steering\": {\"plan\": \"calm\", \"scale\": 0.8}}'")
