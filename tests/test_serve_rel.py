@@ -50,6 +50,13 @@ def srv(tok):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def plain_model(tok):
+    """The server's model (same weights) with nothing attached: a reference computed on the served model itself
+    would race the engine, whose routing is set for its own batch."""
+    return fs.testing.tiny("llama", vocab_size=len(tok), max_position_embeddings=CTX)
+
+
 def post(srv, body, path="/v1/completions", raw=None, timeout=60):
     return httpx.post(srv.url + path, content=raw if raw is not None else json.dumps(body),
                       headers={"Content-Type": "application/json"}, timeout=timeout)
@@ -373,11 +380,11 @@ def _greedy_reference(model, ids, n, bias=None, rep=1.0, pres=0.0, freq=0.0, min
     return out
 
 
-def test_sampling_fields_change_output_as_they_should(srv, tok):
+def test_sampling_fields_change_output_as_they_should(srv, tok, plain_model):
     prompt = "The weather today"
     ids = tok(prompt)["input_ids"]
     plain = complete(srv, prompt, 12, ignore_eos=True)
-    assert plain == _greedy_reference(srv.model, ids, 12)
+    assert plain == _greedy_reference(plain_model, ids, 12)
     # logit_bias +100 forces a token; -100 bans the greedy one
     assert complete(srv, prompt, 5, ignore_eos=True, logit_bias={"42": 100}) == [42] * 5
     banned = complete(srv, prompt, 5, ignore_eos=True, logit_bias={str(plain[0]): -100})
@@ -390,21 +397,21 @@ def test_sampling_fields_change_output_as_they_should(srv, tok):
     assert complete(srv, prompt, 12, logit_bias=forced) == [eos[0]]
     got = complete(srv, prompt, 12, logit_bias=forced, min_tokens=5)
     assert len(got) == 6 and got[-1] == eos[0] and not set(got[:5]) & set(eos)
-    assert got == _greedy_reference(srv.model, ids, 12, bias={eos[0]: 100}, min_tokens=5, eos=eos)
+    assert got == _greedy_reference(plain_model, ids, 12, bias={eos[0]: 100}, min_tokens=5, eos=eos)
     # penalties (on a row where a bias makes token 42 come back): HF's repetition penalty, and OpenAI's presence /
     # frequency penalties
     lift = {"logit_bias": {"42": 5}}
     lifted = complete(srv, prompt, 12, ignore_eos=True, **lift)
-    assert lifted == _greedy_reference(srv.model, ids, 12, bias={42: 5}) and lifted.count(42) > 3
+    assert lifted == _greedy_reference(plain_model, ids, 12, bias={42: 5}) and lifted.count(42) > 3
     for kw, ref in (({"repetition_penalty": 1.8}, {"rep": 1.8}), ({"presence_penalty": 1.5}, {"pres": 1.5}),
                     ({"frequency_penalty": 2.0}, {"freq": 2.0}),
                     ({"frequency_penalty": -1.0, "presence_penalty": 0.5, "repetition_penalty": 0.7},
                      {"freq": -1.0, "pres": 0.5, "rep": 0.7})):
         got = complete(srv, prompt, 12, ignore_eos=True, **lift, **kw)
-        assert got == _greedy_reference(srv.model, ids, 12, bias={42: 5}, **ref), kw
+        assert got == _greedy_reference(plain_model, ids, 12, bias={42: 5}, **ref), kw
         assert got != lifted, kw
     with torch.no_grad():
-        hf = srv.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.8,
+        hf = plain_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.8,
                                 sequence_bias={(42,): 5.0}, pad_token_id=0, eos_token_id=None)[0, len(ids):].tolist()
     assert complete(srv, prompt, 12, ignore_eos=True, repetition_penalty=1.8, **lift) == hf
 
