@@ -113,6 +113,7 @@ def test_prefix_cache_never_shares_kv_between_different_prompt_steering(env):
     prefix = _ids(5, 40)
     a, b = prefix + _ids(6, 3), prefix + _ids(7, 4)
     hits0 = m.value("fusesteer_prefix_cache_tokens_total", result="hit")
+    steps0, rows0 = m.value("fusesteer_decode_bucket_rows_count"), m.value("fusesteer_decode_bucket_rows_sum")
     got_a = _complete(srv, a, 6, {"plan": "pa"})
     got_b = _complete(srv, b, 6, {"plan": "pb"})
     assert m.value("fusesteer_prefix_cache_tokens_total", result="hit") == hits0, "KV shared across plans"
@@ -129,6 +130,10 @@ def test_prefix_cache_never_shares_kv_between_different_prompt_steering(env):
     assert m.value("fusesteer_prefix_cache_tokens_total", result="hit") >= h + 40
     assert got_g == alone(env, prefix + [5, 6], _plan(model, 13, gating="generated").scaled(0.5), 6)
     assert 0 < m.value("fusesteer_prefix_cache_hit_rate") < 1
+    # one request at a time decodes at bucket 1: a new row takes slot 0 (the cached prefixes move up), never a
+    # higher free slot that would make every step run at a larger bucket
+    steps = m.value("fusesteer_decode_bucket_rows_count") - steps0
+    assert steps >= 20 and m.value("fusesteer_decode_bucket_rows_sum") - rows0 == steps
     for name in ("pa", "pb", "gen"):
         httpx.delete(srv.url + f"/v1/steering/plans/{name}")
 

@@ -42,7 +42,7 @@ fusesteer_queued_requests 5
 # TYPE fusesteer_engine_seconds_total counter
 fusesteer_engine_seconds_total{part="forward"} 1.250000
 fusesteer_engine_seconds_total{part="step"} 1.625000
-# HELP fusesteer_batch_size Rows in each decode forward.
+# HELP fusesteer_batch_size Rows decoding in each decode forward.
 # TYPE fusesteer_batch_size histogram
 fusesteer_batch_size_bucket{le="1"} 1
 fusesteer_batch_size_bucket{le="2"} 1
@@ -56,6 +56,20 @@ fusesteer_batch_size_bucket{le="256"} 3
 fusesteer_batch_size_bucket{le="+Inf"} 4
 fusesteer_batch_size_sum 308.000000
 fusesteer_batch_size_count 4
+# HELP fusesteer_decode_bucket_rows Rows each decode forward runs at (its bucket: the decoding rows plus the idle or prefilling rows below the highest one).
+# TYPE fusesteer_decode_bucket_rows histogram
+fusesteer_decode_bucket_rows_bucket{le="1"} 1
+fusesteer_decode_bucket_rows_bucket{le="2"} 1
+fusesteer_decode_bucket_rows_bucket{le="4"} 3
+fusesteer_decode_bucket_rows_bucket{le="8"} 3
+fusesteer_decode_bucket_rows_bucket{le="16"} 3
+fusesteer_decode_bucket_rows_bucket{le="32"} 3
+fusesteer_decode_bucket_rows_bucket{le="64"} 3
+fusesteer_decode_bucket_rows_bucket{le="128"} 3
+fusesteer_decode_bucket_rows_bucket{le="256"} 3
+fusesteer_decode_bucket_rows_bucket{le="+Inf"} 4
+fusesteer_decode_bucket_rows_sum 308.000000
+fusesteer_decode_bucket_rows_count 4
 # HELP fusesteer_time_to_first_token_seconds Arrival to first generated token.
 # TYPE fusesteer_time_to_first_token_seconds histogram
 fusesteer_time_to_first_token_seconds_bucket{le="0.005"} 1
@@ -113,7 +127,7 @@ def _events(m: Metrics) -> None:
     for s in (0.0625, 0.0625, 0.5, 40.0):
         m.observe_itl(s)
     for n in (1, 3, 4, 300):
-        m.observe_batch(n)
+        m.observe_batch(n, n)
     m.set_gauge("active_requests", 2)
     m.set_gauge("queued_requests", 5)
     m.set_gauge("plans_loaded", 3)
@@ -168,7 +182,7 @@ def test_fresh_metrics_have_the_same_series_as_before():
 def test_each_server_has_its_own_registry():
     a, b = Metrics(), Metrics()
     a.count_request("chat", "none", "ok")
-    a.observe_batch(5)
+    a.observe_batch(5, 8)
     assert a.value("fusesteer_requests_total", endpoint="chat", plan="none", status="ok") == 1
     assert b.value("fusesteer_requests_total", endpoint="chat", plan="none", status="ok") == 0
     assert a.value("fusesteer_batch_size_count") == 1 and b.value("fusesteer_batch_size_count") == 0

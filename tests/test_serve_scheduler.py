@@ -159,6 +159,10 @@ def test_prefix_cache_shares_only_with_the_same_prompt_steering():
     assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (2, 5)
     assert p.lookup([1, 2, 3, 4, 5], "a") == (2, 4)  # the last prompt token is always recomputed
     assert p.lookup([1, 2, 9, 7], None, live=[(0, [1, 2, 9, 9], None)]) == (0, 3)
-    assert p.pick([1, 2, 3]) == 1 and p.pick([2, 3]) == 3  # plain slots first, then the least recently used
-    p.forget(2)
+    # a new row takes slot 2: its prefix moves to the highest free slot without one (3 holds one: 1 is left)
+    assert p.move_out(2, [1, 2, 3]) == (1, 5)
+    assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (1, 5)
+    assert p.move_out(2, [1, 2, 3]) is None  # nothing cached in 2 any more
+    assert p.move_out(3, [3]) is None and p.lookup([1, 2, 3, 4], None) == (-1, 0)  # no room: dropped
+    p.forget(1)
     assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (-1, 0)

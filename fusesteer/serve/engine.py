@@ -319,20 +319,28 @@ class Engine:
         return new
 
     def _take_slot(self, row: Row) -> None:
-        """The lowest free slot (one without a cached prefix if there is one), with the KV of the longest
-        cached prefix of the same prompt steering copied in."""
+        """The lowest free slot (busy slots stay at the bottom: the smallest decode bucket), with the KV of the
+        longest cached prefix of the same prompt steering copied in (or already there)."""
         free = [i for i, r in enumerate(self._slots) if r is None]
-        slot = free[0] if self.prefix is None else self.prefix.pick(free)
-        row.slot = slot
+        slot = row.slot = free[0]
         self._slots[slot] = row
         if self.prefix is None:
             return
-        self.prefix.forget(slot)
         src, m = self.prefix.lookup(row.req.prompt_ids, row.prefix_key, self._live_prefixes())
-        if m > 0:
-            self.fw.copy(src, slot, m)
-            row.n_cached = m
+        if src == slot:  # the prefix this row wants is the one its slot holds: reused in place
+            self.prefix.forget(slot)
+        else:
+            self._park(slot, free)
+            if m > 0:
+                self.fw.copy(src, slot, m)
+        row.n_cached = m
         self.metrics.count_prefix(m, row.prompt_len)
+
+    def _park(self, slot: int, free: list[int]) -> None:
+        """``slot`` is about to be written: the cached prefix it holds (if any) moves to a free slot higher up."""
+        moved = self.prefix.move_out(slot, free)
+        if moved is not None:
+            self.fw.copy(slot, moved[0], moved[1])
 
     def _live_prefixes(self) -> list:
         """Running rows' prompts as prefix sources: (slot, prompt tokens in its KV, prompt steering key)."""
@@ -403,10 +411,10 @@ class Engine:
             by_slot: list = [None] * (max(r.slot for r in self._rows) + 1)
             for r in dec:
                 by_slot[r.slot] = (r.pending, r.n_cached, r.key, r.prompt_len)
-            logits, _ = self._forward("decode", by_slot)
+            logits, bucket = self._forward("decode", by_slot)
             idx = torch.tensor([r.slot for r in dec], dtype=torch.long, device=logits.device)
             logits = logits.index_select(0, idx).float()
-            self.metrics.observe_batch(len(dec))
+            self.metrics.observe_batch(len(dec), bucket)
             for r in dec:
                 r.n_cached += 1
             done = self._sample_rows(dec, logits, time.perf_counter(), "generated")
@@ -468,9 +476,9 @@ class Engine:
             if not busy or not free or free[0] > busy[-1]:
                 return
             src, row = busy[-1], self._slots[busy[-1]]
-            dst = free[0] if self.prefix is None else self.prefix.pick([f for f in free if f < src])
+            dst = free[0]
             if self.prefix is not None:
-                self.prefix.forget(dst)
+                self._park(dst, [f for f in free if f > dst])
             self.fw.copy(src, dst, row.n_cached)
             self._slots[dst], self._slots[src] = row, None
             row.slot = dst

@@ -53,8 +53,11 @@ class Metrics:
         self._prefix = Counter("fusesteer_prefix_cache_tokens", "Prompt tokens by prefix cache result: 'hit' (KV "
                                "copied from a prompt with the same prompt steering) or 'miss' (prefilled).",
                                ("result",), registry=r)
-        self._batch = Histogram("fusesteer_batch_size", "Rows in each decode forward.", buckets=BATCH_BUCKETS,
-                                registry=r)
+        self._batch = Histogram("fusesteer_batch_size", "Rows decoding in each decode forward.",
+                                buckets=BATCH_BUCKETS, registry=r)
+        self._bucket = Histogram("fusesteer_decode_bucket_rows", "Rows each decode forward runs at (its bucket: the "
+                                 "decoding rows plus the idle or prefilling rows below the highest one).",
+                                 buckets=BATCH_BUCKETS, registry=r)
         self._ttft = Histogram("fusesteer_time_to_first_token_seconds", "Arrival to first generated token.",
                                buckets=LATENCY_BUCKETS, registry=r)
         self._itl = Histogram("fusesteer_inter_token_latency_seconds", "Time between consecutive tokens.",
@@ -84,8 +87,9 @@ class Metrics:
     def observe_itl(self, s: float) -> None:
         self._itl.observe(s)
 
-    def observe_batch(self, n: int) -> None:
+    def observe_batch(self, n: int, bucket: int) -> None:
         self._batch.observe(n)
+        self._bucket.observe(bucket)
 
     def set_gauge(self, name: str, v: float) -> None:
         self._gauges[name].set(v)

@@ -7,9 +7,10 @@ pins each plan's registry version and scale) when some entry acts on the prompt 
 ``prompt``), and None when no entry does (an unsteered request, or a plan gated to generated tokens only: its
 prompt KV is the unsteered one, so they share). Two prompts with different keys never share KV.
 
-At least one prompt token is always recomputed (its logits give the first generated token). Cached slots are
-reused last (:meth:`PrefixCache.pick` prefers free slots without a cached prefix, then the least recently
-offered one).
+At least one prompt token is always recomputed (its logits give the first generated token). A new row always
+takes the lowest free slot (busy rows stay at the bottom, so the decode step runs at the smallest bucket); a
+cached prefix that slot held moves to the highest free slot without one (:meth:`PrefixCache.move_out`), or is
+dropped when no such slot is left.
 """
 
 from __future__ import annotations
@@ -57,14 +58,18 @@ class PrefixCache:
         """``slot`` is about to be written by another row."""
         self.entries.pop(slot, None)
 
-    def pick(self, free: list[int]) -> int:
-        """The slot to give a new row out of ``free`` (ascending): the lowest without a cached prefix, else the
-        least recently offered."""
-        plain = [s for s in free if s not in self.entries]
-        if plain:
-            return plain[0]
-        fs = set(free)
-        return next(s for s in self.entries if s in fs)
+    def move_out(self, slot: int, free) -> tuple[int, int] | None:
+        """``slot`` is about to be written by another row: where its cached prefix should move to be kept,
+        ``(destination slot, tokens)`` (the highest slot of ``free`` without a cached prefix), or None (nothing
+        cached there, or no room: the entry is dropped). The caller copies the KV before writing ``slot``."""
+        entry = self.entries.pop(slot, None)
+        if entry is None:
+            return None
+        room = [s for s in free if s != slot and s not in self.entries]
+        if not room:
+            return None
+        self.entries[room[-1]] = entry
+        return room[-1], len(entry[0])
 
     def lookup(self, prompt, key: str | None, live=()) -> tuple[int, int]:
         """(slot, tokens) of the longest reusable prefix of ``prompt`` among the cached slots and the ``live``
