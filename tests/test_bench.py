@@ -165,3 +165,32 @@ def test_quick_latency_copies_protocol(tmp_path):
     assert sc["phases"]["decode"]["arms"]["vanilla-2"]["n"] == 5  # the A/A control arm
     assert sc["phases"]["decode"]["arms"]["torch"]["n"] == 5
     assert "torch/hook" in sc["phases"]["decode"]["cross"]
+
+
+def test_serve_summary_ratios_from_hand_made_rounds(tmp_path):
+    """`bench serve`'s summary: steered / unsteered, vs the peer and vs the --versus server, pooled over the
+    rounds (tokens / wall time) and per paired round, from arms written by hand."""
+    import argparse
+
+    from fusesteer.bench import serve as S
+
+    def arm(name, rnd, tokens, wall, requests=8):
+        return {"clients": 8, "arm": name, "round": rnd, "requests": requests, "tokens": tokens, "wall_s": wall,
+                "tokens_per_s": tokens / wall, "_ttft": [0.1], "_itl": [0.05, 0.07]}
+
+    arms = [arm("unsteered", 0, 256, 4.0), arm("steered", 0, 256, 5.0), arm("unsteered [--compile]", 0, 256, 2.0),
+            arm("steered [--compile]", 0, 256, 2.5), arm("transformers", 0, 168, 4.2),
+            arm("unsteered", 1, 256, 4.0), arm("steered", 1, 256, 4.0), arm("unsteered [--compile]", 1, 256, 3.2),
+            arm("steered [--compile]", 1, 256, 3.2), arm("transformers", 1, 168, 4.2)]
+    args = argparse.Namespace(clients=[8], peer="transformers", versus="--compile", sequential_clients=8)
+    res = {"model": "m", "arms": arms, "machine": {"cpu_model": "cpu", "device": "cpu"}}
+    assert S._finish(res, args, tmp_path) == 0
+    summ = _load(tmp_path / "serve.json")["summary"]
+    st = summ["tokens_per_s_ratio_steered_vs_unsteered"]["8"]
+    assert st["rounds"] == [0.8, 1.0] and st["median_of_rounds"] == 0.9 and st["pooled"] == round(8 / 9, 3)
+    vs = summ["tokens_per_s_versus"]["8"]
+    assert vs["unsteered"]["rounds"] == [2.0, 1.25] and vs["unsteered"]["pooled"] == round(8 / 5.2, 3)
+    assert vs["steered / unsteered [--compile]"]["rounds"] == [0.8, 1.0]
+    peer = summ["tokens_per_s_vs_peer"]["8"]
+    assert peer["unsteered"]["rounds"] == [1.6, 1.6] and peer["steered"]["pooled"] == round((512 / 9) / 40, 3)
+    assert peer["tokens_per_request"] == {"unsteered": 32.0, "steered": 32.0, "transformers": 21.0}

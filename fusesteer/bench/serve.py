@@ -15,7 +15,9 @@ per client (all-layer ``layer.out`` blend + k = 100 gains at ``attn.o_proj.in`` 
 * ``steered``: client i always asks for plan ``row{i}``, so a batch holds as many different plans as clients;
 
 each client sends ``--requests`` streaming greedy requests one after another (``ignore_eos``: every request
-generates exactly ``--max-tokens`` tokens). Aggregate tokens/s = all generated tokens / the arm's wall time;
+generates exactly ``--max-tokens`` tokens). With ``--peer`` every arm stops at EOS instead, since the peer
+cannot ignore it: greedy requests to the same model then generate the same tokens on both servers, and every
+arm's tokens are counted as streamed. Aggregate tokens/s = all generated tokens / the arm's wall time;
 TTFT = send -> first streamed token; ITL = time between streamed tokens. Then the same server with
 ``--max-batch 1`` (one request at a time) runs the 8-client steered arm for the speedup of batching.
 Bounded: a fixed number of requests per arm, no new request after ``--arm-time-cap`` seconds, and a
@@ -173,9 +175,9 @@ async def _one(client, url: str, model: str, prompt: str, plan: str | None, max_
 
 
 async def _arm(url: str, model: str, clients: int, requests: int, max_tokens: int, steered: bool,
-               time_cap: float, usage_tokens, name: str | None = None) -> dict:
-    """``name``: an arm of another server (the peer): its tokens are counted from the streamed chunks (it may
-    stop at EOS), not assumed to be ``max_tokens``."""
+               time_cap: float, usage_tokens, name: str | None = None, stop_at_eos: bool = False) -> dict:
+    """``name``: an arm of another server (the peer), which stops at EOS; ``stop_at_eos``: so do this arm's
+    requests. Either way the tokens are counted from the streamed chunks, not assumed to be ``max_tokens``."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -188,15 +190,15 @@ async def _arm(url: str, model: str, clients: int, requests: int, max_tokens: in
                 if time.perf_counter() - t_start > time_cap:
                     return
                 results.append(await _one(client, url, model, rng.choice(PROMPTS), f"row{i}" if steered else None,
-                                          max_tokens, ignore_eos=name is None))
+                                          max_tokens, ignore_eos=name is None and not stop_at_eos))
 
         await asyncio.gather(*(worker(i) for i in range(clients)))
     wall = time.perf_counter() - t_start
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     chunks = sum(len(r["stamps"]) for r in results)
-    # ignore_eos: every fusesteer request generates exactly max_tokens; the peer's are counted
-    tokens = chunks if name else len(results) * max_tokens
+    # ignore_eos: every fusesteer request generates exactly max_tokens; otherwise they are counted
+    tokens = chunks if name or stop_at_eos else len(results) * max_tokens
     return {"clients": clients, "arm": name or ("steered" if steered else "unsteered"), "requests": len(results),
             "tokens": tokens, "chunks": chunks, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
@@ -213,8 +215,10 @@ def _pool(arms: list[dict]) -> list[dict]:
         ttft = [v for a in xs for v in a["_ttft"]]
         itl = [v for a in xs for v in a["_itl"]]
         tokens, wall = sum(a["tokens"] for a in xs), sum(a["wall_s"] for a in xs)
-        out.append({"clients": c, "arm": arm, "rounds": len(xs), "requests": sum(a["requests"] for a in xs),
-                    "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+        requests = sum(a["requests"] for a in xs)
+        out.append({"clients": c, "arm": arm, "rounds": len(xs), "requests": requests, "tokens": tokens,
+                    "tokens_per_request": round(tokens / max(1, requests), 1), "wall_s": round(wall, 3),
+                    "tokens_per_s": round(tokens / wall, 2),
                     "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
                     "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
                     "forward_share_of_step": _mean([a.get("forward_share_of_step") for a in xs])})
@@ -335,6 +339,8 @@ def _command(args) -> str:
         parts += ["--threads", str(args.threads)]
     if args.serve_args:
         parts += ["--serve-args", repr(args.serve_args)]
+    if args.versus:
+        parts += ["--versus", repr(args.versus)]
     if args.peer != "none":
         parts += ["--peer", args.peer]
     if args.long_prompt:
@@ -371,10 +377,17 @@ def cli(args) -> int:
         cap = max(args.max_tokens, LONG_STREAM_TOKENS) if args.long_prompt else args.max_tokens
         rows = max(max(args.clients), LONG_STREAMS + 1 if args.long_prompt else 1)
         srv = ServerProc(args.model, plans_dir, rows, cap, args.backend, args.threads, out / "server.log", extra)
+        servers = {"": srv}
         peer = None
         try:
             srv.wait_ready()
             res["server_command"] = " ".join(srv.cmd)
+            if args.versus:
+                vs = servers[versus_label(args)] = ServerProc(args.model, plans_dir, rows, cap, args.backend,
+                                                              args.threads, out / "server-versus.log",
+                                                              extra + args.versus.split())
+                vs.wait_ready(timeout=1800.0)  # --compile warms up every decode bucket first
+                res["versus_command"] = " ".join(vs.cmd)
             if args.peer != "none":
                 from ..models import cache_path
 
@@ -383,24 +396,28 @@ def cli(args) -> int:
                 peer.wait_ready()
                 res["peer_command"] = " ".join(peer.cmd)
                 asyncio.run(_arm(peer.url, peer.model_id, 2, 1, 4, False, 60, None, name="peer"))  # warm-up
-            asyncio.run(_arm(srv.url, args.model, 2, 1, 4, True, 60, None))  # warm-up
+            for s in servers.values():
+                asyncio.run(_arm(s.url, args.model, 2, 1, 4, True, 60, None))  # warm-up
             order = random.Random(0)
             for c in args.clients:
                 for rnd in range(args.rounds):
-                    arms = [False, True] + (["peer"] if peer else [])
+                    arms = [(label, steered) for label in servers for steered in (False, True)]
+                    arms += [("peer", False)] if peer else []
                     order.shuffle(arms)  # paired rounds in random order: machine drift hits all arms alike
-                    for steered in arms:
-                        if steered == "peer":
+                    for label, steered in arms:
+                        if label == "peer":
                             a = asyncio.run(_arm(peer.url, peer.model_id, c, args.requests, args.max_tokens, False,
                                                  args.arm_time_cap, None, name=args.peer))
                         else:
-                            e0 = _engine_seconds(srv.url)
-                            a = asyncio.run(_arm(srv.url, args.model, c, args.requests, args.max_tokens, steered,
-                                                 args.arm_time_cap, None))
-                            e1 = _engine_seconds(srv.url)
+                            s = servers[label]
+                            e0 = _engine_seconds(s.url)
+                            a = asyncio.run(_arm(s.url, args.model, c, args.requests, args.max_tokens, steered,
+                                                 args.arm_time_cap, None, stop_at_eos=peer is not None))
+                            e1 = _engine_seconds(s.url)
                             step, fwd = e1["step"] - e0["step"], e1["forward"] - e0["forward"]
                             a["engine_busy_share"] = round(step / a["wall_s"], 3)  # engine thread busy / wall
                             a["forward_share_of_step"] = round(fwd / step, 3) if step else None
+                            a["arm"] += label
                         a["round"] = rnd
                         a["load_average_1m"] = os.getloadavg()[0]
                         res["arms"].append(a)
@@ -411,8 +428,11 @@ def cli(args) -> int:
                 res["long_prompt"] = asyncio.run(_long_prompt_itl(srv.url, args.model, args.long_prompt))
                 print(json.dumps(res["long_prompt"]), flush=True)
             res["server_metrics"] = _server_gauges(srv.url)
+            if args.versus:
+                res["versus_server_metrics"] = _server_gauges(servers[versus_label(args)].url)
         finally:
-            srv.stop()
+            for s in servers.values():
+                s.stop()
             if peer is not None:
                 peer.stop()
     if args.no_sequential:
@@ -434,6 +454,11 @@ def cli(args) -> int:
     return _finish(res, args, out)
 
 
+def versus_label(args) -> str:
+    """The suffix of the ``--versus`` server's arm names: ``unsteered [--compile]``."""
+    return f" [{args.versus.strip()}]"
+
+
 def _server_gauges(url: str) -> dict:
     """The engine's fixed-shape facts from /metrics: recompiles after warm-up, KV bytes, prefix hit rate."""
     import httpx
@@ -446,26 +471,36 @@ def _server_gauges(url: str) -> dict:
     return out
 
 
+def _ratios(arms: list[dict], clients: int, num: str, den: str) -> dict:
+    """tokens/s of arm ``num`` / arm ``den`` at ``clients``: pooled over the rounds, and per paired round."""
+    by_round: dict = {}
+    for a in arms:
+        if a["clients"] == clients:
+            by_round.setdefault(a["round"], {})[a["arm"]] = (a["tokens"], a["wall_s"])
+    pairs = [(r[num], r[den]) for r in by_round.values() if num in r and den in r]
+    rounds = [(n[0] / n[1]) / (d[0] / d[1]) for n, d in pairs]
+    pooled = (sum(n[0] for n, _ in pairs) / sum(n[1] for n, _ in pairs)) / \
+        (sum(d[0] for _, d in pairs) / sum(d[1] for _, d in pairs))
+    return {"pooled": round(pooled, 3), "median_of_rounds": round(statistics.median(rounds), 3),
+            "rounds": [round(x, 3) for x in rounds]}
+
+
 def _finish(res: dict, args, out: Path) -> int:
     res["pooled"] = _pool(res["arms"])
     get = {(a["clients"], a["arm"]): a for a in res["pooled"]}
-    ratios = {}
-    for c in args.clients:
-        by_round = {}
-        for a in res["arms"]:
-            if a["clients"] == c:
-                by_round.setdefault(a["round"], {})[a["arm"]] = a["tokens_per_s"]
-        paired = [r["steered"] / r["unsteered"] for r in by_round.values() if "steered" in r and "unsteered" in r]
-        ratios[str(c)] = {
-            "pooled": round(get[(c, "steered")]["tokens_per_s"] / get[(c, "unsteered")]["tokens_per_s"], 3),
-            "median_of_rounds": round(statistics.median(paired), 3), "rounds": [round(x, 3) for x in paired]}
+    ratios = {str(c): _ratios(res["arms"], c, "steered", "unsteered") for c in args.clients}
     res["summary"] = {"tokens_per_s_ratio_steered_vs_unsteered": ratios, "speedup_vs_one_at_a_time": None}
     if args.peer != "none":
         res["summary"]["tokens_per_s_vs_peer"] = {
-            str(c): {"unsteered": round(get[(c, "unsteered")]["tokens_per_s"] / get[(c, args.peer)]["tokens_per_s"], 3),
-                     "steered": round(get[(c, "steered")]["tokens_per_s"] / get[(c, args.peer)]["tokens_per_s"], 3),
-                     "peer_tokens_per_request": round(get[(c, args.peer)]["tokens"] / max(1, get[(c, args.peer)]
-                                                                                          ["requests"]), 1)}
+            str(c): {arm: _ratios(res["arms"], c, arm, args.peer) for arm in ("unsteered", "steered")}
+            | {"tokens_per_request": {arm: get[(c, arm)]["tokens_per_request"]
+                                      for arm in ("unsteered", "steered", args.peer)}}
+            for c in args.clients}
+    if args.versus:
+        lab = versus_label(args)
+        res["summary"]["tokens_per_s_versus"] = {
+            str(c): {arm: _ratios(res["arms"], c, arm + lab, arm) for arm in ("unsteered", "steered")}
+            | {"steered / unsteered" + lab: _ratios(res["arms"], c, "steered" + lab, "unsteered" + lab)}
             for c in args.clients}
     sc = args.sequential_clients
     if (sc, "steered") in get and res.get("sequential"):

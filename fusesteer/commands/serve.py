@@ -59,7 +59,8 @@ def register(sub, fmt):
     p.add_argument("--compile-backend", default="inductor", choices=["inductor", "eager"],
                    help="torch.compile backend ('eager': dynamo tracing only, for checks)")
     p.add_argument("--decode-buckets", default=None, metavar="B1,B2,...",
-                   help="batch sizes the decode step runs at (default: powers of two up to --max-batch)")
+                   help="batch sizes a compiled decode step runs at, one graph each (default: powers of two up to "
+                        "--max-batch); eager decode runs at the number of busy rows")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="never reuse the KV of a shared prompt prefix (by default it is reused between requests "
                         "whose prompt tokens are steered alike)")

@@ -1,8 +1,9 @@
 """The engine's model forwards over the preallocated KV slots (:mod:`.kv`): chunked prefill and the fixed-shape
 decode step, eager or under ``torch.compile(fullgraph=True)``.
 
-Decode runs at a few bucketed batch sizes: the batch is slots ``[0, bucket)`` (the engine keeps busy rows in the
-lowest slots), rows that are idle or still prefilling ride along writing to the scratch column, unsteered. The
+Compiled decode runs at a few bucketed batch sizes: the batch is slots ``[0, bucket)`` (the engine keeps busy rows
+in the lowest slots), rows that are idle or still prefilling ride along writing to the scratch column,
+unsteered. Eager decode runs over slots ``[0, busy)``, ``busy`` = the highest busy slot + 1. The
 shapes of a decode forward are ``[bucket, 1]`` for ids, positions and write columns, and ``[bucket, 1, 1, n]``
 for the mask, where ``n`` (columns attended: the longest row, rounded up to ``kv_step``) is the one dynamic
 dimension (``torch._dynamo.mark_dynamic``), so a decode step compiles once per bucket; with
@@ -166,6 +167,10 @@ class Forwards:
         """Called while the engine is idle."""
 
     def bucket(self, busy: int) -> int:
+        """The batch a decode step over slots ``[0, busy)`` runs at: the smallest bucket that holds them when
+        compiled (one graph per bucket), ``busy`` itself when eager (any shape costs nothing to switch to)."""
+        if self._decode is self._decode_eager:
+            return busy
         return next(b for b in self.buckets if b >= busy)
 
     def decode(self, by_slot: list) -> tuple[torch.Tensor, int]:
