@@ -5,10 +5,6 @@ are compared token for token with the same request run alone with ``fs.attach`` 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -19,7 +15,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import greedy_alone, wait_healthy  # noqa: E402
+from serve_helpers import greedy_alone, serve_process, stop_process, wait_healthy  # noqa: E402
 
 import fusesteer as fs  # noqa: E402
 from fusesteer.runtime.backends import resolve  # noqa: E402
@@ -96,20 +92,9 @@ def test_server_object_answers_steered_and_unsteered_rows_in_one_batch(folder, r
         srv.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fusesteer_serve_command_starts_and_answers(folder, ref, tmp_path):
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p))
-    cmd = [sys.executable, "-m", "fusesteer", "serve", "--model", str(folder["model"]), "--plans",
-           str(folder["plans"]), "--served-name", "c", "--port", str(port), "--max-batch", "2", "--threads", "1"]
-    log = open(tmp_path / "serve.log", "w+")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(["--model", folder["model"], "--plans", folder["plans"], "--served-name", "c",
+                               "--max-batch", "2", "--threads", "1"], tmp_path / "serve.log")
     try:
         wait_healthy(proc, url, tmp_path / "serve.log", 180)
         assert complete(url, PROMPTS[0]) == alone(ref, PROMPTS[0], None)
@@ -118,12 +103,6 @@ def test_fusesteer_serve_command_starts_and_answers(folder, ref, tmp_path):
         metrics = httpx.get(url + "/metrics", timeout=10).text
         assert 'fusesteer_requests_total{endpoint="completions",plan="lift",status="ok"} 1.0' in metrics
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_process(proc)
     out = (tmp_path / "serve.log").read_text()
     assert "backend reference" in out, out

@@ -166,3 +166,25 @@ def test_prefix_cache_shares_only_with_the_same_prompt_steering():
     assert p.move_out(3, [3]) is None and p.lookup([1, 2, 3, 4], None) == (-1, 0)  # no room: dropped
     p.forget(1)
     assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (-1, 0)
+
+
+def test_transposed_head_is_the_same_product_and_can_be_undone():
+    import fusesteer as fs
+    from fusesteer.serve.forward import transposed_head
+
+    model = fs.testing.tiny("llama")
+    head = model.get_output_embeddings()
+    x = torch.randn(3, 2, model.config.hidden_size)
+    want, want1 = head(x), head(x[:1, :1])
+    assert transposed_head(model, margin=0.0) is None and "forward" not in vars(head)  # never faster than 0
+    undo = transposed_head(model, margin=float("inf"))  # always "faster": installed
+    assert undo is not None and "forward" in vars(head)
+    got = head(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(head(x[:1, :1]), want1)  # one row: F.linear itself
+    assert transposed_head(model, margin=float("inf")) is None  # already installed: not stacked
+    undo()
+    assert "forward" not in vars(head) and torch.equal(head(x), want)
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    assert transposed_head(model, margin=float("inf")) is None  # only a bias-free Linear

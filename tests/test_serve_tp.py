@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +22,7 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import greedy_alone, wait_healthy  # noqa: E402
+from serve_helpers import descendants, free_port, greedy_alone, serve_process, stop_process, wait_healthy  # noqa: E402
 
 import fusesteer as fs  # noqa: E402
 
@@ -52,26 +50,8 @@ def make_plan(model, seed: int) -> fs.SteeringPlan:
     return p
 
 
-def _descendants(root: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def rank_pid(root: int, rank: int) -> int:
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read().split(b"\0")
@@ -93,36 +73,16 @@ def served(tmp_path_factory):
     plans = {f"p{s}": make_plan(model, s) for s in (1, 2)}
     for name, p in plans.items():
         p.save(tmp / "plans" / f"{name}.safetensors")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p),
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "fusesteer", "serve", "--tp", "2", "--model", str(tmp / "model"), "--plans",
-           str(tmp / "plans"), "--port", str(port), "--max-batch", "4", "--threads", "1", "--backend", "torch",
-           "--tp-timeout", "30"]
-    log = open(tmp / "serve.log", "w+")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(["--tp", "2", "--model", tmp / "model", "--plans", tmp / "plans", "--max-batch", "4",
+                               "--threads", "1", "--backend", "torch", "--tp-timeout", "30"], tmp / "serve.log",
+                              OMP_NUM_THREADS="1")
     try:
         wait_healthy(proc, url, tmp / "serve.log", 180)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         yield {"proc": proc, "url": url, "client": client, "model": model, "tok": tok, "plans": plans, "tmp": tmp,
                "log": tmp / "serve.log"}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                for pid in _descendants(proc.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-                proc.kill()
-                proc.wait()
-        log.close()
+        stop_process(proc, signal.SIGINT)
 
 
 def ask(srv, prompt: str, plan: str | None) -> list[int]:
@@ -217,21 +177,13 @@ def test_without_torchrun_each_rank_sees_a_dead_rank_itself(served, tmp_path, vi
     fusesteer notices that a rank died. Rank 1 killed: rank 0 fails the open request, logs why and exits with
     code 1. Rank 0 killed: rank 1 logs why and exits with code 1."""
     tmp = served["tmp"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        master = s.getsockname()[1]
-    procs, logs = [], []
+    port, master = free_port(), free_port()
+    procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p))
-        cmd = [sys.executable, "-m", "fusesteer", "serve", "--model", str(tmp / "model"), "--plans", str(tmp / "plans"),
-               "--port", str(port), "--max-batch", "4", "--threads", "1", "--backend", "torch", "--tp-timeout", "30"]
-        logs.append(open(tmp_path / f"rank{rank}.log", "w+"))
-        procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT, text=True, env=env))
+        procs.append(serve_process(["--model", tmp / "model", "--plans", tmp / "plans", "--max-batch", "4", "--threads",
+                                    "1", "--backend", "torch", "--tp-timeout", "30"], tmp_path / f"rank{rank}.log",
+                                   port, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), OMP_NUM_THREADS="1")[0])
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(procs[0], url, tmp_path / "rank0.log", 180)
@@ -254,8 +206,4 @@ def test_without_torchrun_each_rank_sees_a_dead_rank_itself(served, tmp_path, vi
         assert "error" in outcome or outcome.get("chunks", 200) < 200, outcome
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
+            stop_process(p, signal.SIGKILL, grace=10)

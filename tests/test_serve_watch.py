@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,7 +22,7 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import greedy_alone, wait_healthy  # noqa: E402
+from serve_helpers import greedy_alone, serve_process, stop_process, wait_healthy  # noqa: E402
 
 import fusesteer as fs  # noqa: E402
 from fusesteer.interop.gguf_cv import write_control_vector  # noqa: E402
@@ -351,15 +348,8 @@ def test_fusesteer_serve_watch_command(tok, tmp_path):
     tok.save_pretrained(tmp_path / "model")
     plans = tmp_path / "plans"
     plans.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p))
-    cmd = [sys.executable, "-m", "fusesteer", "serve", "--model", str(tmp_path / "model"), "--plans", str(plans),
-           "--watch", "--watch-interval", str(INTERVAL), "--port", str(port), "--max-batch", "2", "--threads", "1"]
-    log = open(tmp_path / "serve.log", "w+")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(["--model", tmp_path / "model", "--plans", plans, "--watch", "--watch-interval",
+                               INTERVAL, "--max-batch", "2", "--threads", "1"], tmp_path / "serve.log")
 
     def names():
         return [d["name"] for d in httpx.get(url + "/v1/steering/plans", timeout=10).json()["data"]]
@@ -372,12 +362,6 @@ def test_fusesteer_serve_watch_command(tok, tmp_path):
         (plans / "late.safetensors").unlink()
         wait_for(lambda: names() == [], "late removed by the command")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_process(proc)
     out = (tmp_path / "serve.log").read_text()
     assert "watching" in out and "removed" in out, out

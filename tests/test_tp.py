@@ -13,13 +13,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from serve_helpers import free_port  # noqa: E402
 
 from fusesteer.testing import tiny
 
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("family, nproc, overrides, triton", CASES,
                          ids=[f"{c[0]}-tp{c[1]}" for c in CASES])
 def test_tensor_parallel_steering_equals_one_process(tmp_path, family, nproc, overrides, triton):
@@ -50,7 +44,7 @@ def test_tensor_parallel_steering_equals_one_process(tmp_path, family, nproc, ov
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), str(folder), str(out)]
+           "127.0.0.1", "--master-port", str(free_port()), str(WORKER), str(folder), str(out)]
     cmd += ["--triton"] if triton else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     errors = sorted(glob.glob(f"{out}.load-error.*"))

@@ -21,13 +21,19 @@ import torch
 from ..errors import AttachError
 from .sites import module_at, site
 
+_DTENSOR: tuple | None = None  # (DTensor, Replicate, Shard), imported once: every steered site asks
+
 
 def _dtensor_types():
-    try:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-    except ImportError:  # pragma: no cover - torch without distributed tensors: nothing is a DTensor
-        return None
-    return DTensor, Replicate, Shard
+    global _DTENSOR
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor, Replicate, Shard
+        except ImportError:  # pragma: no cover - torch without distributed tensors: nothing is a DTensor
+            _DTENSOR = ()
+        else:
+            _DTENSOR = (DTensor, Replicate, Shard)
+    return _DTENSOR or None
 
 
 def is_dtensor(t) -> bool:

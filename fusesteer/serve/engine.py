@@ -111,6 +111,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self.fw.close()
         for req in list(self._waiting) + [r.req for r in self._rows]:
             self._fail(req, 503, "the server is shutting down", "shutting_down")
         self._waiting.clear()

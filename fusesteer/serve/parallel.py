@@ -95,12 +95,19 @@ class Channel:
         self.last = time.monotonic()
         self.broken: BaseException | None = None
 
-    def _collective(self, fn, *args, **kw):
+    def _guard(self, call):
+        """``call()``; a failure of the transport (gloo: a peer's connection closed, or the timeout passed)
+        breaks the channel for good and becomes RankFailure. A FuseSteerError (a bad plan) passes through."""
         try:
-            return fn(*args, group=self.group, **kw)
-        except Exception as e:  # gloo: a peer's connection closed, or the timeout passed
+            return call()
+        except FuseSteerError:
+            raise
+        except Exception as e:
             self.broken = e
             raise RankFailure(f"a tensor-parallel rank is gone ({type(e).__name__}: {e})") from e
+
+    def _collective(self, fn, *args, **kw):
+        return self._guard(lambda: fn(*args, group=self.group, **kw))
 
     def send(self, op: str, plan=None, **args) -> None:
         """Rank 0: the other ranks will run ``op`` (``plan``: a SteeringPlan sent with it)."""
@@ -126,13 +133,7 @@ class Channel:
     def _plan(self, plan):
         from ..runtime.tp import broadcast_plan
 
-        try:
-            return broadcast_plan(plan, 0, group=self.group)
-        except FuseSteerError:
-            raise
-        except Exception as e:
-            self.broken = e
-            raise RankFailure(f"a tensor-parallel rank is gone ({type(e).__name__}: {e})") from e
+        return self._guard(lambda: broadcast_plan(plan, 0, group=self.group))
 
     def agree(self, ok: bool, what: str) -> None:
         """Every rank says whether ``what`` worked; they must all agree (else RankFailure on every rank)."""
@@ -146,6 +147,19 @@ class Channel:
             self.send("ping")
 
 
+def add_on_every_rank(channel: Channel, steerer: Steerer, key, plan) -> None:
+    """Add a plan to this rank's table, then check that every rank did the same: all added it, or all refused it
+    (the refusal is raised here, on every rank); ranks that disagree raise RankFailure."""
+    err = None
+    try:
+        Steerer._add(steerer, key, plan)
+    except FuseSteerError as e:
+        err = e
+    channel.agree(err is None, f"adding plan {key!r}")
+    if err is not None:
+        raise err
+
+
 # ---- rank 0: the runtime objects that send each call before making it ----------------------------------
 class LeaderSteerer(Steerer):
     def __init__(self, model, channel: Channel, backend: str = "auto", capacity: int = 16):
@@ -155,14 +169,7 @@ class LeaderSteerer(Steerer):
 
     def _add(self, key, plan) -> None:
         self.channel.send("add", plan=plan, key=key)
-        err = None
-        try:
-            super()._add(key, plan)
-        except FuseSteerError as e:
-            err = e
-        self.channel.agree(err is None, f"adding plan {key!r}")
-        if err is not None:
-            raise err
+        add_on_every_rank(self.channel, self, key, plan)
 
     def _remove(self, key) -> None:
         self.channel.send("remove", key=key)
@@ -224,12 +231,10 @@ def follow(model, channel: Channel) -> int:
                 if op == "steerer":
                     steerer = Steerer(model, backend=cmd["backend"], capacity=cmd["capacity"])
                 elif op == "add":
-                    err = None
                     try:
-                        steerer._add(cmd["key"], plan)
-                    except FuseSteerError as e:  # rank 0 saw the same refusal (checked by agree)
-                        err = e
-                    channel.agree(err is None, f"adding plan {cmd['key']!r}")
+                        add_on_every_rank(channel, steerer, cmd["key"], plan)
+                    except FuseSteerError:  # rank 0 refuses it to its client
+                        pass
                 elif op == "remove":
                     steerer._remove(cmd["key"])
                 elif op == "start":
