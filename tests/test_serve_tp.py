@@ -133,6 +133,38 @@ def test_upload_use_delete_a_plan_reaches_every_rank(served):
     assert ask(served, PROMPTS[1], None) == alone(served, PROMPTS[1], None)
 
 
+def test_bad_requests_beside_good_ones_get_400_and_change_nothing(served):
+    """Malformed and extreme requests sent while good steered ones run: each gets a 400 naming what is wrong, the
+    good answers equal one process, and the server stays healthy (no rank is left behind)."""
+    vocab = len(served["tok"])
+    bad = [b"{not json", {"prompt": "x", "max_tokens": 4, "steering": {"plan": "nope"}},
+           {"prompt": "x", "max_tokens": 4, "steering": {"plan": "p1", "scale": 1e30}},
+           {"prompt": "x", "max_tokens": 10 ** 9}, {"prompt": "x", "max_tokens": 4, "temperature": -1},
+           {"prompt": [1, vocab + 5], "max_tokens": 4}, {"prompt": "x", "max_tokens": 4, "steering": 7}]
+    codes: list = [None] * len(bad)
+    good: list = [None] * len(PROMPTS)
+
+    def send_bad(i):
+        body = bad[i]
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
+            {"json": {"model": "model", **body}}
+        codes[i] = httpx.post(served["url"] + "/v1/completions", timeout=60, **kw).status_code
+
+    def send_good(i):
+        good[i] = ask(served, PROMPTS[i], "p1")
+
+    threads = [threading.Thread(target=send_good, args=(i,)) for i in range(len(PROMPTS))]
+    threads += [threading.Thread(target=send_bad, args=(i,)) for i in range(len(bad))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert codes == [400] * len(bad), codes
+    for p, g in zip(PROMPTS, good):
+        assert g == alone(served, p, served["plans"]["p1"]), p
+    assert httpx.get(served["url"] + "/health", timeout=10).json()["status"] == "ok"
+
+
 def _stream_then_kill(served, victim: int) -> tuple[threading.Thread, dict]:
     """A long streamed request; ``victim`` is killed once it runs."""
     outcome: dict = {}
