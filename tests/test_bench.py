@@ -194,3 +194,4 @@ def test_serve_summary_ratios_from_hand_made_rounds(tmp_path):
     peer = summ["tokens_per_s_vs_peer"]["8"]
     assert peer["unsteered"]["rounds"] == [1.6, 1.6] and peer["steered"]["pooled"] == round((512 / 9) / 40, 3)
     assert peer["tokens_per_request"] == {"unsteered": 32.0, "steered": 32.0, "transformers": 21.0}
+    assert peer["steered [--compile]"]["rounds"] == [2.56, 2.0]

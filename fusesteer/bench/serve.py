@@ -491,8 +491,10 @@ def _finish(res: dict, args, out: Path) -> int:
     ratios = {str(c): _ratios(res["arms"], c, "steered", "unsteered") for c in args.clients}
     res["summary"] = {"tokens_per_s_ratio_steered_vs_unsteered": ratios, "speedup_vs_one_at_a_time": None}
     if args.peer != "none":
+        ours = ("unsteered", "steered") + ((f"unsteered{versus_label(args)}", f"steered{versus_label(args)}")
+                                           if args.versus else ())
         res["summary"]["tokens_per_s_vs_peer"] = {
-            str(c): {arm: _ratios(res["arms"], c, arm, args.peer) for arm in ("unsteered", "steered")}
+            str(c): {arm: _ratios(res["arms"], c, arm, args.peer) for arm in ours}
             | {"tokens_per_request": {arm: get[(c, arm)]["tokens_per_request"]
                                       for arm in ("unsteered", "steered", args.peer)}}
             for c in args.clients}
