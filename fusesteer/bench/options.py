@@ -126,7 +126,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--versus", default="", metavar="'FLAGS'",
                    help="also run a second `fusesteer serve` with these flags added to --serve-args "
                         "(e.g. '--compile'); its unsteered and steered arms are interleaved with the first "
-                        "server's, and the summary gives second / first tokens/s")
+                        "server's, and the summary gives second / first tokens/s (one flag: --versus=--compile)")
     p.add_argument("--peer", default="none", choices=["none", "transformers", "transformers-compile"],
                    help="also run `transformers serve --continuous-batching` (optionally --compile) on the same "
                         "model, unsteered, interleaved with the fusesteer arms (its tokens counted as streamed)")
