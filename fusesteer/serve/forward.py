@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime.compat import cache_keyword
+from ..timing import paired_steps
 from .kv import SlotCache, attention_mask, check_contract, layer_windows, mask_kind
 
 log = logging.getLogger("fusesteer.serve")
@@ -61,19 +62,11 @@ def transposed_head(model, rows: int = 8, margin: float = 0.9):
         return None
     w = head.weight
     x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-
-    def median_time(fn) -> float:
-        ts = []
-        for i in range(8):
-            t0 = time.perf_counter()
-            fn()
-            if i >= 2:
-                ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-    with torch.inference_mode():
-        plain = median_time(lambda: torch.nn.functional.linear(x, w))
-        flipped = median_time(lambda: w @ x.T)
-    if not flipped < margin * plain:
+    with torch.inference_mode():  # the two forms interleaved, 6 timed cycles after 2 of warm-up
+        t = paired_steps({"plain": lambda: torch.nn.functional.linear(x, w), "flipped": lambda: w @ x.T},
+                         {"plain": None, "flipped": None}, cycles=6, warmup=2, baseline="plain")
+    plain, flipped = (statistics.median(t[n].times_ms) for n in ("plain", "flipped"))
+    if not statistics.median(t["flipped"].ratios) < margin:
         return None
 
     def forward(self, h):
@@ -82,7 +75,7 @@ def transposed_head(model, rows: int = 8, margin: float = 0.9):
             return torch.nn.functional.linear(h, self.weight)
         return (self.weight @ h.reshape(n, h.shape[-1]).T).T.reshape(*h.shape[:-1], self.weight.shape[0])
     head.forward = types.MethodType(forward, head)
-    log.info("LM head as W @ x^T (%.1f ms instead of %.1f ms at %d rows)", 1e3 * flipped, 1e3 * plain, rows)
+    log.info("LM head as W @ x^T (%.1f ms instead of %.1f ms at %d rows)", flipped, plain, rows)
 
     def undo() -> None:
         vars(head).pop("forward", None)
