@@ -188,3 +188,52 @@ def test_transposed_head_is_the_same_product_and_can_be_undone():
     assert "forward" not in vars(head) and torch.equal(head(x), want)
     head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
     assert transposed_head(model, margin=float("inf")) is None  # only a bias-free Linear
+
+
+def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from fusesteer.serve.kv import attention_mask, grouped_decode_attention
+    from fusesteer.tolerances import FP32_ABS
+
+    g = torch.Generator().manual_seed(0)
+    for b, h, kv, n, window, kind in ((3, 9, 3, 7, None, "sdpa"), (2, 4, 4, 5, None, "eager"), (4, 8, 2, 9, 3, "sdpa")):
+        q, k, v = (torch.randn(b, x, t, 16, generator=g) for x, t in ((h, 1), (kv, n), (kv, n)))
+        pos = torch.randint(0, n, (b, 1), generator=g)
+        mask = attention_mask(pos, n, {"full_attention": window}, kind, torch.float32)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, h // kv), repeat_kv(v, h // kv), attn_mask=mask, scale=0.3).transpose(1, 2)
+        got = grouped_decode_attention(q, k, v, mask, 0.3)
+        assert got.shape == (b, 1, h, 16)
+        torch.testing.assert_close(got, ref, rtol=0, atol=FP32_ABS)
+        col = int(pos[0, 0]) + 1  # a column past row 0's position never reaches it
+        k2, v2 = k.clone(), v.clone()
+        if col < n:
+            k2[0, :, col], v2[0, :, col] = 1e4, 1e4
+            assert torch.equal(grouped_decode_attention(q, k2, v2, mask, 0.3)[0], got[0])
+
+
+def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
+    import fusesteer as fs
+    from fusesteer.serve.kv import DECODE_ATTENTION, attention_mask, decode_attention
+    from fusesteer.tolerances import FP32_ABS
+
+    model = fs.testing.tiny("llama")
+    model.set_attn_implementation("sdpa")
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped query heads
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        undo = decode_attention(model)
+        assert undo is not None and model.config._attn_implementation == DECODE_ATTENTION
+        got = model(input_ids=ids).logits  # a 6-token query: sdpa's own path
+        assert torch.equal(got, want)
+        out = model(input_ids=ids[:, :5], use_cache=True)  # then one token over a 4-D mask: the grouped path
+        mask = attention_mask(torch.tensor([[5], [5]]), 6, {"full_attention": None}, "sdpa", torch.float32)
+        last = model(input_ids=ids[:, 5:], past_key_values=out.past_key_values, attention_mask=mask,
+                     position_ids=torch.tensor([[5], [5]])).logits
+        torch.testing.assert_close(last[:, 0], want[:, 5], rtol=0, atol=FP32_ABS * 10)
+        undo()
+        assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    assert decode_attention(model) is None and model.config._attn_implementation == "eager"  # sdpa models only

@@ -26,7 +26,7 @@ import torch
 
 from ..runtime.compat import cache_keyword
 from ..timing import paired_steps
-from .kv import SlotCache, attention_mask, check_contract, layer_windows, mask_kind
+from .kv import SlotCache, attention_mask, check_contract, decode_attention, layer_windows, mask_kind
 
 log = logging.getLogger("fusesteer.serve")
 
@@ -118,13 +118,14 @@ class Forwards:
         self._decode = self._decode_eager
         self.recompiles_at_warmup: int | None = None
         self.warmup_s = 0.0
-        self._undo_head = None
+        self._undo_head = self._undo_attention = None
 
     # ---- start-up ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Check the cache contract (allocating the KV memory), then compile and warm up every decode bucket."""
         t0 = time.perf_counter()
         self._undo_head = transposed_head(self.model, min(8, self.rows))
+        self._undo_attention = decode_attention(self.model)
         self.steerer.prepare([None], [0])
 
         def fwd(ids, pos):
@@ -154,10 +155,11 @@ class Forwards:
                  else "eager", self.warmup_s)
 
     def close(self) -> None:
-        """Give the model back as it was (the LM head's own forward)."""
-        if self._undo_head is not None:
-            self._undo_head()
-            self._undo_head = None
+        """Give the model back as it was (the LM head's own forward, sdpa attention)."""
+        for undo in (self._undo_head, self._undo_attention):
+            if undo is not None:
+                undo()
+        self._undo_head = self._undo_attention = None
 
     def recompiles_since_warmup(self) -> int:
         return 0 if self.recompiles_at_warmup is None else recompiles() - self.recompiles_at_warmup
