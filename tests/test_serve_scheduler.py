@@ -214,7 +214,10 @@ def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():
 
 
 def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
+    from transformers import DynamicCache
+
     import fusesteer as fs
+    from fusesteer.runtime.compat import with_cache
     from fusesteer.serve.kv import DECODE_ATTENTION, attention_mask, decode_attention
     from fusesteer.tolerances import FP32_ABS
 
@@ -228,10 +231,11 @@ def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
         assert undo is not None and model.config._attn_implementation == DECODE_ATTENTION
         got = model(input_ids=ids).logits  # a 6-token query: sdpa's own path
         assert torch.equal(got, want)
-        out = model(input_ids=ids[:, :5], use_cache=True)  # then one token over a 4-D mask: the grouped path
+        cache = DynamicCache()
+        model(**with_cache(model, cache, input_ids=ids[:, :5], use_cache=True))
         mask = attention_mask(torch.tensor([[5], [5]]), 6, {"full_attention": None}, "sdpa", torch.float32)
-        last = model(input_ids=ids[:, 5:], past_key_values=out.past_key_values, attention_mask=mask,
-                     position_ids=torch.tensor([[5], [5]])).logits
+        last = model(**with_cache(model, cache, input_ids=ids[:, 5:], attention_mask=mask,  # one token: grouped path
+                                  position_ids=torch.tensor([[5], [5]]))).logits
         torch.testing.assert_close(last[:, 0], want[:, 5], rtol=0, atol=FP32_ABS * 10)
         undo()
         assert model.config._attn_implementation == "sdpa"
