@@ -297,11 +297,16 @@ def _plot(res: dict, path: Path) -> None:
     arms = res["pooled"]
     cs = sorted({a["clients"] for a in arms})
     get = {(a["clients"], a["arm"]): a for a in arms}
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    w = 0.38
-    for j, arm in enumerate(("unsteered", "steered")):
-        ax[0].bar([i + (j - 0.5) * w for i in range(len(cs))], [get[(c, arm)]["tokens_per_s"] for c in cs], w,
-                  label=arm)
+    # every arm: this server's two, then the --versus server's, then the peer's
+    names = sorted({a["arm"] for a in arms}, key=lambda n: (n == "transformers", "[" in n, n != "unsteered"
+                                                             and not n.startswith("unsteered "), n))
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
+    w = 0.8 / len(names)
+    for j, arm in enumerate(names):
+        ax[0].bar([i + (j - (len(names) - 1) / 2) * w for i in range(len(cs))],
+                  [get[(c, arm)]["tokens_per_s"] if (c, arm) in get else 0 for c in cs], w, label=arm,
+                  color=colors[arm])
     seq = res.get("sequential")
     if seq:
         ax[0].axhline(seq["tokens_per_s"], color="k", ls="--", lw=1,
@@ -310,18 +315,20 @@ def _plot(res: dict, path: Path) -> None:
     ax[0].set_xlabel("concurrent clients")
     ax[0].set_ylabel("aggregate tokens/s")
     ax[0].set_title("throughput (steered: one plan per client)")
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=7)
     for k, (metric, title) in enumerate((("ttft", "time to first token"), ("itl", "inter-token latency"))):
-        for arm, mk in (("unsteered", "o"), ("steered", "s")):
+        for arm in names:
             for q, ls in (("p50", "-"), ("p99", ":")):
-                ys = [1000 * (get[(c, arm)][f"{metric}_{q}_s"] or 0) for c in cs]
-                ax[k + 1].plot(cs, ys, ls, marker=mk, label=f"{arm} {q}")
+                xs = [c for c in cs if (c, arm) in get]
+                ys = [1000 * (get[(c, arm)][f"{metric}_{q}_s"] or 0) for c in xs]
+                ax[k + 1].plot(xs, ys, ls, marker="os"[q == "p99"], color=colors[arm],
+                               label=f"{arm} {q}" if q == "p50" else None)
         ax[k + 1].set_xscale("log", base=2)
         ax[k + 1].set_xticks(cs, [str(c) for c in cs])
         ax[k + 1].set_xlabel("concurrent clients")
         ax[k + 1].set_ylabel("ms")
-        ax[k + 1].set_title(title)
-        ax[k + 1].legend(fontsize=8)
+        ax[k + 1].set_title(f"{title} (p50 solid, p99 dotted)")
+        ax[k + 1].legend(fontsize=7)
     fig.suptitle(f"fusesteer serve, {res['model']}, {res['machine']['cpu_model']} ({res['machine']['device']})",
                  fontsize=10)
     fig.tight_layout()
