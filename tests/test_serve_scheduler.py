@@ -168,26 +168,34 @@ def test_prefix_cache_shares_only_with_the_same_prompt_steering():
     assert p.lookup([1, 2, 3, 4, 5, 6], "a") == (-1, 0)
 
 
-def test_transposed_head_is_the_same_product_and_can_be_undone():
+def test_transposed_linears_are_the_same_products_within_their_rows_and_can_be_undone():
     import fusesteer as fs
-    from fusesteer.serve.forward import transposed_head
+    from fusesteer.serve.forward import transposed_linears
 
     model = fs.testing.tiny("llama")
-    head = model.get_output_embeddings()
+    head, q = model.get_output_embeddings(), model.model.layers[0].self_attn.q_proj
+    mods = [m for m in model.modules() if type(m) is torch.nn.Linear]
     x = torch.randn(3, 2, model.config.hidden_size)
     want, want1 = head(x), head(x[:1, :1])
-    assert transposed_head(model, margin=0.0) is None and "forward" not in vars(head)  # never faster than 0
-    undo = transposed_head(model, margin=float("inf"))  # always "faster": installed
-    assert undo is not None and "forward" in vars(head)
-    got = head(x)
+    assert transposed_linears(model, margin=0.0) is None and not any("forward" in vars(m) for m in mods)  # never
+    mine = q.forward
+    vars(q)["forward"] = mine  # a module whose forward is already replaced (e.g. a steering patch) is left alone
+    undo = transposed_linears(model, sizes=(2, 8), margin=float("inf"))  # always "faster": installed
+    assert undo is not None and all("forward" in vars(m) for m in mods)
+    assert vars(q)["forward"] is mine
+    got = head(x)  # 6 rows: W @ x^T
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(head(x[:1, :1]), want1)  # one row: F.linear itself
-    assert transposed_head(model, margin=float("inf")) is None  # already installed: not stacked
+    assert torch.equal(head(x[:1, :1]), want1)  # one row, and more rows than timed: F.linear itself
+    big = torch.randn(5, 2, model.config.hidden_size)
+    assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight))
+    assert transposed_linears(model, margin=float("inf")) is None  # already installed: not stacked
+    head.bias = torch.nn.Parameter(torch.ones(head.out_features))  # a bias set afterwards is not dropped
+    torch.testing.assert_close(head(x), want + 1, rtol=1e-5, atol=1e-5)
+    head.bias = None
     undo()
-    assert "forward" not in vars(head) and torch.equal(head(x), want)
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
-    assert transposed_head(model, margin=float("inf")) is None  # only a bias-free Linear
+    assert vars(q)["forward"] is mine and all("forward" not in vars(m) for m in mods if m is not q)
+    assert torch.equal(head(x), want)
 
 
 def test_grouped_decode_attention_equals_sdpa_with_repeated_heads():

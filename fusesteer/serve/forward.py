@@ -47,38 +47,66 @@ def default_buckets(rows: int) -> tuple[int, ...]:
     return tuple(out + [rows])
 
 
-def transposed_head(model, rows: int = 8, margin: float = 0.9):
-    """CPU only: on some CPUs MKL multiplies ``[rows, hidden] x [vocab, hidden]^T`` (``F.linear``, the LM head)
-    far below the memory bandwidth, while the same product as ``W @ x^T`` runs at it (SmolLM2-135M's 49152 x 576
-    head at 8 rows, AMD EPYC, 2 threads: 20.5 ms vs 7.9 ms; the same at 1 row). Both are timed here; when
-    ``W @ x^T`` takes less than ``margin`` of the time, the output embedding computes inputs of 2 rows or more that
-    way (the same products, summed in another order). Returns the undo, or None when nothing was changed (not on
-    CPU, not a plain bias-free Linear, a tensor-parallel shard, or not faster)."""
+TIMED_ROWS = (2, 4, 8, 16, 32)  # row counts at which transposed_linears times both forms (plus the decode buckets)
+
+
+def transposed_linears(model, sizes=TIMED_ROWS, margin: float = 0.9):
+    """CPU only: MKL multiplies ``[rows, in] x [out, in]^T`` (``F.linear``) at a few rows well below what the same
+    products give as ``W @ x^T`` on some CPUs (AMD EPYC, 2 threads: SmolLM2-135M's 49152 x 576 LM head at 8 rows
+    20.5 ms vs 7.9 ms; its 1536 x 576 MLP weights at 32 rows 0.47 vs 0.33 ms; at 8 rows the small ones go the other
+    way). For each distinct weight shape of the model's plain bias-free ``nn.Linear`` layers, both forms are timed
+    (interleaved, :func:`fusesteer.timing.paired_steps`) at each row count in ``sizes``; a shape computes its inputs
+    of ``lo..max(sizes)`` rows as ``W @ x^T`` when that takes less than ``margin`` of the time at every timed count
+    from ``lo`` up (other inputs, e.g. a prefill's many rows, keep ``F.linear``). Returns the undo, or None when
+    nothing was changed (not on CPU, tensor-parallel shards, a module whose forward is already replaced, or no shape
+    faster)."""
     from ..runtime.tp import is_dtensor
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None or is_dtensor(head.weight) \
-            or head.weight.device.type != "cpu" or "forward" in vars(head):
+    mods = [m for m in model.modules() if type(m) is torch.nn.Linear and m.bias is None
+            and m.weight.device.type == "cpu" and not is_dtensor(m.weight) and "forward" not in vars(m)]
+    sizes = sorted({int(n) for n in sizes if int(n) >= 2})
+    if not mods or not sizes:
         return None
-    w = head.weight
-    x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-    with torch.inference_mode():  # the two forms interleaved, 6 timed cycles after 2 of warm-up
-        t = paired_steps({"plain": lambda: torch.nn.functional.linear(x, w), "flipped": lambda: w @ x.T},
-                         {"plain": None, "flipped": None}, cycles=6, warmup=2, baseline="plain")
-    plain, flipped = (statistics.median(t[n].times_ms) for n in ("plain", "flipped"))
-    if not statistics.median(t["flipped"].ratios) < margin:
+    by_shape: dict = {}
+    for m in mods:
+        by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
+    hi = sizes[-1]
+    chosen: dict = {}
+    with torch.inference_mode():
+        for key, ms in by_shape.items():
+            w = ms[0].weight
+            lo = None
+            for n in reversed(sizes):  # from the largest count down, while W @ x^T keeps winning
+                x = torch.randn(n, w.shape[1], dtype=w.dtype)
+                t = paired_steps({"plain": lambda: torch.nn.functional.linear(x, w), "flipped": lambda: w @ x.T},
+                                 {"plain": None, "flipped": None}, cycles=6, warmup=2, baseline="plain")
+                if not statistics.median(t["flipped"].ratios) < margin:
+                    break
+                lo = n
+            if lo is not None:
+                chosen[key] = lo
+    if not chosen:
         return None
 
-    def forward(self, h):
-        n = h.numel() // h.shape[-1]
-        if n < 2:
-            return torch.nn.functional.linear(h, self.weight)
-        return (self.weight @ h.reshape(n, h.shape[-1]).T).T.reshape(*h.shape[:-1], self.weight.shape[0])
-    head.forward = types.MethodType(forward, head)
-    log.info("LM head as W @ x^T (%.1f ms instead of %.1f ms at %d rows)", flipped, plain, rows)
+    def flipped(lo: int):
+        def forward(self, h):
+            n = h.numel() // h.shape[-1]
+            if self.bias is not None or not lo <= n <= hi:
+                return torch.nn.functional.linear(h, self.weight, self.bias)
+            return (self.weight @ h.reshape(n, h.shape[-1]).T).T.reshape(*h.shape[:-1], self.weight.shape[0])
+        return forward
+
+    patched = []
+    for key, lo in chosen.items():
+        for m in by_shape[key]:
+            m.forward = types.MethodType(flipped(lo), m)
+            patched.append(m)
+    log.info("Linear layers as W @ x^T: %s", ", ".join(f"{k[0][0]}x{k[0][1]} from {lo} rows"
+                                                      for k, lo in chosen.items()))
 
     def undo() -> None:
-        vars(head).pop("forward", None)
+        for m in patched:
+            vars(m).pop("forward", None)
     return undo
 
 
@@ -118,13 +146,14 @@ class Forwards:
         self._decode = self._decode_eager
         self.recompiles_at_warmup: int | None = None
         self.warmup_s = 0.0
-        self._undo_head = self._undo_attention = None
+        self._undo_linears = self._undo_attention = None
 
     # ---- start-up ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Check the cache contract (allocating the KV memory), then compile and warm up every decode bucket."""
         t0 = time.perf_counter()
-        self._undo_head = transposed_head(self.model, min(8, self.rows))
+        self._undo_linears = transposed_linears(
+            self.model, {b for b in self.buckets} | {n for n in TIMED_ROWS if n <= self.rows})
         self._undo_attention = decode_attention(self.model)
         self.steerer.prepare([None], [0])
 
@@ -155,11 +184,11 @@ class Forwards:
                  else "eager", self.warmup_s)
 
     def close(self) -> None:
-        """Give the model back as it was (the LM head's own forward, sdpa attention)."""
-        for undo in (self._undo_head, self._undo_attention):
+        """Give the model back as it was (the Linear layers' own forward, sdpa attention)."""
+        for undo in (self._undo_linears, self._undo_attention):
             if undo is not None:
                 undo()
-        self._undo_head = self._undo_attention = None
+        self._undo_linears = self._undo_attention = None
 
     def recompiles_since_warmup(self) -> int:
         return 0 if self.recompiles_at_warmup is None else recompiles() - self.recompiles_at_warmup
