@@ -226,7 +226,7 @@ def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
 
     import fusesteer as fs
     from fusesteer.runtime.compat import with_cache
-    from fusesteer.serve.kv import DECODE_ATTENTION, attention_mask, decode_attention
+    from fusesteer.serve.kv import DECODE_ATTENTION, attention_mask, decode_attention, mask_kind
     from fusesteer.tolerances import FP32_ABS
 
     model = fs.testing.tiny("llama")
@@ -237,6 +237,7 @@ def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
         want = model(input_ids=ids).logits
         undo = decode_attention(model)
         assert undo is not None and model.config._attn_implementation == DECODE_ATTENTION
+        assert mask_kind(model) == "sdpa" and decode_attention(model) is None  # a second engine: sdpa masks, no stack
         got = model(input_ids=ids).logits  # a 6-token query: sdpa's own path
         assert torch.equal(got, want)
         cache = DynamicCache()

@@ -47,6 +47,7 @@ def measure(model, batch: int, steps: int, backend: str) -> dict:
         for _ in range(5):
             step(True), step(False)
         pairs = [(step(False), step(True)) for _ in range(steps)]
+    fw.close()
     st.close()
     ratios = [u / s for u, s in pairs]
     ci = bootstrap_ci(ratios, "median")

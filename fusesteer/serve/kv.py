@@ -139,6 +139,8 @@ class SlotCache(Cache):
 def mask_kind(model) -> str:
     """The attention implementation the masks are built for; refuses the ones a 4-D mask does not reach."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == DECODE_ATTENTION:  # another engine's decode_attention on this model: sdpa with a faster decode
+        return "sdpa"
     if impl not in SUPPORTED_ATTENTION:
         raise ValueError(f"the server's static KV cache needs sdpa or eager attention, the model uses {impl!r}; "
                          f"load it with attn_implementation='sdpa'")
