@@ -248,5 +248,14 @@ def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
         torch.testing.assert_close(last[:, 0], want[:, 5], rtol=0, atol=FP32_ABS * 10)
         undo()
         assert model.config._attn_implementation == "sdpa"
+    # a mask that broadcasts over the batch is not a per-row slot mask: transformers' sdpa handles it
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fusesteer.serve.kv import _decode_attention_forward
+    attn = model.model.layers[0].self_attn
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16)
+    shared = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    want_b = ALL_ATTENTION_FUNCTIONS["sdpa"](attn, q, k, k, shared, scaling=0.25)[0]
+    assert torch.equal(_decode_attention_forward(attn, q, k, k, shared, scaling=0.25)[0], want_b)
     model.set_attn_implementation("eager")
     assert decode_attention(model) is None and model.config._attn_implementation == "eager"  # sdpa models only

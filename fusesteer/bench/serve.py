@@ -297,9 +297,9 @@ def _plot(res: dict, path: Path) -> None:
     arms = res["pooled"]
     cs = sorted({a["clients"] for a in arms})
     get = {(a["clients"], a["arm"]): a for a in arms}
-    # every arm: this server's two, then the --versus server's, then the peer's
-    names = sorted({a["arm"] for a in arms}, key=lambda n: (n == "transformers", "[" in n, n != "unsteered"
-                                                             and not n.startswith("unsteered "), n))
+    # every arm: this server's two, then the --versus server's ("steered [FLAGS]"), then the peer's (any other name)
+    names = sorted({a["arm"] for a in arms},
+                   key=lambda n: (not n.startswith(("unsteered", "steered")), "[" in n, n.startswith("steered"), n))
     colors = {n: f"C{i}" for i, n in enumerate(names)}
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
     w = 0.8 / len(names)

@@ -153,7 +153,7 @@ class Forwards:
         """Check the cache contract (allocating the KV memory), then compile and warm up every decode bucket."""
         t0 = time.perf_counter()
         self._undo_linears = transposed_linears(
-            self.model, {b for b in self.buckets} | {n for n in TIMED_ROWS if n <= self.rows})
+            self.model, set(self.buckets) | {n for n in TIMED_ROWS if n <= self.rows})
         self._undo_attention = decode_attention(self.model)
         self.steerer.prepare([None], [0])
 

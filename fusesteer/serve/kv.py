@@ -209,7 +209,7 @@ def _decode_attention_forward(module, query, key, value, attention_mask, dropout
     plain = all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias")) \
         and not dropout and not kwargs.get("output_attentions")
     if (query.shape[2] == 1 and plain and torch.is_tensor(attention_mask) and attention_mask.dim() == 4
-            and attention_mask.shape[1] == 1 and query.shape[1] % key.shape[1] == 0):
+            and tuple(attention_mask.shape[:3]) == (query.shape[0], 1, 1) and query.shape[1] % key.shape[1] == 0):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return grouped_decode_attention(query, key, value, attention_mask, scale), None
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
