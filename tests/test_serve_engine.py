@@ -138,6 +138,48 @@ def test_prefix_cache_never_shares_kv_between_different_prompt_steering(env):
         httpx.delete(srv.url + f"/v1/steering/plans/{name}")
 
 
+def test_requests_arriving_together_compute_a_shared_prompt_prefix_once(env):
+    """Rows admitted in the same step: one with a prompt prefix another is prefilling (same prompt steering) waits
+    and copies that KV instead of computing it beside it; a row with other prompt steering never does. Each equals
+    its solo run."""
+    from fusesteer.serve.registry import Steering
+    from fusesteer.serve.requests import GenRequest
+
+    srv, model = env["srv"], env["model"]
+    eng, m = srv.engine, srv.metrics
+    _upload(srv, "pc", _plan(model, 14))
+    pc = Steering(((srv.registry.get("pc"), 1.0),))
+    prefix = _ids(80, 40)
+    p1, p2 = prefix + _ids(81, 2), prefix + _ids(82, 3)
+    assert p1[40] != p2[40]
+    jobs = [(p1, None), (p2, None), (p1, "pc"), (p1, "pc")]  # the server's 4 slots
+    done = [threading.Event() for _ in jobs]
+    got: list[list] = [[] for _ in jobs]
+
+    def sink(i):
+        def put(ev):
+            if ev[0] == "token":
+                got[i].append(ev[1])
+            else:
+                assert ev[0] == "finish", ev
+                done[i].set()
+        return put
+
+    hits0 = m.value("fusesteer_prefix_cache_tokens_total", result="hit")
+    reqs = [GenRequest(list(ids), 6, sink(i), steering=pc if plan else Steering())
+            for i, (ids, plan) in enumerate(jobs)]
+    with eng._cv:  # all four are waiting when the engine next looks: admitted in one step
+        for r in reqs:
+            eng.submit(r)
+    assert all(e.wait(120) for e in done)
+    # p2 copies the 40 shared tokens from p1's row, the second "pc" row p1's 41 from the first "pc" row; the
+    # "pc" rows share nothing with the unsteered ones (that would add 40 more)
+    assert m.value("fusesteer_prefix_cache_tokens_total", result="hit") - hits0 == 40 + 41
+    for (ids, plan), toks in zip(jobs, got):
+        assert toks == alone(env, ids, _plan(model, 14) if plan else None, 6)
+    httpx.delete(srv.url + "/v1/steering/plans/pc")
+
+
 def test_no_recompiles_after_warmup_under_load_with_plan_changes(env):
     """Concurrent requests of many lengths (every bucket, rows joining and leaving), plans uploaded, used at new
     scales and in compositions, deleted while others decode; prompt -> generated phase changes on every row."""

@@ -180,15 +180,16 @@ def test_transposed_linears_are_the_same_products_within_their_rows_and_can_be_u
     assert transposed_linears(model, margin=0.0) is None and not any("forward" in vars(m) for m in mods)  # never
     mine = q.forward
     vars(q)["forward"] = mine  # a module whose forward is already replaced (e.g. a steering patch) is left alone
-    undo = transposed_linears(model, sizes=(2, 8), margin=float("inf"))  # always "faster": installed
+    undo = transposed_linears(model, sizes=(2, 6), margin=float("inf"))  # always "faster": installed
     assert undo is not None and all("forward" in vars(m) for m in mods)
     assert vars(q)["forward"] is mine
-    got = head(x)  # 6 rows: W @ x^T
+    got = head(x)  # 6 rows, a timed count: W @ x^T
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(head(x[:1, :1]), want1)  # one row, and more rows than timed: F.linear itself
-    big = torch.randn(5, 2, model.config.hidden_size)
-    assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight))
+    assert torch.equal(head(x[:1, :1]), want1)  # one row, and counts that were not timed: F.linear itself
+    for rows in (4, 10):
+        other = torch.randn(rows, 1, model.config.hidden_size)
+        assert torch.equal(head(other), torch.nn.functional.linear(other, head.weight))
     assert transposed_linears(model, margin=float("inf")) is None  # already installed: not stacked
     head.bias = torch.nn.Parameter(torch.ones(head.out_features))  # a bias set afterwards is not dropped
     torch.testing.assert_close(head(x), want + 1, rtol=1e-5, atol=1e-5)
@@ -259,3 +260,35 @@ def test_decode_attention_serves_one_token_queries_and_hands_the_rest_to_sdpa():
     assert torch.equal(_decode_attention_forward(attn, q, k, k, shared, scaling=0.25)[0], want_b)
     model.set_attn_implementation("eager")
     assert decode_attention(model) is None and model.config._attn_implementation == "eager"  # sdpa models only
+
+
+def test_eager_decode_pads_to_sizes_with_fast_gemms_and_compiled_to_its_buckets():
+    import fusesteer as fs
+    from fusesteer.serve.forward import Forwards, padded_sizes
+    from fusesteer.serve.steer import Steerer
+
+    assert padded_sizes(32) == (1, 2, 4, 8, 16, 24, 32) and padded_sizes(5) == (1, 2, 4, 5)
+    assert padded_sizes(256)[-5:] == (128, 160, 192, 224, 256) and padded_sizes(1) == (1,)
+    model = fs.testing.tiny("llama")
+    st = Steerer(model, capacity=2)
+    try:
+        fw = Forwards(model, st, 32, 16, buckets=(1, 8, 32))
+        assert [fw.bucket(b) for b in (1, 3, 8, 9, 17, 22, 25, 32)] == [1, 4, 8, 16, 24, 24, 32, 32]
+        fw.compiled = True  # what start() sets after torch.compile: one graph per bucket, nothing else
+        assert [fw.bucket(b) for b in (1, 3, 9, 22)] == [1, 8, 32, 32]
+    finally:
+        st.close()
+
+
+def test_recompile_count_sees_a_recompilation():
+    """The count behind fusesteer_compile_recompiles must move when dynamo compiles a new graph (a counter this
+    torch does not keep would read 0 forever)."""
+    from fusesteer.serve.forward import recompiles
+
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False, fullgraph=True)
+    f(torch.zeros(3))
+    r = recompiles()
+    f(torch.zeros(3))
+    assert recompiles() == r
+    f(torch.zeros(5))  # a new static shape: a recompilation
+    assert recompiles() == r + 1

@@ -9,8 +9,9 @@ One engine thread owns the model. At start it checks the cache contract and warm
    is the same (:mod:`.prefix`), and makes sure their effective plans are in the plan table (added between
    two forwards: requests in flight are not touched),
 3. prefills prompt chunks of at most ``max_prefill_tokens`` tokens in all (chunked prefill: a long prompt takes
-   several steps, and running rows decode at every one of them); a row whose prompt is complete samples its
-   first token,
+   several steps, and running rows decode at every one of them); a row whose prompt shares a prefix with a
+   row prefilling in the same step (same prompt steering) waits and then copies that KV instead of computing
+   it too; a row whose prompt is complete samples its first token,
 4. runs one fixed-shape decode forward over slots ``[0, bucket)`` (generated phase) and samples the next token
    of each decoding row,
 5. retires finished rows and keeps busy slots at the bottom (the highest row's KV moves into a hole), so the
@@ -40,7 +41,7 @@ from ..runtime.backends.base import model_device
 from . import scheduler
 from .forward import Chunk, CompileOptions, Forwards
 from .metrics import Metrics
-from .prefix import PrefixCache, prompt_key
+from .prefix import PrefixCache, common, prompt_key
 from .registry import Steering, effective_plan
 from .requests import GenRequest, Row, Status
 from .sampling import RowSampler, sample
@@ -336,7 +337,6 @@ class Engine:
             if m > 0:
                 self.fw.copy(src, slot, m)
         row.n_cached = m
-        self.metrics.count_prefix(m, row.prompt_len)
 
     def _park(self, slot: int, free: list[int]) -> None:
         """``slot`` is about to be written: the cached prefix it holds (if any) moves to a free slot higher up."""
@@ -344,9 +344,33 @@ class Engine:
         if moved is not None:
             self.fw.copy(slot, moved[0], moved[1])
 
-    def _live_prefixes(self) -> list:
+    def _live_prefixes(self, but: Row | None = None) -> list:
         """Running rows' prompts as prefix sources: (slot, prompt tokens in its KV, prompt steering key)."""
-        return [(r.slot, r.req.prompt_ids[:min(r.n_cached, r.prompt_len)], r.prefix_key) for r in self._rows]
+        return [(r.slot, r.req.prompt_ids[:min(r.n_cached, r.prompt_len)], r.prefix_key) for r in self._rows
+                if r is not but]
+
+    def _catch_up(self, row: Row) -> None:
+        """A prefilling row copies a longer shared prompt prefix than it holds, now in another row's KV (one that
+        was admitted with it and prefilled the prefix first: see :meth:`_waits`)."""
+        src, m = self.prefix.lookup(row.req.prompt_ids, row.prefix_key, self._live_prefixes(but=row))
+        if m > row.n_cached and src != row.slot:
+            self.fw.copy(src, row.slot, m)
+            row.n_cached = m
+
+    def _waits(self, row: Row, computing: list[Row]) -> bool:
+        """In-batch prefix sharing: ``row`` waits a step when a row prefilling in this step computes a prompt
+        prefix it shares (same prompt steering) that is at least half of what ``row`` has left to compute; it
+        then copies that KV (:meth:`_catch_up`) instead of computing the same tokens beside it. Requests with the
+        same system prompt or the same question, arriving together, compute it once."""
+        left = row.prompt_len - row.n_cached
+        for c in computing:
+            if c.prefix_key != row.prefix_key:
+                continue
+            shared = min(common(row.req.prompt_ids, c.req.prompt_ids), row.prompt_len - 1)
+            gain = shared - row.n_cached
+            if c.n_cached < shared and gain >= max(self.prefix.min_tokens, (left + 1) // 2):
+                return True
+        return False
 
     # ---- one step --------------------------------------------------------------------------------
     def _forward(self, what: str, arg):
@@ -433,6 +457,13 @@ class Engine:
         for r in self._rows:
             if not r.prefilling or budget <= 0:
                 continue
+            if self.prefix is not None and not r.prefix_counted:  # it has not computed a prompt token yet
+                self._catch_up(r)
+                if self._waits(r, rows):
+                    continue
+            if not r.prefix_counted:
+                r.prefix_counted = True
+                self.metrics.count_prefix(r.n_cached, r.prompt_len)
             c = min(r.prompt_len - r.n_cached, budget)
             chunks.append(Chunk(r.slot, r.req.prompt_ids[r.n_cached:r.n_cached + c], r.n_cached, r.key, r.prompt_len))
             rows.append(r)

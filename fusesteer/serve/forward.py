@@ -3,7 +3,8 @@ decode step, eager or under ``torch.compile(fullgraph=True)``.
 
 Compiled decode runs at a few bucketed batch sizes: the batch is slots ``[0, bucket)`` (the engine keeps busy rows
 in the lowest slots), rows that are idle or still prefilling ride along writing to the scratch column,
-unsteered. Eager decode runs over slots ``[0, busy)``, ``busy`` = the highest busy slot + 1. The
+unsteered. Eager decode runs over slots ``[0, padded)``, ``padded`` the smallest of :func:`padded_sizes` that holds
+the highest busy slot (a multiple of 8 above 8 rows: faster GEMMs on CPU than the odd count itself). The
 shapes of a decode forward are ``[bucket, 1]`` for ids, positions and write columns, and ``[bucket, 1, 1, n]``
 for the mask, where ``n`` (columns attended: the longest row, rounded up to ``kv_step``) is the one dynamic
 dimension (``torch._dynamo.mark_dynamic``), so a decode step compiles once per bucket; with
@@ -32,10 +33,11 @@ log = logging.getLogger("fusesteer.serve")
 
 
 def recompiles() -> int:
-    """Dynamo's recompilation count in this process (all compiled code)."""
+    """Graphs dynamo has compiled in this process (all compiled code): after the warm-up, each new one is a
+    recompilation (a guard failed: a shape, a specialized value) or a graph break."""
     from torch._dynamo.utils import counters
 
-    return int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def default_buckets(rows: int) -> tuple[int, ...]:
@@ -47,19 +49,34 @@ def default_buckets(rows: int) -> tuple[int, ...]:
     return tuple(out + [rows])
 
 
-TIMED_ROWS = (2, 4, 8, 16, 32)  # row counts at which transposed_linears times both forms (plus the decode buckets)
+def padded_sizes(rows: int) -> tuple[int, ...]:
+    """The batch sizes an eager decode step pads to: 1, 2, 4, 8, then steps of a quarter of the power of two below
+    (8 up to 64, 16 up to 128, ...), and ``rows``. On CPU, GEMMs over a row count that is not a multiple of 4 or 8
+    can be slower than over the next multiple (MKL, AMD EPYC, 2 threads: ``W @ x^T`` of a 1536 x 576 weight takes
+    0.44 ms at 22 rows, 0.31 ms at 24), so a few padded rows cost less than an odd shape."""
+    out, b = [], 1
+    while b < min(rows, 8):
+        out.append(b)
+        b *= 2
+    while b < rows:
+        out.append(b)
+        b += max(8, (1 << (b.bit_length() - 1)) // 4)
+    return tuple(out + [rows])
+
+
+TIMED_ROWS = (2, 4, 8, 16, 32)  # row counts at which transposed_linears times both forms (plus the decode sizes)
 
 
 def transposed_linears(model, sizes=TIMED_ROWS, margin: float = 0.9):
     """CPU only: MKL multiplies ``[rows, in] x [out, in]^T`` (``F.linear``) at a few rows well below what the same
     products give as ``W @ x^T`` on some CPUs (AMD EPYC, 2 threads: SmolLM2-135M's 49152 x 576 LM head at 8 rows
     20.5 ms vs 7.9 ms; its 1536 x 576 MLP weights at 32 rows 0.47 vs 0.33 ms; at 8 rows the small ones go the other
-    way). For each distinct weight shape of the model's plain bias-free ``nn.Linear`` layers, both forms are timed
-    (interleaved, :func:`fusesteer.timing.paired_steps`) at each row count in ``sizes``; a shape computes its inputs
-    of ``lo..max(sizes)`` rows as ``W @ x^T`` when that takes less than ``margin`` of the time at every timed count
-    from ``lo`` up (other inputs, e.g. a prefill's many rows, keep ``F.linear``). Returns the undo, or None when
-    nothing was changed (not on CPU, tensor-parallel shards, a module whose forward is already replaced, or no shape
-    faster)."""
+    way, and at 22 rows ``W @ x^T`` is the slower form). For each distinct weight shape of the model's plain
+    bias-free ``nn.Linear`` layers, both forms are timed (interleaved, :func:`fusesteer.timing.paired_steps`) at
+    each row count in ``sizes``; a shape computes an input of exactly one of the counts where ``W @ x^T`` took less
+    than ``margin`` of the time that way (every other input, e.g. a prefill's many rows, keeps ``F.linear``).
+    Returns the undo, or None when nothing was changed (not on CPU, tensor-parallel shards, a module whose forward
+    is already replaced, or no shape faster)."""
     from ..runtime.tp import is_dtensor
 
     mods = [m for m in model.modules() if type(m) is torch.nn.Linear and m.bias is None
@@ -70,39 +87,37 @@ def transposed_linears(model, sizes=TIMED_ROWS, margin: float = 0.9):
     by_shape: dict = {}
     for m in mods:
         by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
-    hi = sizes[-1]
     chosen: dict = {}
     with torch.inference_mode():
         for key, ms in by_shape.items():
             w = ms[0].weight
-            lo = None
-            for n in reversed(sizes):  # from the largest count down, while W @ x^T keeps winning
+            won = set()
+            for n in sizes:
                 x = torch.randn(n, w.shape[1], dtype=w.dtype)
                 t = paired_steps({"plain": lambda: torch.nn.functional.linear(x, w), "flipped": lambda: w @ x.T},
                                  {"plain": None, "flipped": None}, cycles=6, warmup=2, baseline="plain")
-                if not statistics.median(t["flipped"].ratios) < margin:
-                    break
-                lo = n
-            if lo is not None:
-                chosen[key] = lo
+                if statistics.median(t["flipped"].ratios) < margin:
+                    won.add(n)
+            if won:
+                chosen[key] = frozenset(won)
     if not chosen:
         return None
 
-    def flipped(lo: int):
+    def flipped(won: frozenset):
         def forward(self, h):
             n = h.numel() // h.shape[-1]
-            if self.bias is not None or not lo <= n <= hi:
+            if self.bias is not None or n not in won:
                 return torch.nn.functional.linear(h, self.weight, self.bias)
             return (self.weight @ h.reshape(n, h.shape[-1]).T).T.reshape(*h.shape[:-1], self.weight.shape[0])
         return forward
 
     patched = []
-    for key, lo in chosen.items():
+    for key, won in chosen.items():
         for m in by_shape[key]:
-            m.forward = types.MethodType(flipped(lo), m)
+            m.forward = types.MethodType(flipped(won), m)
             patched.append(m)
-    log.info("Linear layers as W @ x^T: %s", ", ".join(f"{k[0][0]}x{k[0][1]} from {lo} rows"
-                                                      for k, lo in chosen.items()))
+    log.info("Linear layers as W @ x^T: %s", "; ".join(f"{k[0][0]}x{k[0][1]} at {sorted(won)} rows"
+                                                      for k, won in chosen.items()))
 
     def undo() -> None:
         for m in patched:
@@ -140,10 +155,12 @@ class Forwards:
         self.cache = SlotCache(rows, max_len, n_layers, self.device)
         self.rows, self.max_len = rows, max_len
         self.buckets = tuple(sorted({min(int(b), rows) for b in (buckets or default_buckets(rows))} | {rows}))
+        self.padded = tuple(sorted(set(padded_sizes(rows)) | set(self.buckets)))  # eager decode sizes
         self.kv_step = int(kv_step or (256 if self.device.type == "cuda" else 32))
         self.copts = compile or CompileOptions()
         self.cache_kw = cache_keyword(model)  # read here: the compiled step must not trace inspect.signature
         self._decode = self._decode_eager
+        self.compiled = False  # (a bound method is a new object at each access: compare this flag, not methods)
         self.recompiles_at_warmup: int | None = None
         self.warmup_s = 0.0
         self._undo_linears = self._undo_attention = None
@@ -152,8 +169,8 @@ class Forwards:
     def start(self) -> None:
         """Check the cache contract (allocating the KV memory), then compile and warm up every decode bucket."""
         t0 = time.perf_counter()
-        self._undo_linears = transposed_linears(
-            self.model, set(self.buckets) | {n for n in TIMED_ROWS if n <= self.rows})
+        sizes = self.buckets if self.copts.enabled else self.padded
+        self._undo_linears = transposed_linears(self.model, set(sizes) | {n for n in TIMED_ROWS if n <= self.rows})
         self._undo_attention = decode_attention(self.model)
         self.steerer.prepare([None], [0])
 
@@ -173,9 +190,14 @@ class Forwards:
                 cfg.cache_size_limit = lim
             kw = {"mode": self.copts.mode} if self.copts.mode else {}
             self._decode = torch.compile(self._decode_eager, fullgraph=True, backend=self.copts.backend, **kw)
+            self.compiled = True
+            graphs = recompiles()
             for b in self.buckets:
                 for n in (self.kv_step, 2 * self.kv_step):
                     self._idle(b, min(n, self.max_len))
+            if recompiles() == graphs:  # the contract the recompilation count relies on
+                log.warning("torch %s: dynamo's graph counter did not move while the decode step compiled, so "
+                            "fusesteer_compile_recompiles cannot see recompilations", torch.__version__)
         self.recompiles_at_warmup = recompiles()
         self.warmup_s = time.perf_counter() - t0
         log.info("KV cache: %d slots x %d tokens (%.1f MiB), decode buckets %s, %s in %.1f s", self.rows,
@@ -226,7 +248,7 @@ class Forwards:
 
     def decode_tensors(self, ids, qpos, write, n: int):
         mask = self._mask(qpos, n)
-        if self._decode is not self._decode_eager:
+        if self.compiled:
             for m in ([mask] if torch.is_tensor(mask) else mask.values()):
                 torch._dynamo.mark_dynamic(m, 3)
             for t in (ids, qpos, write):
@@ -245,10 +267,8 @@ class Forwards:
 
     def bucket(self, busy: int) -> int:
         """The batch a decode step over slots ``[0, busy)`` runs at: the smallest bucket that holds them when
-        compiled (one graph per bucket), ``busy`` itself when eager (any shape costs nothing to switch to)."""
-        if self._decode is self._decode_eager:
-            return busy
-        return next(b for b in self.buckets if b >= busy)
+        compiled (one graph per bucket); eager, the smallest of :func:`padded_sizes` (and the buckets)."""
+        return next(b for b in (self.buckets if self.compiled else self.padded) if b >= busy)
 
     def decode(self, by_slot: list) -> tuple[torch.Tensor, int]:
         """One decode step. ``by_slot[i]``: None (idle) or (token, position, plan key, prompt length) for slot i

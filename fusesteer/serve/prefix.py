@@ -7,6 +7,10 @@ pins each plan's registry version and scale) when some entry acts on the prompt 
 ``prompt``), and None when no entry does (an unsteered request, or a plan gated to generated tokens only: its
 prompt KV is the unsteered one, so they share). Two prompts with different keys never share KV.
 
+Rows admitted together share too: the engine lets a row wait while another row of the same key prefills a
+prefix they share (at least half of what the waiting row would compute), then copies it
+(``Engine._waits`` / ``Engine._catch_up``).
+
 At least one prompt token is always recomputed (its logits give the first generated token). A new row always
 takes the lowest free slot (busy rows stay at the bottom, so the decode step runs at the smallest bucket); a
 cached prefix that slot held moves to the highest free slot without one (:meth:`PrefixCache.move_out`), or is

@@ -72,6 +72,7 @@ class Row:
     sampler: RowSampler
     slot: int = -1  # its KV slot
     prefix_key: str | None = None  # what steers its prompt tokens (prefix cache key; None = unsteered prompt)
+    prefix_counted: bool = False  # its prompt's prefix-cache hit / miss tokens are counted (at its first chunk)
 
     @property
     def prefilling(self) -> bool:
