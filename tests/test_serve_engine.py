@@ -180,6 +180,38 @@ def test_requests_arriving_together_compute_a_shared_prompt_prefix_once(env):
     httpx.delete(srv.url + "/v1/steering/plans/pc")
 
 
+def test_a_last_prompt_token_rides_in_the_decode_step(env):
+    """A row with one prompt token left (a full prefix hit, a one-token prompt) computes it as one more row of the
+    decode forward: no prefill forward for it, and the tokens equal its solo run (prompt-phase steering included)."""
+    srv, model = env["srv"], env["model"]
+    eng, m = srv.engine, srv.metrics
+    _upload(srv, "pd", _plan(model, 15))
+    calls = []
+    real = eng.fw.prefill
+
+    def counting(chunks):
+        calls.append(len(chunks))
+        return real(chunks)
+
+    eng.fw.prefill = counting
+    try:
+        ids = _ids(90, 12)
+        first = _complete(srv, ids, 5, {"plan": "pd"})
+        n = len(calls)
+        assert n >= 1
+        h = m.value("fusesteer_prefix_cache_tokens_total", result="hit")
+        again = _complete(srv, ids, 5, {"plan": "pd"})  # 11 of 12 prompt tokens cached: no prefill forward
+        assert m.value("fusesteer_prefix_cache_tokens_total", result="hit") == h + 11 and len(calls) == n
+        one = _complete(srv, [ids[0]], 5)  # a one-token prompt: decode only
+        assert len(calls) == n
+    finally:
+        del eng.fw.prefill
+    want = alone(env, ids, _plan(model, 15), 5)
+    assert first == again == want
+    assert one == alone(env, [ids[0]], None, 5)
+    httpx.delete(srv.url + "/v1/steering/plans/pd")
+
+
 def test_no_recompiles_after_warmup_under_load_with_plan_changes(env):
     """Concurrent requests of many lengths (every bucket, rows joining and leaving), plans uploaded, used at new
     scales and in compositions, deleted while others decode; prompt -> generated phase changes on every row."""

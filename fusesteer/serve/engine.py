@@ -12,8 +12,10 @@ One engine thread owns the model. At start it checks the cache contract and warm
    several steps, and running rows decode at every one of them); a row whose prompt shares a prefix with a
    row prefilling in the same step (same prompt steering) waits and then copies that KV instead of computing
    it too; a row whose prompt is complete samples its first token,
-4. runs one fixed-shape decode forward over slots ``[0, bucket)`` (generated phase) and samples the next token
-   of each decoding row,
+4. runs one fixed-shape decode forward over slots ``[0, bucket)`` and samples the next token of each decoding
+   row; a row with one prompt token left (a full prefix hit, a one-token prompt, a waiting row that copied
+   its prefix after this step's prefill) computes it as one more row of this forward (prompt phase: its
+   position is below its prompt length), not in a prefill forward of its own,
 5. retires finished rows and keeps busy slots at the bottom (the highest row's KV moves into a hole), so the
    bucket shrinks as rows leave.
 
@@ -387,7 +389,8 @@ class Engine:
             if r.req.cancelled:
                 continue
             if not finite[i]:
-                where = "the prompt" if phase == "prompt" else f"generated token {len(r.req.generated)}"
+                where = "the prompt" if phase == "prompt" or not r.req.generated else \
+                    f"generated token {len(r.req.generated)}"
                 self._fail(r.req, 400, (
                     f"steering {r.req.steering.label!r} made the activations non-finite (NaN/Inf) at {where}; "
                     "the request was stopped (lower the scale)"), "non_finite_activations")
@@ -431,12 +434,17 @@ class Engine:
         # 3. prompt chunks, under the prefill token budget
         if any(r.prefilling for r in self._rows):
             self._prefill()
-        # 4. one decode step for every decoding row
-        dec = [r for r in self._rows if not r.prefilling and not r.req.done]
+        # 4. one decode step for every decoding row, and for each row with one prompt token left (a full prefix
+        # hit, or its last chunk): that token is one more query row of the decode forward, not a prefill forward
+        dec = [r for r in self._rows if not r.req.done and r.prompt_len - r.n_cached <= 1]
         if dec:
             by_slot: list = [None] * (max(r.slot for r in self._rows) + 1)
-            for r in dec:
-                by_slot[r.slot] = (r.pending, r.n_cached, r.key, r.prompt_len)
+            first = [r.prefilling for r in dec]
+            for r, f in zip(dec, first):
+                if f:
+                    self._count_prefix(r)
+                tok = r.req.prompt_ids[r.n_cached] if f else r.pending
+                by_slot[r.slot] = (tok, r.n_cached, r.key, r.prompt_len)
             logits, bucket = self._forward("decode", by_slot)
             idx = torch.tensor([r.slot for r in dec], dtype=torch.long, device=logits.device)
             logits = logits.index_select(0, idx).float()
@@ -444,6 +452,9 @@ class Engine:
             for r in dec:
                 r.n_cached += 1
             done = self._sample_rows(dec, logits, time.perf_counter(), "generated")
+            for r, f, d in zip(dec, first, done):
+                if f and not d:
+                    r.req.status = Status.RUNNING
             self._retire([r for r, d in zip(dec, done) if d])
             self.steps += 1
         dt = time.perf_counter() - t0
@@ -454,20 +465,25 @@ class Engine:
         budget = self.max_prefill_tokens
         chunks: list[Chunk] = []
         rows: list[Row] = []
+        waited: list[Row] = []  # rows that copy what this forward computes, once it has (then maybe decode now)
         for r in self._rows:
-            if not r.prefilling or budget <= 0:
+            if not r.prefilling:
                 continue
             if self.prefix is not None and not r.prefix_counted:  # it has not computed a prompt token yet
                 self._catch_up(r)
                 if self._waits(r, rows):
+                    waited.append(r)
                     continue
-            if not r.prefix_counted:
-                r.prefix_counted = True
-                self.metrics.count_prefix(r.n_cached, r.prompt_len)
+            left = r.prompt_len - r.n_cached
+            if left == 1 or budget <= 0:  # the last prompt token goes with the decode step
+                continue
+            self._count_prefix(r)
             c = min(r.prompt_len - r.n_cached, budget)
             chunks.append(Chunk(r.slot, r.req.prompt_ids[r.n_cached:r.n_cached + c], r.n_cached, r.key, r.prompt_len))
             rows.append(r)
             budget -= c
+        if not chunks:
+            return
         logits = self._forward("prefill", chunks).float()
         for r, c in zip(rows, chunks):
             r.n_cached += len(c.tokens)
@@ -484,6 +500,15 @@ class Engine:
                 else:
                     r.req.status = Status.RUNNING
         self._retire(fail)
+        for r in waited:
+            if not r.req.done:
+                self._catch_up(r)
+
+    def _count_prefix(self, row: Row) -> None:
+        """Count a row's prompt tokens as prefix-cache hits / misses, once: when it starts computing them."""
+        if not row.prefix_counted:
+            row.prefix_counted = True
+            self.metrics.count_prefix(row.n_cached, row.prompt_len)
 
     def _retire(self, rows: list[Row]) -> None:
         """Finished, failed or cancelled rows leave: their slots are free (a finished prompt stays there as a

@@ -114,7 +114,7 @@ class SlotCache(Cache):
         rows = sl[:, None]
         k[rows, :, self.write] = key_states.transpose(1, 2).to(k.dtype)
         v[rows, :, self.write] = value_states.transpose(1, 2).to(v.dtype)
-        return k.index_select(0, sl)[:, :, :n], v.index_select(0, sl)[:, :, :n]
+        return k[:, :, :n].index_select(0, sl), v[:, :, :n].index_select(0, sl)  # gathers n columns, not max_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
