@@ -478,7 +478,7 @@ class Engine:
             if left == 1 or budget <= 0:  # the last prompt token goes with the decode step
                 continue
             self._count_prefix(r)
-            c = min(r.prompt_len - r.n_cached, budget)
+            c = min(left, budget)
             chunks.append(Chunk(r.slot, r.req.prompt_ids[r.n_cached:r.n_cached + c], r.n_cached, r.key, r.prompt_len))
             rows.append(r)
             budget -= c

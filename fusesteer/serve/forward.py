@@ -169,8 +169,8 @@ class Forwards:
     def start(self) -> None:
         """Check the cache contract (allocating the KV memory), then compile and warm up every decode bucket."""
         t0 = time.perf_counter()
-        sizes = self.buckets if self.copts.enabled else self.padded
-        self._undo_linears = transposed_linears(self.model, set(sizes) | {n for n in TIMED_ROWS if n <= self.rows})
+        self._undo_linears = transposed_linears(
+            self.model, set(self.decode_sizes) | {n for n in TIMED_ROWS if n <= self.rows})
         self._undo_attention = decode_attention(self.model)
         self.steerer.prepare([None], [0])
 
@@ -265,10 +265,15 @@ class Forwards:
     def tick(self) -> None:
         """Called while the engine is idle."""
 
+    @property
+    def decode_sizes(self) -> tuple[int, ...]:
+        """The batch sizes a decode step runs at: the buckets when compiled (one graph each), else the padded
+        sizes (:func:`padded_sizes` and the buckets)."""
+        return self.buckets if self.copts.enabled else self.padded
+
     def bucket(self, busy: int) -> int:
-        """The batch a decode step over slots ``[0, busy)`` runs at: the smallest bucket that holds them when
-        compiled (one graph per bucket); eager, the smallest of :func:`padded_sizes` (and the buckets)."""
-        return next(b for b in (self.buckets if self.compiled else self.padded) if b >= busy)
+        """The batch a decode step over slots ``[0, busy)`` runs at: the smallest decode size that holds them."""
+        return next(b for b in self.decode_sizes if b >= busy)
 
     def decode(self, by_slot: list) -> tuple[torch.Tensor, int]:
         """One decode step. ``by_slot[i]``: None (idle) or (token, position, plan key, prompt length) for slot i
